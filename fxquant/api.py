@@ -1,0 +1,81 @@
+"""fxquant.quantize: capture, resolve schemes, insert QuantOprs, calibrate, freeze."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxquant.passes import (
+    Calibrate,
+    InsertQuantOprs,
+    PassManager,
+    ResolveSchemes,
+    fold_batchnorm,
+    freeze,
+    functional_to_modules,
+)
+
+from .calib_data import normalise_calib_data
+from .capture import capture
+from .errors import CalibrationDataError
+from .schemes import SchemeOptions, make_scheme
+
+log = logging.getLogger(__name__)
+
+
+def quantize(
+    model: torch.nn.Module,
+    calib_data: Any = None,
+    scheme: str = "w8a8",
+    mix_cfg: dict[str, str] | None = None,
+    disable_names: Sequence[str] | None = None,
+    *,
+    options: SchemeOptions | None = None,
+    example_inputs: Any = None,
+    rollback_names: Sequence[str] = (),
+    disable_last_layer: bool = True,
+    disable_first_layer: bool = False,
+    small_op_scheme: str = "float",
+    asym: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    dump_dir: str | None = None,
+) -> fx.GraphModule:
+    """Quantize `model`; returns a GraphModule called like `model` (same arguments, same output type).
+
+    calib_data: `[[input1], [input2], ...]` (an item may be a dict of keyword inputs); optional for
+    weight-only (w8a16, w4a16) and dynamic (w8a8_dynamic) schemes, which then need
+    `example_inputs` (one sample in the same form) to capture the graph.
+    scheme: default scheme (see fxquant.schemes.SCHEME_NAMES); mix_cfg: {layer name or fnmatch
+    pattern: scheme}; disable_names: layers kept float. Raises ConfigError, CalibrationDataError
+    or CaptureError with the reason.
+    """
+    make_scheme(scheme, options)
+    resolve = ResolveSchemes(default=scheme, mix_cfg=mix_cfg, disable_names=list(disable_names or ()),
+                             rollback_names=list(rollback_names), disable_last_layer=disable_last_layer,
+                             disable_first_layer=disable_first_layer, small_op_scheme=small_op_scheme)
+    batches = normalise_calib_data(calib_data) if calib_data is not None else None
+    if batches is not None:
+        example_args, example_kwargs = batches[0]
+    elif example_inputs is not None:
+        example_args, example_kwargs = normalise_calib_data([example_inputs])[0]
+    else:
+        raise CalibrationDataError("pass calib_data ([[input1], [input2], ...]) or, for weight-only "
+                                   "and dynamic schemes, example_inputs (one sample) to capture the model")
+    gm = capture(model, example_args, example_kwargs)
+    manager = PassManager([
+        fold_batchnorm,
+        functional_to_modules,
+        resolve,
+        InsertQuantOprs(options or SchemeOptions()),
+        Calibrate(calib_data, device=device, asym=asym, progress=progress),
+        freeze,
+    ], dump_dir=dump_dir)
+    gm = manager(gm)
+    gm.meta["fxquant_timings"] = manager.timings
+    gm.meta["fxquant_decisions"] = dict(resolve.decisions)
+    return gm

@@ -1,0 +1,54 @@
+"""Validation of calibration data in seed 000's template `[[input1], [input2], ...]`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import CalibrationDataError
+
+TEMPLATE = ("expected a non-empty list of samples, each a list/tuple of positional inputs "
+            "([[input1], [input2], ...]), a dict of keyword inputs, or a single tensor")
+
+CalibBatch = tuple[tuple, dict[str, Any]]
+
+
+def normalise_calib_data(calib_data: Any) -> list[CalibBatch]:
+    """[(args, kwargs), ...] from calib_data; CalibrationDataError naming the bad item otherwise."""
+    if calib_data is None:
+        raise CalibrationDataError(f"calib_data is None; {TEMPLATE}")
+    if isinstance(calib_data, (torch.Tensor, Mapping)) or not isinstance(calib_data, Sequence) \
+            or isinstance(calib_data, (str, bytes)):
+        raise CalibrationDataError(
+            f"calib_data must be a list of samples, got {type(calib_data).__name__}; {TEMPLATE} "
+            "(wrap a single sample in a list)")
+    if len(calib_data) == 0:
+        raise CalibrationDataError(f"calib_data is empty; {TEMPLATE}")
+    return [_normalise_item(i, item) for i, item in enumerate(calib_data)]
+
+
+def _normalise_item(index: int, item: Any) -> CalibBatch:
+    if isinstance(item, torch.Tensor):
+        return (item,), {}
+    if isinstance(item, Mapping):
+        if not item:
+            raise CalibrationDataError(f"calib_data[{index}] is an empty dict; {TEMPLATE}")
+        bad = [k for k in item if not isinstance(k, str)]
+        if bad:
+            raise CalibrationDataError(f"calib_data[{index}] has non-string keys {bad!r}")
+        return (), dict(item)
+    if isinstance(item, (list, tuple)):
+        if len(item) == 0:
+            raise CalibrationDataError(f"calib_data[{index}] is an empty list; {TEMPLATE}")
+        return tuple(item), {}
+    raise CalibrationDataError(f"calib_data[{index}] is a {type(item).__name__}; {TEMPLATE}")
+
+
+def check_finite(value: Any, where: str) -> None:
+    """Raise CalibrationDataError if a floating tensor in `value` holds NaN or Inf."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        n_nan = int(torch.isnan(value).sum())
+        n_inf = int(torch.isinf(value).sum())
+        raise CalibrationDataError(f"non-finite values in {where}: {n_nan} NaN, {n_inf} Inf")

@@ -1,0 +1,158 @@
+"""Layerwise calibration (seed 003): run the graph node by node over every calibration batch.
+
+For each node in topological order: observe the inputs of a QuantOpr and set its activation
+qparams, calibrate its weight, run the node on every batch, store its outputs and release the
+values whose consumers have all run. Peak memory is the model plus the live activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from .calib_data import CalibBatch, check_finite, normalise_calib_data
+from .errors import FxquantError
+from .ir import bind_inputs, get_attr_path
+from .quant_opr import QuantOpr, _QWeighted
+from .quantizer import StaticQuantizer
+from .storage import ActivationStorage
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationRunner:
+    """Calibrates the QuantOprs of a GraphModule layer by layer.
+
+    model: GraphModule after insert_quant_oprs. calib_data: seed 000 template, or set later
+    through prepare_calibration.
+    """
+
+    def __init__(self, model: fx.GraphModule, calib_data: Any = None) -> None:
+        self.model = model
+        self.batches: list[CalibBatch] | None = (
+            normalise_calib_data(calib_data) if calib_data is not None else None)
+        self.storage: ActivationStorage | None = None
+        self.qstorage: ActivationStorage | None = None
+        self._inputs: dict[fx.Node, list[Any]] = {}
+
+    def prepare_calibration(self, calib_data: Any = None) -> None:
+        """Bind every batch to the graph inputs and keep those input values for the first layers."""
+        if calib_data is not None:
+            self.batches = normalise_calib_data(calib_data)
+        if self.batches is None:
+            raise FxquantError("no calibration data: pass calib_data to the runner or prepare_calibration")
+        self._inputs = {}
+        for b, (args, kwargs) in enumerate(self.batches):
+            try:
+                bound = bind_inputs(self.model, args, kwargs)
+            except TypeError as exc:
+                raise FxquantError(f"calib_data[{b}] does not fit the model's inputs: {exc}") from exc
+            for ph, value in bound.items():
+                check_finite(value, f"calibration input {ph.target!r} of calib_data[{b}]")
+                self._inputs.setdefault(ph, []).append(value)
+
+    @torch.no_grad()
+    def layerwise_calibration(
+        self,
+        device: str | torch.device = "cpu",
+        asym: bool = False,
+        w_quant: bool = False,
+        a_quant: bool = False,
+        offload: bool = True,
+        progress: bool = True,
+    ) -> None:
+        """Calibrate every QuantOpr in topological order.
+
+        asym: keep a second storage of quantized outputs (QuantOprs run with set_quant(w_quant,
+        a_quant)); later input observers see those quantized values, so errors propagate.
+        offload: keep stored activations on the CPU while nodes run on `device`.
+        """
+        if not self._inputs:
+            self.prepare_calibration()
+        device = torch.device(device)
+        keep = "cpu" if offload else None
+        graph = self.model.graph
+        self.model.to(device)
+        self.storage = ActivationStorage(graph, keep)
+        self.qstorage = ActivationStorage(graph, keep) if asym else None
+        n_batches = len(self.batches)
+        self._modules = dict(self.model.named_modules())
+        nodes = list(graph.nodes)
+        for node in tqdm(nodes, desc="calibrating", unit="node", disable=not progress):
+            if node.op == "placeholder":
+                values = self._inputs[node]
+                self.storage.set(node, values)
+                if asym:
+                    self.qstorage.set(node, values)
+            elif node.op in ("call_module", "call_function", "call_method"):
+                module = self._modules.get(node.target) if node.op == "call_module" else None
+                if isinstance(module, QuantOpr):
+                    module.set_quant(False, False)
+                    self._calibrate_inputs(node, module, self.qstorage if asym else self.storage)
+                    if isinstance(module, _QWeighted):
+                        module.calibrate_weight()
+                outs = [self._run(node, self.storage, b, device) for b in range(n_batches)]
+                self.storage.set(node, outs)
+                if asym:
+                    self.qstorage.set(node, self._quantized_outputs(node, module, outs, device,
+                                                                    w_quant, a_quant))
+            for store in (self.storage, self.qstorage):
+                if store is not None:
+                    store.finish_node(node)
+        for store in (self.storage, self.qstorage):
+            if store is not None:
+                store.assert_empty()
+        self._inputs = {}
+        log.info("calibrated %d nodes over %d batches (peak %d live stored values)",
+                 len(nodes), n_batches, self.storage.peak_live)
+
+    def _quantized_outputs(self, node: fx.Node, module: Any, outs: list[Any], device: torch.device,
+                           w_quant: bool, a_quant: bool) -> list[Any]:
+        """Outputs of `node` computed from the quantized storage; shares `outs` when nothing differs."""
+        qs = self.qstorage
+        if isinstance(module, QuantOpr):
+            module.set_quant(w_quant, a_quant)
+            try:
+                return [self._run(node, qs, b, device) for b in range(len(self.batches))]
+            finally:
+                module.set_quant(False, False)
+        same = all(qs.get(n) is self.storage.get(n) for n in node.all_input_nodes if n.op != "get_attr")
+        if same:
+            return outs
+        return [self._run(node, qs, b, device) for b in range(len(self.batches))]
+
+    def _calibrate_inputs(self, node: fx.Node, module: QuantOpr, store: ActivationStorage) -> None:
+        """Feed each stored input of `node` to its input quantizer's observer and set its qparams."""
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+        for quantizer, arg in zip(module.input_quantizers, tensor_args):
+            if not isinstance(quantizer, StaticQuantizer):
+                continue
+            quantizer.reset_observer()
+            values = ([get_attr_path(self.model, arg.target)] * len(self.batches)
+                      if arg.op == "get_attr" else store.get(arg))
+            for b, value in enumerate(values):
+                check_finite(value, f"the input of {node.target!r} (from node {arg.name!r}) in "
+                                    f"calibration batch {b}")
+                quantizer.observe(value)
+            quantizer.calc_qparams()
+
+    def _value(self, node: fx.Node, store: ActivationStorage, b: int, device: torch.device) -> Any:
+        if node.op == "get_attr":
+            return get_attr_path(self.model, node.target)
+        value = store.get(node)[b]
+        if store.offload is not None:
+            value = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), value)
+        return value
+
+    def _run(self, node: fx.Node, store: ActivationStorage, b: int, device: torch.device) -> Any:
+        args = fx.node.map_arg(node.args, lambda n: self._value(n, store, b, device))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, store, b, device))
+        if node.op == "call_module":
+            return self._modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)

@@ -1,0 +1,205 @@
+"""Capture a model as a torch.fx.GraphModule in fxquant's IR.
+
+Front ends, tried in order: torch.fx symbolic tracing (quantizable layers as leaves), then
+torch.export(strict=False) with dynamic dimensions, normalised so that every Linear/Conv call is a
+call_module node named by the layer's original fully qualified name. Both give a GraphModule whose
+forward takes the original argument names and returns the original output type.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import guards
+from .errors import CaptureError
+from .ir import bind_inputs, get_attr_path
+from .quant_opr import QUANTIZABLE_LAYERS
+
+log = logging.getLogger(__name__)
+
+_ATEN_LAYER_OPS = {
+    torch.ops.aten.linear.default: torch.nn.Linear,
+    torch.ops.aten.conv1d.default: torch.nn.Conv1d,
+    torch.ops.aten.conv2d.default: torch.nn.Conv2d,
+}
+
+
+class QuantLeafTracer(fx.Tracer):
+    """fx.Tracer that keeps torch.nn modules (quantizable layers included) as leaves."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, QUANTIZABLE_LAYERS) or super().is_leaf_module(m, qualname)
+
+
+class _SignatureCodeGen(_PyTreeCodeGen):
+    """Plain forward(arg=default, ...) signature, original output type rebuilt from `out_spec`."""
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def: bool = False) -> str:
+        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+
+    def process_inputs(self, *inputs: Any) -> Any:
+        return inputs
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Capture `model` as a GraphModule in fxquant's IR.
+
+    example_inputs / example_kwargs: one real call (tensors of any shape). Tensor inputs stay graph
+    inputs; other values are baked in (the graph rejects calls that change them).
+    Raises CaptureError with the reason of every front end when none succeeds.
+    """
+    example_kwargs = dict(example_kwargs or {})
+    if isinstance(model, fx.GraphModule) and model.meta.get("fxquant_capture"):
+        return model
+    was_training = model.training
+    model.eval()
+    errors: dict[str, str] = {}
+    try:
+        for front_end in (_symbolic_capture, _export_capture):
+            try:
+                gm = front_end(model, example_inputs, example_kwargs)
+            except Exception as exc:  # noqa: BLE001 - every front end failure is reported together
+                errors[front_end.__name__.strip("_")] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+                log.debug("capture with %s failed", front_end.__name__, exc_info=True)
+                continue
+            gm.meta["fxquant_capture"] = front_end.__name__.strip("_").replace("_capture", "")
+            log.info("captured %s with %s (%d nodes)", type(model).__name__,
+                     gm.meta["fxquant_capture"], len(gm.graph.nodes))
+            return gm
+    finally:
+        model.train(was_training)
+    reasons = "\n".join(f"  - {name}: {why}" for name, why in errors.items())
+    raise CaptureError(f"could not capture {type(model).__name__} as an FX graph:\n{reasons}")
+
+
+def _symbolic_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:
+    sig = inspect.signature(model.forward)
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    constants = [k for k, v in bound.items() if not isinstance(v, torch.Tensor)]
+    if constants:
+        raise CaptureError(f"non-tensor inputs {constants} need specialisation; left to torch.export")
+    tracer = QuantLeafTracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if args or kwargs:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*bind_inputs(gm, args, kwargs).values())
+    return gm
+
+
+def _export_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:
+    sig = inspect.signature(model.forward)
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_POSITIONAL and args:
+            raise CaptureError("forward(*args) with positional inputs cannot be exported; pass keywords")
+    bound = dict(sig.bind_partial(*args, **kwargs).arguments)
+    dynamic = {
+        k: ({i: torch.export.Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
+        for k, v in bound.items()
+    }
+    ep = torch.export.export(model, (), bound, dynamic_shapes=dynamic, strict=False)
+    return _normalise_exported(ep.module(), model, sig, bound)
+
+
+def _normalise_exported(src: fx.GraphModule, model: torch.nn.Module, sig: inspect.Signature,
+                        bound: dict[str, Any]) -> fx.GraphModule:
+    """Rebuild an exported module in the IR: signature placeholders, guards, call_module layers."""
+    graph = fx.Graph()
+    src_phs = [n for n in src.graph.nodes if n.op == "placeholder"]
+    if len(src_phs) != len(bound):
+        raise CaptureError(f"exported graph has {len(src_phs)} inputs for {len(bound)} example inputs")
+    src_by_name = dict(zip(bound, src_phs))
+    val_map: dict[fx.Node, fx.Node] = {}
+    names: list[str] = []
+    seen_default = False
+    for p in sig.parameters.values():
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        has_default = p.default is not inspect.Parameter.empty
+        seen_default = seen_default or has_default
+        default = p.default if has_default else (None if seen_default else inspect.Signature.empty)
+        ph = graph.placeholder(p.name, default_value=default)
+        names.append(p.name)
+        if p.name in bound:
+            value = bound[p.name]
+            val_map[src_by_name[p.name]] = ph
+            ph.meta.update(src_by_name[p.name].meta)
+            if isinstance(value, torch.Tensor):
+                graph.call_function(guards.expect_tensor, (ph, p.name))
+            else:
+                graph.call_function(guards.expect_constant, (ph, value, p.name))
+        else:
+            graph.call_function(guards.expect_unused, (ph, None if default is inspect.Signature.empty
+                                                        else default, p.name))
+    out = graph.graph_copy(src.graph, val_map)
+    graph.output(out)
+    out_spec = getattr(src, "_out_spec", None)
+    graph.set_codegen(_SignatureCodeGen(_PyTreeInfo(names, None, out_spec)))
+
+    root: dict[str, Any] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ATEN_LAYER_OPS:
+            _layer_to_call_module(graph, node, model, src, root)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target not in root:
+            root[node.target] = get_attr_path(src, node.target)
+        if node.op == "get_attr":
+            if not node.users:
+                graph.erase_node(node)
+                continue
+            try:
+                root[node.target] = get_attr_path(model, node.target)
+            except AttributeError:
+                root[node.target] = get_attr_path(src, node.target)
+    graph.lint()
+    return fx.GraphModule(root, graph, type(model).__name__)
+
+
+def _layer_to_call_module(graph: fx.Graph, node: fx.Node, model: torch.nn.Module,
+                          src: fx.GraphModule, root: dict[str, Any]) -> None:
+    """Replace aten.linear/conv on a layer's own weight by call_module(<layer fqn>)."""
+    layer_type = _ATEN_LAYER_OPS[node.target]
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return
+    fqn = list(stack.values())[-1][0]
+    try:
+        layer = model.get_submodule(fqn)
+    except AttributeError:
+        return
+    if type(layer) is not layer_type:
+        return
+    w_node = node.args[1]
+    b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
+        return
+    if get_attr_path(src, w_node.target) is not layer.weight and \
+            not torch.equal(get_attr_path(src, w_node.target), layer.weight):
+        return
+    has_bias = isinstance(b_node, fx.Node)
+    if has_bias != (layer.bias is not None):
+        return
+    if layer_type is not torch.nn.Linear:
+        stride, padding, dilation, groups = (list(node.args[3:7]) + [None] * 4)[:4]
+        if (tuple(stride or layer.stride), tuple(padding or layer.padding) if not isinstance(padding, str) else padding,
+                tuple(dilation or layer.dilation), groups or layer.groups) != (
+                tuple(layer.stride), layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
+                tuple(layer.dilation), layer.groups) or layer.padding_mode != "zeros":
+            return
+    with graph.inserting_before(node):
+        new = graph.call_module(fqn, (node.args[0],))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    root[fqn] = layer

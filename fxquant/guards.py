@@ -1,0 +1,50 @@
+"""Input guards the captured graph calls first: they turn a call the graph cannot honour into a clear error.
+
+A captured graph is specialised to the inputs seen at capture: tensors stay inputs, other values
+(use_cache=False, return_dict=True, ...) are baked in, and absent optional inputs are unused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from .errors import FxquantError
+
+
+class CapturedInputError(FxquantError, TypeError):
+    """A call passes an input the captured graph was not specialised for."""
+
+
+@fx.wrap
+def expect_tensor(value: Any, name: str) -> None:
+    """Raise unless `value` is a tensor (it was one at capture)."""
+    if not isinstance(value, torch.Tensor):
+        raise CapturedInputError(
+            f"input {name!r} was a tensor when the model was captured but got {type(value).__name__}")
+
+
+@fx.wrap
+def expect_constant(value: Any, expected: Any, name: str) -> None:
+    """Raise unless `value == expected` (the non-tensor value seen at capture)."""
+    same = value is expected
+    if not same:
+        try:
+            same = bool(value == expected)
+        except Exception:  # noqa: BLE001 - unequal types that refuse comparison
+            same = False
+    if not same:
+        raise CapturedInputError(
+            f"input {name!r} was {expected!r} when the model was captured and the graph is "
+            f"specialised to it; got {value!r}. Capture again with the value you need.")
+
+
+@fx.wrap
+def expect_unused(value: Any, default: Any, name: str) -> None:
+    """Raise unless `value` is the default: the input was absent at capture, so the graph ignores it."""
+    if value is not default and not (value is None and default is None):
+        raise CapturedInputError(
+            f"input {name!r} was not given when the model was captured, so the graph does not use "
+            f"it; capture with it (e.g. include it in the calibration data) to pass it.")

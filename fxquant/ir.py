@@ -1,0 +1,85 @@
+"""Helpers over the one IR every pass sees (a torch.fx.GraphModule; see docs/ir.md)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import fx
+
+META_KEY = "fxquant"
+
+
+def fxq_meta(node: fx.Node) -> dict[str, Any]:
+    """The fxquant decision record of `node` (scheme, reason, ...), created on first use."""
+    return node.meta.setdefault(META_KEY, {})
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> torch.nn.Module | None:
+    """The module a call_module node calls, else None."""
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(node.target)
+
+
+def scope_of(node: fx.Node) -> str:
+    """Fully qualified name of the innermost module the node was traced in ('' at top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1]
+    path = path[0] if isinstance(path, tuple) else path
+    return path if isinstance(path, str) else ""
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    """The graph's placeholder nodes in signature order."""
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def bind_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict[fx.Node, Any]:
+    """Map one call's (args, kwargs) onto the placeholders, filling defaults, like Python would."""
+    phs = placeholders(gm)
+    names = [p.target for p in phs]
+    if len(args) > len(phs):
+        raise TypeError(f"{len(args)} positional inputs given but the graph takes {len(phs)}: {names}")
+    bound: dict[fx.Node, Any] = dict(zip(phs, args))
+    by_name = {p.target: p for p in phs}
+    for key, value in kwargs.items():
+        if key not in by_name:
+            raise TypeError(f"unexpected input {key!r}; the graph takes {names}")
+        if by_name[key] in bound:
+            raise TypeError(f"input {key!r} given twice")
+        bound[by_name[key]] = value
+    for p in phs:
+        if p not in bound:
+            if not p.args:
+                raise TypeError(f"missing required input {p.target!r}")
+            bound[p] = p.args[0]
+    return bound
+
+
+def forward_signature(model: torch.nn.Module) -> inspect.Signature:
+    """Signature of model.forward without `self`."""
+    return inspect.signature(model.forward)
+
+
+def get_attr_path(root: torch.nn.Module, target: str) -> Any:
+    """root.<a>.<b>.<c> for target 'a.b.c', raising AttributeError with the full path."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_float_tensor(node: Any) -> bool:
+    """True when `node` is an fx.Node known (from capture metadata) to produce a floating tensor."""
+    if not isinstance(node, fx.Node):
+        return False
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dtype.is_floating_point
+    tm = node.meta.get("tensor_meta")
+    dtype = getattr(tm, "dtype", None)
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point

@@ -1,0 +1,227 @@
+"""QuantOpr: a layer or small op with its quantizers (Sparsebit's contract).
+
+Each QuantOpr holds `input_quantizers` (one per tensor input; `input_quantizer` is the first),
+`weight_quantizer` (layers only), the resolved scheme name, and `set_quant(w_quant, a_quant)`.
+Forward passes are differentiable through a straight-through estimator. With both weight and
+activation quantized (int8), inference runs the deployed arithmetic: integer accumulation of
+codes, zero-point correction, then one float multiply by input_scale * weight_scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fxquant.kernels import int8_matmul
+
+from .fake_quant import dequantize_codes
+from .quantizer import DynamicQuantizer, IdentityQuantizer, Quantizer, StaticQuantizer, build_quantizer
+from .schemes import Scheme
+from .small_ops import BMM, Add, MatMul
+
+
+class QuantOpr(torch.nn.Module):
+    """Base of all quantized operators."""
+
+    num_inputs = 1
+
+    def __init__(self, scheme: Scheme) -> None:
+        super().__init__()
+        self.scheme = scheme.name
+        self.input_quantizers = torch.nn.ModuleList(
+            build_quantizer(scheme.activation) for _ in range(self.num_inputs)
+        )
+        self.weight_quantizer: Quantizer = IdentityQuantizer()
+
+    @property
+    def input_quantizer(self) -> Quantizer:
+        """The quantizer of the first (for layers: the only) tensor input."""
+        return self.input_quantizers[0]
+
+    def set_quant(self, w_quant: bool = True, a_quant: bool = True) -> QuantOpr:
+        """Turn fake quantization of the weight and of the inputs on or off."""
+        self.weight_quantizer.enabled = w_quant and not isinstance(self.weight_quantizer, IdentityQuantizer)
+        for q in self.input_quantizers:
+            q.enabled = a_quant and not isinstance(q, IdentityQuantizer)
+        return self
+
+    def freeze(self) -> None:
+        """Drop observers, keep qparams."""
+        for q in [self.weight_quantizer, *self.input_quantizers]:
+            if isinstance(q, StaticQuantizer):
+                q.freeze()
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme}"
+
+
+class _QWeighted(QuantOpr):
+    """QuantOpr with a weight [out, in, ...] and optional bias, shared with the float layer."""
+
+    def __init__(self, layer: torch.nn.Module, scheme: Scheme) -> None:
+        super().__init__(scheme)
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.weight_quantizer = build_quantizer(scheme.weight)
+        self.register_buffer("weight_codes", None, persistent=False)
+
+    def calibrate_weight(self) -> None:
+        """Observe the weight and set its qparams."""
+        wq = self.weight_quantizer
+        if isinstance(wq, StaticQuantizer):
+            wq.reset_observer()
+            wq.observe(self.weight.detach())
+            wq.calc_qparams(like=self.weight)
+            self.weight_codes = None
+
+    def freeze(self) -> None:
+        """Drop observers and cache the weight's integer codes (int8 storage)."""
+        super().freeze()
+        wq = self.weight_quantizer
+        if isinstance(wq, StaticQuantizer) and wq.calibrated:
+            with torch.no_grad():
+                self.weight_codes = wq.quantize(self.weight)[0].to(torch.int8)
+
+    def _weight_codes(self) -> torch.Tensor:
+        """Float integer codes of the weight (grouped shape for per-group specs)."""
+        if self.weight_codes is not None and not torch.is_grad_enabled():
+            return self.weight_codes.float()
+        return self.weight_quantizer.quantize(self.weight)[0]
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the deployed model sees it (fake-quantized when enabled), weight's shape."""
+        wq = self.weight_quantizer
+        if not wq.enabled:
+            return self.weight
+        scale, zp = wq.broadcast_qparams(self.weight)
+        return dequantize_codes(self._weight_codes(), scale, zp).reshape(self.weight.shape).to(self.weight.dtype)
+
+    def _integer_path(self, x: torch.Tensor) -> bool:
+        """True when inference can run the exact int8 x int8 -> int32 arithmetic of the kernel."""
+        wq, aq = self.weight_quantizer, self.input_quantizer
+        if not (wq.enabled and aq.enabled) or torch.is_grad_enabled():
+            return False
+        if not isinstance(wq, StaticQuantizer) or wq.spec.granularity == "group":
+            return False
+        return (wq.spec.bits == 8 and wq.spec.symmetric and wq.spec.signed and aq.spec.bits == 8
+                and aq.spec.signed and isinstance(aq, (StaticQuantizer, DynamicQuantizer)))
+
+
+class QLinear(_QWeighted):
+    """Quantized nn.Linear: x [..., k] -> y [..., n]; weight [n, k]."""
+
+    def __init__(self, layer: torch.nn.Linear, scheme: Scheme) -> None:
+        super().__init__(layer, scheme)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._integer_path(x):
+            return self._int_forward(x)
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+    def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, sx, zx = self.input_quantizer.quantize(x)
+        k = x.shape[-1]
+        xi = codes.reshape(-1, k).to(torch.int8)
+        wi = self._weight_codes().to(torch.int8)
+        acc = int8_matmul(xi, wi.t())  # int32 [m, n]
+        if zx.numel() == 1 and float(zx) != 0.0:
+            acc = acc - int(zx) * wi.sum(dim=1, dtype=torch.int32)
+        wscale = self.weight_quantizer.scale.reshape(-1)
+        sx = sx.reshape(-1, 1) if sx.numel() > 1 else sx
+        y = acc.float() * (sx * wscale)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class _QConvNd(_QWeighted):
+    """Quantized convolution; integer path accumulates integer-valued float codes exactly."""
+
+    conv_fn = staticmethod(F.conv2d)
+
+    def __init__(self, layer: torch.nn.modules.conv._ConvNd, scheme: Scheme) -> None:
+        super().__init__(layer, scheme)
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={layer.padding_mode!r} is not supported; only 'zeros'")
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+        self.kernel_size = layer.kernel_size
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return self.conv_fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._integer_path(x) and isinstance(self.input_quantizer, StaticQuantizer):
+            codes, sx, zx = self.input_quantizer.quantize(x)
+            acc = self._conv(codes - zx, self._weight_codes(), None)
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            y = acc * (sx * self.weight_quantizer.scale).reshape(shape)
+            if self.bias is not None:
+                y = y + self.bias.reshape(shape)
+            return y.to(x.dtype)
+        return self._conv(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QConv1d(_QConvNd):
+    """Quantized nn.Conv1d: x [b, c, l]."""
+
+    conv_fn = staticmethod(F.conv1d)
+
+
+class QConv2d(_QConvNd):
+    """Quantized nn.Conv2d: x [b, c, h, w]."""
+
+    conv_fn = staticmethod(F.conv2d)
+
+
+class _QBinary(QuantOpr):
+    """Small op with two tensor inputs, each with its own input quantizer."""
+
+    num_inputs = 2
+    op = staticmethod(torch.add)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.op(self.input_quantizers[0](x), self.input_quantizers[1](y))
+
+
+class QAdd(_QBinary):
+    """Quantized Add small op."""
+
+    op = staticmethod(torch.add)
+
+
+class QBMM(_QBinary):
+    """Quantized BMM small op: [b, n, k] x [b, k, m]."""
+
+    op = staticmethod(torch.bmm)
+
+
+class QMatMul(_QBinary):
+    """Quantized MatMul small op (torch.matmul broadcasting)."""
+
+    op = staticmethod(torch.matmul)
+
+
+#: float module type -> QuantOpr type
+QUANT_OPR_FOR = {
+    torch.nn.Linear: QLinear,
+    torch.nn.Conv1d: QConv1d,
+    torch.nn.Conv2d: QConv2d,
+    Add: QAdd,
+    BMM: QBMM,
+    MatMul: QMatMul,
+}
+QUANTIZABLE_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def to_quant_opr(module: torch.nn.Module, scheme: Scheme) -> QuantOpr:
+    """The QuantOpr that replaces `module` under `scheme` (weights shared, not copied)."""
+    cls = QUANT_OPR_FOR.get(type(module))
+    if cls is None:
+        raise TypeError(f"no QuantOpr for {type(module).__name__}; supported: "
+                        + ", ".join(t.__name__ for t in QUANT_OPR_FOR))
+    if cls in (QAdd, QBMM, QMatMul):
+        return cls(scheme)
+    return cls(module, scheme)

@@ -1,0 +1,78 @@
+"""Named quantization schemes: which QuantSpec the weight and the activations of a layer get."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .quantizer import QuantSpec
+
+SCHEME_NAMES = ("float", "w8a8", "w8a8_dynamic", "w8a16", "w4a16")
+ACT_METHODS = ("minmax", "histogram", "mixed", "percentile", "sigma", "ema", "top_k")
+
+
+@dataclass(frozen=True)
+class SchemeOptions:
+    """Knobs that turn a scheme name into concrete specs.
+
+    act_method: observer of static activations (any registered name, e.g. "top_10").
+    w_per_channel: per-output-channel weights (msModelSlim's mm_tensor=False); False = per-tensor.
+    """
+
+    act_method: str = "minmax"
+    w_sym: bool = True
+    a_sym: bool = False
+    group_size: int = 128
+    w_per_channel: bool = True
+    rounding: str = "half_even"
+    pow2_scale: bool = False
+    act_observer_kwargs: tuple = ()
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A resolved scheme: `weight` / `activation` are None where the tensor stays float."""
+
+    name: str
+    weight: QuantSpec | None
+    activation: QuantSpec | None
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight is None and self.activation is None
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        """True when activations have static qparams that must be observed."""
+        return self.activation is not None and not self.activation.dynamic
+
+
+def check_scheme_name(name: str) -> str:
+    """`name` if it is a known scheme, else ConfigError listing the valid ones."""
+    if name not in SCHEME_NAMES:
+        raise ConfigError(f"unknown quantization scheme {name!r}; valid: {', '.join(SCHEME_NAMES)}")
+    return name
+
+
+def make_scheme(name: str, opts: SchemeOptions | None = None) -> Scheme:
+    """Build the Scheme called `name` under `opts`."""
+    check_scheme_name(name)
+    o = opts or SchemeOptions()
+    if name == "float":
+        return Scheme(name, None, None)
+    per_ch = "channel" if o.w_per_channel else "tensor"
+    w8 = QuantSpec(bits=8, symmetric=o.w_sym, granularity=per_ch, axis=0, rounding=o.rounding,
+                   pow2_scale=o.pow2_scale)
+    if name == "w8a16":
+        return Scheme(name, w8, None)
+    if name == "w4a16":
+        w4 = QuantSpec(bits=4, symmetric=o.w_sym, granularity="group", group_size=o.group_size,
+                       rounding=o.rounding)
+        return Scheme(name, w4, None)
+    if name == "w8a8_dynamic":
+        act = QuantSpec(bits=8, symmetric=True, granularity="token", rounding=o.rounding)
+        return Scheme(name, w8.with_(symmetric=True), act)
+    act = QuantSpec(bits=8, symmetric=o.a_sym, granularity="tensor", rounding=o.rounding,
+                    pow2_scale=o.pow2_scale, observer=o.act_method,
+                    observer_kwargs=dict(o.act_observer_kwargs))
+    return Scheme(name, w8.with_(symmetric=True), act)

@@ -1,0 +1,14 @@
+"""Graph passes, one per module; each is a callable GraphModule -> GraphModule. Installed as fxquant.passes."""
+
+from .calibrate import Calibrate
+from .fold_batchnorm import fold_batchnorm
+from .freeze import freeze
+from .functional_to_modules import functional_to_modules
+from .insert_quant_oprs import InsertQuantOprs
+from .pass_manager import PassManager, lint_ir
+from .resolve_schemes import ResolveSchemes, quantizable_nodes
+
+__all__ = [
+    "Calibrate", "InsertQuantOprs", "PassManager", "ResolveSchemes", "fold_batchnorm", "freeze",
+    "functional_to_modules", "lint_ir", "quantizable_nodes",
+]

@@ -1,0 +1,51 @@
+"""Calibrate all QuantOprs layer by layer, then turn fake quantization on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxquant.calibration import CalibrationRunner
+from fxquant.errors import CalibrationDataError
+from fxquant.quant_opr import QuantOpr, _QWeighted
+from fxquant.quantizer import StaticQuantizer
+
+
+def needs_activation_data(gm: fx.GraphModule) -> list[str]:
+    """Names of QuantOprs with static activation quantizers (they need calibration data)."""
+    return [name for name, m in gm.named_modules()
+            if isinstance(m, QuantOpr) and any(isinstance(q, StaticQuantizer) for q in m.input_quantizers)]
+
+
+@dataclass
+class Calibrate:
+    """Pass: run CalibrationRunner over `calib_data` (or, with no static activations, only
+    calibrate weights, which needs no data). Leaves every QuantOpr with set_quant(True, True)."""
+
+    calib_data: Any = None
+    device: str | torch.device = "cpu"
+    asym: bool = False
+    offload: bool = True
+    progress: bool = True
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        static = needs_activation_data(gm)
+        if static or (self.asym and self.calib_data is not None):
+            if self.calib_data is None:
+                raise CalibrationDataError(
+                    f"{len(static)} layers quantize activations statically (e.g. {static[0]!r}) and "
+                    "need calibration data: pass calib_data, or use a weight-only or dynamic scheme")
+            runner = CalibrationRunner(gm, self.calib_data)
+            runner.layerwise_calibration(self.device, asym=self.asym, w_quant=True, a_quant=True,
+                                         offload=self.offload, progress=self.progress)
+        else:
+            for m in gm.modules():
+                if isinstance(m, _QWeighted):
+                    m.calibrate_weight()
+        for m in gm.modules():
+            if isinstance(m, QuantOpr):
+                m.set_quant(True, True)
+        return gm
