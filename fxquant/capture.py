@@ -31,6 +31,9 @@ _ATEN_LAYER_OPS = {
 }
 
 
+_PASSTHROUGH_ATTRS = ("config", "generation_config", "main_input_name")
+
+
 class QuantLeafTracer(fx.Tracer):
     """fx.Tracer that keeps torch.nn modules (quantizable layers included) as leaves."""
 
@@ -74,6 +77,9 @@ def capture(
                 log.debug("capture with %s failed", front_end.__name__, exc_info=True)
                 continue
             gm.meta["fxquant_capture"] = front_end.__name__.strip("_").replace("_capture", "")
+            for attr in _PASSTHROUGH_ATTRS:  # HF wrappers (sentence-transformers...) read these
+                if hasattr(model, attr) and not hasattr(gm, attr):
+                    setattr(gm, attr, getattr(model, attr))
             log.info("captured %s with %s (%d nodes)", type(model).__name__,
                      gm.meta["fxquant_capture"], len(gm.graph.nodes))
             return gm
@@ -104,6 +110,11 @@ def _export_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
         if p.kind is inspect.Parameter.VAR_POSITIONAL and args:
             raise CaptureError("forward(*args) with positional inputs cannot be exported; pass keywords")
     bound = dict(sig.bind_partial(*args, **kwargs).arguments)
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD and bound.get(p.name):
+            raise CaptureError(f"inputs {sorted(bound[p.name])} are not named parameters of "
+                               f"{type(model).__name__}.forward (they would go to **{p.name}); "
+                               "pass only the named inputs")
     dynamic = {
         k: ({i: torch.export.Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
         for k, v in bound.items()
@@ -123,7 +134,10 @@ def _normalise_exported(src: fx.GraphModule, model: torch.nn.Module, sig: inspec
     val_map: dict[fx.Node, fx.Node] = {}
     names: list[str] = []
     seen_default = False
+    var_keyword = None
     for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            var_keyword = p.name
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue
         has_default = p.default is not inspect.Parameter.empty
@@ -142,6 +156,9 @@ def _normalise_exported(src: fx.GraphModule, model: torch.nn.Module, sig: inspec
         else:
             graph.call_function(guards.expect_unused, (ph, None if default is inspect.Signature.empty
                                                         else default, p.name))
+    if var_keyword is not None:
+        extra = graph.placeholder(f"**{var_keyword}")
+        graph.call_function(guards.expect_no_tensors, (extra, var_keyword))
     out = graph.graph_copy(src.graph, val_map)
     graph.output(out)
     out_spec = getattr(src, "_out_spec", None)

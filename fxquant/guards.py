@@ -48,3 +48,17 @@ def expect_unused(value: Any, default: Any, name: str) -> None:
         raise CapturedInputError(
             f"input {name!r} was not given when the model was captured, so the graph does not use "
             f"it; capture with it (e.g. include it in the calibration data) to pass it.")
+
+
+@fx.wrap
+def expect_no_tensors(extra: dict[str, Any], name: str) -> None:
+    """Raise if **kwargs carries a tensor: the captured graph would ignore it silently.
+
+    Non-tensor options passed through **kwargs (return_dict=True, ...) are accepted and ignored:
+    the graph was specialised to the options seen at capture.
+    """
+    tensors = sorted(k for k, v in extra.items() if isinstance(v, torch.Tensor))
+    if tensors:
+        raise CapturedInputError(
+            f"tensor inputs {tensors} arrive through **{name}, which the captured graph ignores; "
+            "capture with them to use them")

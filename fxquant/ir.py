@@ -41,12 +41,18 @@ def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 def bind_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict[fx.Node, Any]:
     """Map one call's (args, kwargs) onto the placeholders, filling defaults, like Python would."""
     phs = placeholders(gm)
+    var_kw = next((p for p in phs if p.target.startswith("**")), None)
+    phs = [p for p in phs if not p.target.startswith("*")]
     names = [p.target for p in phs]
     if len(args) > len(phs):
         raise TypeError(f"{len(args)} positional inputs given but the graph takes {len(phs)}: {names}")
     bound: dict[fx.Node, Any] = dict(zip(phs, args))
     by_name = {p.target: p for p in phs}
+    extra: dict[str, Any] = {}
     for key, value in kwargs.items():
+        if key not in by_name and var_kw is not None:
+            extra[key] = value
+            continue
         if key not in by_name:
             raise TypeError(f"unexpected input {key!r}; the graph takes {names}")
         if by_name[key] in bound:
@@ -57,6 +63,8 @@ def bind_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict
             if not p.args:
                 raise TypeError(f"missing required input {p.target!r}")
             bound[p] = p.args[0]
+    if var_kw is not None:
+        bound[var_kw] = extra
     return bound
 
 

@@ -1,0 +1,105 @@
+"""Small real architectures built in the tests: ResNet-style, MobileNet-style, functional ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn + identity (or 1x1 projection), then relu."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.down is None else self.down(x)
+        return torch.relu(out + identity)
+
+
+class ResNetStyle(nn.Module):
+    """ResNet-style CNN: stem, `blocks` stages of BasicBlocks with residual adds, pool, fc.
+
+    x float [b, cin, h, w] -> logits [b, classes].
+    """
+
+    def __init__(self, cin: int = 1, classes: int = 10, widths=(16, 32, 64), blocks: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(cin, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, c = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks):
+                layers.append(BasicBlock(c, w, stride=2 if (i > 0 and j == 0) else 1))
+                c = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+def resnet18_sized(classes: int = 1000) -> ResNetStyle:
+    """ResNet-18 widths and depth (2 blocks per stage) on 3-channel input."""
+    return ResNetStyle(cin=3, classes=classes, widths=(64, 128, 256, 512), blocks=2)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 project, residual add when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return torch.add(x, y) if self.use_res else y
+
+
+class MobileNetStyle(nn.Module):
+    """Depthwise-separable CNN: x float [b, cin, h, w] -> logits [b, classes]."""
+
+    def __init__(self, cin: int = 1, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(cin, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.blocks = nn.Sequential(InvertedResidual(16, 16, 1), InvertedResidual(16, 24, 2),
+                                    InvertedResidual(24, 24, 1), InvertedResidual(24, 32, 2))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+class FunctionalOps(nn.Module):
+    """Uses +, torch.add, torch.bmm, torch.matmul and @ on activations: x [b, n, d] -> [b, n, d]."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        scores = torch.bmm(q, k.transpose(1, 2)) / 4.0
+        attn = torch.softmax(scores, dim=-1)
+        ctx = torch.matmul(attn, v)
+        ctx2 = attn @ v
+        h = torch.add(ctx, ctx2) + x
+        return self.out(h) + h
