@@ -19,7 +19,7 @@ from fxquant.passes import (
     functional_to_modules,
 )
 
-from .calib_data import normalise_calib_data
+from .calib_data import check_fits_signature, normalise_calib_data
 from .capture import capture
 from .errors import CalibrationDataError
 from .schemes import SchemeOptions, make_scheme
@@ -60,6 +60,7 @@ def quantize(
                              disable_first_layer=disable_first_layer, small_op_scheme=small_op_scheme)
     batches = normalise_calib_data(calib_data) if calib_data is not None else None
     if batches is not None:
+        check_fits_signature(model, batches)
         example_args, example_kwargs = batches[0]
     elif example_inputs is not None:
         example_args, example_kwargs = normalise_calib_data([example_inputs])[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import inspect
 from typing import Any
 
 import torch
@@ -52,3 +53,15 @@ def check_finite(value: Any, where: str) -> None:
         n_nan = int(torch.isnan(value).sum())
         n_inf = int(torch.isinf(value).sum())
         raise CalibrationDataError(f"non-finite values in {where}: {n_nan} NaN, {n_inf} Inf")
+
+
+def check_fits_signature(model: torch.nn.Module, batches: list[CalibBatch]) -> None:
+    """Raise CalibrationDataError naming the first sample that cannot be passed to model.forward."""
+    sig = inspect.signature(model.forward)
+    for i, (args, kwargs) in enumerate(batches):
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise CalibrationDataError(
+                f"calib_data[{i}] does not fit the model's inputs {type(model).__name__}.forward{sig}: {exc}"
+            ) from None

@@ -103,6 +103,8 @@ class _QWeighted(QuantOpr):
             return False
         if not isinstance(wq, StaticQuantizer) or wq.spec.granularity == "group":
             return False
+        if isinstance(aq, DynamicQuantizer) and not aq.spec.symmetric:
+            return False  # per-token zero points are not folded into the accumulator
         return (wq.spec.bits == 8 and wq.spec.symmetric and wq.spec.signed and aq.spec.bits == 8
                 and aq.spec.signed and isinstance(aq, (StaticQuantizer, DynamicQuantizer)))
 

@@ -41,6 +41,7 @@ class Calibrate:
             runner = CalibrationRunner(gm, self.calib_data)
             runner.layerwise_calibration(self.device, asym=self.asym, w_quant=True, a_quant=True,
                                          offload=self.offload, progress=self.progress)
+            gm.meta["fxquant_peak_live"] = runner.storage.peak_live
         else:
             for m in gm.modules():
                 if isinstance(m, _QWeighted):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from fxquant.errors import ConfigError
 from fxquant.ir import fxq_meta, module_of
 from fxquant.quant_opr import QUANT_OPR_FOR, to_quant_opr
 from fxquant.schemes import SchemeOptions, make_scheme
@@ -23,6 +24,8 @@ class InsertQuantOprs:
     options: SchemeOptions = field(default_factory=SchemeOptions)
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        bad_groups: list[str] = []
+        widths: set[int] = set()
         for node in gm.graph.nodes:
             module = module_of(gm, node)
             if type(module) not in QUANT_OPR_FOR:
@@ -31,10 +34,22 @@ class InsertQuantOprs:
             scheme = make_scheme(meta.get("scheme", "float"), self.options)
             if scheme.is_float:
                 continue
+            if scheme.weight is not None and scheme.weight.granularity == "group":
+                k = module.weight.shape[1]
+                widths.add(k)
+                if k % scheme.weight.group_size:
+                    bad_groups.append(f"{node.target} (in_features {k})")
+                    continue
             try:
                 qopr = to_quant_opr(module, scheme)
             except ValueError as exc:
                 meta["scheme"], meta["reason"] = "float", f"not quantizable: {exc}"
                 continue
             replace_submodule(gm, node.target, qopr)
+        if bad_groups:
+            g = self.options.group_size
+            fits = [d for d in (256, 128, 64, 32, 16, 8) if all(w % d == 0 for w in widths)]
+            raise ConfigError(
+                f"group_size {g} does not divide the input width of {len(bad_groups)} layers, e.g. "
+                f"{', '.join(bad_groups[:3])}; group sizes that fit every layer: {fits or 'none'}")
         return gm

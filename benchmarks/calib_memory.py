@@ -1,0 +1,50 @@
+"""Peak RSS of calibrating SmolLM2-135M with static w8a8 on 64 windows of 256 tokens.
+
+Runs in a fresh process: loads the model, calibrates, prints one JSON line with the peak RSS of
+the whole process (model included), the storage's peak number of live values and the graph's
+live-set bound.
+
+    python benchmarks/calib_memory.py [--windows 64] [--length 256] [--scheme w8a8] [--asym]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--scheme", default="w8a8")
+    ap.add_argument("--asym", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    import fxquant
+    from fxquant.real_models import load_smollm2, text_corpus, token_windows
+    from fxquant.storage import graph_live_set_size
+
+    torch.set_num_threads(2)
+    model, tok = load_smollm2()
+    calib = [{"input_ids": w, "use_cache": False}
+             for w in token_windows(tok, text_corpus("calib"), args.windows, args.length)]
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    start = time.perf_counter()
+    q = fxquant.quantize(model, calib, scheme=args.scheme, asym=args.asym, progress=False)
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(json.dumps({
+        "scheme": args.scheme, "windows": args.windows, "length": args.length, "asym": args.asym,
+        "calib_s": round(seconds, 1), "rss_after_load_mb": round(rss_loaded), "peak_rss_mb": round(rss),
+        "peak_live_values": q.meta.get("fxquant_peak_live"),
+        "graph_live_set": graph_live_set_size(q.graph), "graph_nodes": len(q.graph.nodes),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M (fp32)."""
+    from fxquant.real_models import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_windows(smollm2):
+    """Calibration windows (8 x 128 tokens) and held-out eval windows (4 x 256) as input_ids [1, L]."""
+    from fxquant.real_models import text_corpus, token_windows
+
+    _, tok = smollm2
+    return (token_windows(tok, text_corpus("calib"), 8, 128), token_windows(tok, text_corpus("eval"), 4, 256))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from fxquant.real_models import load_minilm
+
+    return load_minilm()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from digits import digits_split
+
+    return digits_split()

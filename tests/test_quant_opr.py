@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from fxquant import QAdd, QBMM, QConv2d, QLinear, QMatMul, make_scheme
+from fxquant.quantizer import StaticQuantizer
+
+
+def _calibrate(opr, *inputs):
+    for q, x in zip(opr.input_quantizers, inputs):
+        if isinstance(q, StaticQuantizer):
+            q.observe(x)
+            q.calc_qparams()
+    if hasattr(opr, "calibrate_weight"):
+        opr.calibrate_weight()
+    return opr.set_quant(True, True)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8_dynamic"])
+def test_qlinear_integer_path_equals_fake_quant_math(scheme):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(3, 7, 64) + 0.5
+    q = _calibrate(QLinear(lin, make_scheme(scheme)), x)
+    with torch.no_grad():
+        y_int = q(x)  # exact int8 x int8 -> int32, then scale
+    with torch.enable_grad():
+        y_sim = q(x)  # float fake-quant path (what QAT differentiates)
+    assert y_int.shape == (3, 7, 32)
+    assert torch.allclose(y_int, y_sim.detach(), atol=1e-4, rtol=1e-5)
+    assert (y_int - lin(x)).abs().max() < 0.1
+
+
+def test_qlinear_integer_accumulation_is_exact():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1536, 8, bias=False)
+    x = torch.randn(4, 1536)
+    q = _calibrate(QLinear(lin, make_scheme("w8a8")), x)
+    with torch.no_grad():
+        y = q(x)
+        codes, sx, zx = q.input_quantizer.quantize(x)
+        wc = q.weight_quantizer.quantize(lin.weight)[0]
+        exact = ((codes.double() - zx.double()) @ wc.double().t()) * (sx * q.weight_quantizer.scale).double()
+    assert torch.allclose(y.double(), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_set_quant_toggles_and_gradients_flow():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 4)
+    x = torch.randn(8, 16)
+    q = _calibrate(QLinear(lin, make_scheme("w8a8")), x)
+    q.set_quant(False, False)
+    assert torch.equal(q(x), lin(x))
+    q.set_quant(True, True)
+    assert not torch.equal(q(x), lin(x))
+    xg = x.clone().requires_grad_()
+    q(xg).sum().backward()
+    assert xg.grad is not None and lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_qconv2d_matches_float_within_quant_error():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, groups=2)
+    x = torch.randn(2, 4, 10, 10)
+    q = _calibrate(QConv2d(conv, make_scheme("w8a8")), x)
+    with torch.no_grad():
+        y_int = q(x)
+    with torch.enable_grad():
+        y_sim = q(x).detach()
+    assert torch.allclose(y_int, y_sim, atol=1e-4)
+    assert (y_int - conv(x)).abs().max() < 0.1
+
+
+def test_weight_only_schemes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 16)
+    x = torch.randn(5, 256)
+    for scheme, tol in (("w8a16", 0.02), ("w4a16", 0.3)):
+        q = _calibrate(QLinear(lin, make_scheme(scheme)), x)
+        assert (q(x) - lin(x)).abs().max() < tol
+        q.freeze()
+        assert q.weight_codes.dtype == torch.int8
+
+
+@pytest.mark.parametrize("cls,shape_a,shape_b,fn", [
+    (QAdd, (2, 3, 4), (2, 3, 4), torch.add),
+    (QBMM, (2, 3, 4), (2, 4, 5), torch.bmm),
+    (QMatMul, (2, 2, 3, 4), (4, 5), torch.matmul),
+])
+def test_small_ops_quantize_each_input(cls, shape_a, shape_b, fn):
+    torch.manual_seed(0)
+    a, b = torch.randn(shape_a), torch.randn(shape_b) * 10
+    q = _calibrate(cls(make_scheme("w8a8")), a, b)
+    assert len(q.input_quantizers) == 2
+    assert float(q.input_quantizers[1].scale) > 5 * float(q.input_quantizers[0].scale)
+    out = q(a, b)
+    assert out.shape == fn(a, b).shape
+    assert torch.allclose(out, fn(a, b), atol=0.5)
+    q.set_quant(False, False)
+    assert torch.equal(q(a, b), fn(a, b))

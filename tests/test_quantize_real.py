@@ -1,0 +1,90 @@
+"""Quantization of real models measured on real data (perplexity, cosine, accuracy)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxquant
+from digits import accuracy, train
+from models import MobileNetStyle, ResNetStyle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ppl(model, windows):
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=w, use_cache=False).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+            n += w.shape[1] - 1
+    return math.exp(nll / n)
+
+
+@pytest.fixture(scope="module")
+def fp32_ppl(smollm2, smollm2_windows):
+    return _ppl(smollm2[0], smollm2_windows[1])
+
+
+@pytest.mark.parametrize("scheme,max_increase", [
+    ("w8a16", 0.01), ("w8a8_dynamic", 0.06), ("w4a16", 0.6), ("w8a8", 1.5),
+])
+def test_smollm2_schemes(smollm2, smollm2_windows, fp32_ppl, scheme, max_increase):
+    model, _ = smollm2
+    calib, evals = smollm2_windows
+    q = fxquant.quantize(model, [{"input_ids": w, "use_cache": False} for w in calib], scheme=scheme,
+                         options=fxquant.SchemeOptions(group_size=64), progress=False)
+    with torch.no_grad():
+        out = q(evals[0], use_cache=False)
+    assert type(out) is type(model(input_ids=evals[0], use_cache=False))
+    ppl = _ppl(q, evals)
+    assert fp32_ppl < ppl <= fp32_ppl * (1 + max_increase)
+    assert q.meta["fxquant_decisions"]["lm_head"][0] == "float"
+    n_quant = sum(isinstance(m, fxquant.QuantOpr) for m in q.modules())
+    assert n_quant == 210
+    # the user's model is not modified
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+
+
+def test_minilm_dynamic_cosine(minilm):
+    from fxquant.real_models import sentences, text_corpus
+
+    sents = sentences(text_corpus("eval"), 60)
+    assert len(sents) >= 50
+    bert = minilm[0].model
+    ref = minilm.encode(sents, convert_to_tensor=True)
+    calib = [{k: v for k, v in minilm.tokenize(sents[i:i + 8]).items() if isinstance(v, torch.Tensor)}
+             for i in range(0, 16, 8)]
+    q = fxquant.quantize(bert, calib, scheme="w8a8_dynamic", progress=False)
+    minilm[0].model = q
+    try:
+        out = minilm.encode(sents, convert_to_tensor=True)
+    finally:
+        minilm[0].model = bert
+    cos = torch.nn.functional.cosine_similarity(ref, out)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.98
+
+
+@pytest.mark.parametrize("cls", [ResNetStyle, MobileNetStyle])
+def test_digits_cnn_w8a8_within_one_point(digits, cls):
+    xtr, ytr, xte, yte = digits
+    torch.manual_seed(0)
+    model = train(cls(), xtr, ytr)
+    fp32 = accuracy(model, xte, yte)
+    assert fp32 > 90.0
+    q = fxquant.quantize(model, [[xtr[i:i + 32]] for i in range(0, 256, 32)], scheme="w8a8", progress=False)
+    assert abs(accuracy(q, xte, yte) - fp32) <= 1.0
+
+
+def test_smollm2_calibration_memory_bound():
+    """64 windows x 256 tokens of static w8a8 calibration peak below 2.5 GB RSS (whole process)."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calib_memory.py")],
+                         capture_output=True, text=True, check=True, timeout=1200)
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["peak_rss_mb"] < 2500
+    assert stats["peak_live_values"] <= stats["graph_live_set"] < stats["graph_nodes"] / 10
