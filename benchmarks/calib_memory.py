@@ -42,6 +42,7 @@ def main() -> None:
         "scheme": args.scheme, "windows": args.windows, "length": args.length, "asym": args.asym,
         "calib_s": round(seconds, 1), "rss_after_load_mb": round(rss_loaded), "peak_rss_mb": round(rss),
         "peak_live_values": q.meta.get("fxquant_peak_live"),
+        "live_set_bound": q.meta.get("fxquant_live_set"),
         "graph_live_set": graph_live_set_size(q.graph), "graph_nodes": len(q.graph.nodes),
     }))
 

@@ -77,11 +77,12 @@ class CalibrationRunner:
         keep = "cpu" if offload else None
         graph = self.model.graph
         self.model.to(device)
-        self.storage = ActivationStorage(graph, keep)
-        self.qstorage = ActivationStorage(graph, keep) if asym else None
-        n_batches = len(self.batches)
         self._modules = dict(self.model.named_modules())
-        nodes = list(graph.nodes)
+        run = self.nodes_to_run()
+        self.storage = ActivationStorage(graph, keep, run)
+        self.qstorage = ActivationStorage(graph, keep, run) if asym else None
+        n_batches = len(self.batches)
+        nodes = [n for n in graph.nodes if n in run]
         for node in tqdm(nodes, desc="calibrating", unit="node", disable=not progress):
             if node.op == "placeholder":
                 values = self._inputs[node]
@@ -109,6 +110,25 @@ class CalibrationRunner:
         self._inputs = {}
         log.info("calibrated %d nodes over %d batches (peak %d live stored values)",
                  len(nodes), n_batches, self.storage.peak_live)
+
+    def nodes_to_run(self) -> set[fx.Node]:
+        """Nodes calibration must execute: every QuantOpr, every node one depends on, and checks
+        with no consumers (input guards, asserts). Others, such as a float lm_head whose logits
+        only reach the output, are skipped and never stored."""
+        modules = self._modules if hasattr(self, "_modules") else dict(self.model.named_modules())
+        roots = [n for n in self.model.graph.nodes
+                 if (n.op == "call_module" and isinstance(modules.get(n.target), QuantOpr))
+                 or (n.op in ("call_function", "call_method") and not n.users)]
+        run: set[fx.Node] = set()
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            if node in run:
+                continue
+            run.add(node)
+            stack.extend(node.all_input_nodes)
+        run.update(n for n in self.model.graph.nodes if n.op == "placeholder")
+        return run
 
     def _quantized_outputs(self, node: fx.Node, module: Any, outs: list[Any], device: torch.device,
                            w_quant: bool, a_quant: bool) -> list[Any]:

@@ -71,7 +71,10 @@ class _QWeighted(QuantOpr):
         if isinstance(wq, StaticQuantizer):
             wq.reset_observer()
             wq.observe(self.weight.detach())
-            wq.calc_qparams(like=self.weight)
+            if wq.spec.clip_search:
+                wq.search_clipping(self.weight.detach())
+            else:
+                wq.calc_qparams(like=self.weight)
             self.weight_codes = None
 
     def freeze(self) -> None:

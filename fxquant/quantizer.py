@@ -36,6 +36,7 @@ class QuantSpec:
     pow2_scale: bool = False
     observer: str = "minmax"
     observer_kwargs: dict = field(default_factory=dict, hash=False, compare=False)
+    clip_search: bool = False  # weights: shrink each row's range to minimise squared error
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -139,6 +140,28 @@ class StaticQuantizer(Quantizer):
         lo, hi = self.observer.calc_range()
         scale, zp = qparams_from_range(lo, hi, self.spec.bits, self.spec.symmetric, self.spec.signed,
                                        self.spec.pow2_scale)
+        self._install(scale, zp, like)
+
+    @torch.no_grad()
+    def search_clipping(self, x: torch.Tensor, grid: int = 20, min_ratio: float = 0.5) -> None:
+        """Shrink each row's observed range by the factor in [min_ratio, 1] that minimises the
+        squared quantization error of `x` (the tensor itself, e.g. a weight) and set qparams."""
+        rows = self._as_rows(x).float()
+        lo, hi = self.observer.calc_range()
+        best_err = torch.full((rows.shape[0],), float("inf"))
+        best_s, best_z = None, None
+        for f in torch.linspace(min_ratio, 1.0, grid).tolist():
+            s, z = qparams_from_range(lo * f, hi * f, self.spec.bits, self.spec.symmetric,
+                                      self.spec.signed, self.spec.pow2_scale)
+            codes = quantize_codes(rows, s[:, None], z[:, None], self.qmin, self.qmax, self.spec.rounding)
+            err = ((dequantize_codes(codes, s[:, None], z[:, None]) - rows) ** 2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = s if best_s is None else torch.where(better, s, best_s)
+            best_z = z if best_z is None else torch.where(better, z, best_z)
+        self._install(best_s, best_z, like=x)
+
+    def _install(self, scale: torch.Tensor, zp: torch.Tensor, like: torch.Tensor | None) -> None:
         if self.spec.granularity == "tensor":
             scale, zp = scale.reshape(()), zp.reshape(())
         elif self.spec.granularity == "group":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -15,15 +16,23 @@ def _stored_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in dict.fromkeys(node.all_input_nodes) if n.op != "get_attr"]
 
 
-def graph_live_set_size(graph: fx.Graph) -> int:
+def _user_counts(graph: fx.Graph, run: Collection[fx.Node] | None) -> dict[fx.Node, int]:
+    """Number of distinct consumers of each node among the nodes that will run."""
+    return {n: sum(1 for u in n.users if run is None or u in run) for n in graph.nodes}
+
+
+def graph_live_set_size(graph: fx.Graph, run: Collection[fx.Node] | None = None) -> int:
     """Largest number of node values that must be held at once when running `graph` in order.
 
-    A value is live from the node that makes it until its last user has run (users are counted
-    per distinct consumer node; get_attr values are fetched, not held; unused values die at once).
+    run: the nodes that execute (default all). A value is live from the node that makes it until
+    its last consumer among `run` has run; get_attr values are fetched, not held; values nobody
+    consumes die at once.
     """
-    remaining = {n: len(n.users) for n in graph.nodes}
+    remaining = _user_counts(graph, run)
     live = peak = 0
     for node in graph.nodes:
+        if run is not None and node not in run:
+            continue
         if node.op in ("get_attr", "output"):
             pass
         else:
@@ -41,12 +50,15 @@ def graph_live_set_size(graph: fx.Graph) -> int:
 class ActivationStorage:
     """Per-node lists of values (one per calibration batch), freed when their last consumer ran.
 
+    run: the nodes that will execute (default all); consumers outside it are not waited for.
+
     offload: device where values are kept (e.g. "cpu" while the layers run on an accelerator);
     None keeps them where they were produced.
     """
 
-    def __init__(self, graph: fx.Graph, offload: str | torch.device | None = None) -> None:
-        self._remaining = {n: len(n.users) for n in graph.nodes}
+    def __init__(self, graph: fx.Graph, offload: str | torch.device | None = None,
+                 run: Collection[fx.Node] | None = None) -> None:
+        self._remaining = _user_counts(graph, run)
         self._values: dict[fx.Node, list[Any]] = {}
         self.offload = offload
         self.peak_live = 0

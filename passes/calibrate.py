@@ -12,6 +12,7 @@ from fxquant.calibration import CalibrationRunner
 from fxquant.errors import CalibrationDataError
 from fxquant.quant_opr import QuantOpr, _QWeighted
 from fxquant.quantizer import StaticQuantizer
+from fxquant.storage import graph_live_set_size
 
 
 def needs_activation_data(gm: fx.GraphModule) -> list[str]:
@@ -42,6 +43,7 @@ class Calibrate:
             runner.layerwise_calibration(self.device, asym=self.asym, w_quant=True, a_quant=True,
                                          offload=self.offload, progress=self.progress)
             gm.meta["fxquant_peak_live"] = runner.storage.peak_live
+            gm.meta["fxquant_live_set"] = graph_live_set_size(gm.graph, runner.nodes_to_run())
         else:
             for m in gm.modules():
                 if isinstance(m, _QWeighted):

@@ -59,7 +59,8 @@ def test_smollm2_storage_release(smollm2, smollm2_windows):
                          scheme="w8a8", progress=False)
     gm_nodes = len(q.graph.nodes)
     runner_peak = q.meta.get("fxquant_peak_live")
-    assert runner_peak is not None and runner_peak <= graph_live_set_size(q.graph) < gm_nodes / 10
+    assert runner_peak is not None and runner_peak <= q.meta["fxquant_live_set"] < gm_nodes / 10
+    assert q.meta["fxquant_live_set"] <= graph_live_set_size(q.graph)
 
 
 def _input_scales(gm):

@@ -87,4 +87,4 @@ def test_smollm2_calibration_memory_bound():
                          capture_output=True, text=True, check=True, timeout=1200)
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["peak_rss_mb"] < 2500
-    assert stats["peak_live_values"] <= stats["graph_live_set"] < stats["graph_nodes"] / 10
+    assert stats["peak_live_values"] <= stats["live_set_bound"] < stats["graph_nodes"] / 10

@@ -96,3 +96,16 @@ def test_frozen_quantizer_keeps_qparams():
     assert torch.equal(q(x), before)
     with pytest.raises(RuntimeError, match="frozen"):
         q.observe(x)
+
+
+def test_clip_search_never_worse_than_minmax_on_weight_error():
+    torch.manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((16, 64))
+    plain = _calibrated(QuantSpec(bits=4, granularity="channel"), w)
+    searched = StaticQuantizer(QuantSpec(bits=4, granularity="channel", clip_search=True))
+    searched.observe(w)
+    searched.search_clipping(w)
+    searched.enabled = True
+    err_plain = ((plain(w) - w) ** 2).sum(1)
+    err_search = ((searched(w) - w) ** 2).sum(1)
+    assert (err_search <= err_plain + 1e-6).all() and err_search.sum() < err_plain.sum()
