@@ -4,7 +4,7 @@ from .api import quantize
 from .calibration import CalibrationRunner
 from .capture import capture
 from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantError
-from .quant_opr import QAdd, QBMM, QConv1d, QConv2d, QLinear, QMatMul, QuantOpr
+from .quant_opr import QBMM, QAdd, QConv1d, QConv2d, QLinear, QMatMul, QuantOpr
 from .quantizer import DynamicQuantizer, IdentityQuantizer, QuantSpec, StaticQuantizer
 from .schemes import SCHEME_NAMES, Scheme, SchemeOptions, make_scheme
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from fxquant.kernels import int8_matmul
 
 from .fake_quant import dequantize_codes
-from .quantizer import DynamicQuantizer, IdentityQuantizer, Quantizer, StaticQuantizer, build_quantizer
+from .quantizer import (
+    DynamicQuantizer,
+    IdentityQuantizer,
+    Quantizer,
+    StaticQuantizer,
+    build_quantizer,
+)
 from .schemes import Scheme
 from .small_ops import BMM, Add, MatMul
 

@@ -5,8 +5,15 @@ from torch import nn
 import fxquant
 from fxquant import CalibrationRunner
 from fxquant.errors import CalibrationDataError
-from fxquant.passes import InsertQuantOprs, PassManager, ResolveSchemes, fold_batchnorm, functional_to_modules
+from fxquant.passes import (
+    InsertQuantOprs,
+    PassManager,
+    ResolveSchemes,
+    fold_batchnorm,
+    functional_to_modules,
+)
 from fxquant.storage import ActivationStorage, graph_live_set_size
+
 from models import FunctionalOps, ResNetStyle
 
 

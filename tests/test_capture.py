@@ -8,6 +8,7 @@ from fxquant.errors import CaptureError
 from fxquant.guards import CapturedInputError
 from fxquant.passes import PassManager, fold_batchnorm, functional_to_modules
 from fxquant.small_ops import BMM, Add, MatMul
+
 from models import FunctionalOps, MobileNetStyle, ResNetStyle
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fxquant import QAdd, QBMM, QConv2d, QLinear, QMatMul, make_scheme
+from fxquant import QBMM, QAdd, QConv2d, QLinear, QMatMul, make_scheme
 from fxquant.quantizer import StaticQuantizer
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fxquant
+
 from digits import accuracy, train
 from models import MobileNetStyle, ResNetStyle
 
