@@ -1,15 +1,19 @@
 """fxquant: post-training quantization for PyTorch as composable torch.fx passes."""
 
 from .api import quantize
+from .ascend_checkpoint import load_ascend, save_ascend
 from .calibration import CalibrationRunner
+from .calibrator import Calibrator
 from .capture import capture
+from .config import QuantConfig
 from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantError
 from .quant_opr import QBMM, QAdd, QConv1d, QConv2d, QLinear, QMatMul, QuantOpr
 from .quantizer import DynamicQuantizer, IdentityQuantizer, QuantSpec, StaticQuantizer
 from .schemes import SCHEME_NAMES, Scheme, SchemeOptions, make_scheme
 
 __all__ = [
-    "SCHEME_NAMES", "CalibrationDataError", "CalibrationRunner", "CaptureError", "ConfigError",
+    "SCHEME_NAMES", "CalibrationDataError", "CalibrationRunner", "Calibrator", "QuantConfig",
+    "load_ascend", "save_ascend", "CaptureError", "ConfigError",
     "DynamicQuantizer", "FxquantError", "IdentityQuantizer", "QAdd", "QBMM", "QConv1d", "QConv2d",
     "QLinear", "QMatMul", "QuantOpr", "QuantSpec", "Scheme", "SchemeOptions", "StaticQuantizer",
     "capture", "make_scheme", "quantize",

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .calib_data import CalibBatch, check_finite, normalise_calib_data
 from .errors import FxquantError
-from .ir import bind_inputs, get_attr_path
+from .ir import bind_inputs, fxq_meta, get_attr_path
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
 from .storage import ActivationStorage
@@ -31,8 +31,21 @@ class CalibrationRunner:
     through prepare_calibration.
     """
 
-    def __init__(self, model: fx.GraphModule, calib_data: Any = None) -> None:
+    def __init__(self, model: fx.GraphModule, calib_data: Any = None,
+                 input_overrides: dict[str, list[torch.Tensor]] | None = None,
+                 measure_sensitivity: bool = False, pr: float = 1.0, seed: int = 0) -> None:
+        """input_overrides: {layer name: tensors} observed instead of that layer's stored inputs
+        (msModelSlim's all_tensors). measure_sensitivity: record each QuantOpr's output
+        noise-to-signal ratio in node.meta["fxquant"]["sensitivity"]. pr: with asym, the
+        probability that an element of a stored quantized output is the quantized value rather
+        than the float one (QDrop-style mixing; 1.0 = fully quantized)."""
         self.model = model
+        self.input_overrides = dict(input_overrides or {})
+        self.measure_sensitivity = measure_sensitivity
+        if not 0.0 <= pr <= 1.0:
+            raise FxquantError(f"pr must be in [0, 1], got {pr}")
+        self.pr = pr
+        self._generator = torch.Generator().manual_seed(seed)
         self.batches: list[CalibBatch] | None = (
             normalise_calib_data(calib_data) if calib_data is not None else None)
         self.storage: ActivationStorage | None = None
@@ -97,6 +110,8 @@ class CalibrationRunner:
                     if isinstance(module, _QWeighted):
                         module.calibrate_weight()
                 outs = [self._run(node, self.storage, b, device) for b in range(n_batches)]
+                if isinstance(module, QuantOpr) and self.measure_sensitivity:
+                    fxq_meta(node)["sensitivity"] = self._sensitivity(node, module, outs, device)
                 self.storage.set(node, outs)
                 if asym:
                     self.qstorage.set(node, self._quantized_outputs(node, module, outs, device,
@@ -137,23 +152,52 @@ class CalibrationRunner:
         if isinstance(module, QuantOpr):
             module.set_quant(w_quant, a_quant)
             try:
-                return [self._run(node, qs, b, device) for b in range(len(self.batches))]
+                qouts = [self._run(node, qs, b, device) for b in range(len(self.batches))]
             finally:
                 module.set_quant(False, False)
+            if self.pr < 1.0:
+                qouts = [self._mix(q, f) for q, f in zip(qouts, outs)]
+            return qouts
         same = all(qs.get(n) is self.storage.get(n) for n in node.all_input_nodes if n.op != "get_attr")
         if same:
             return outs
         return [self._run(node, qs, b, device) for b in range(len(self.batches))]
 
+    def _mix(self, quant: Any, flt: Any) -> Any:
+        """Element-wise: the quantized value with probability pr, else the float value."""
+        if not isinstance(quant, torch.Tensor) or not quant.is_floating_point():
+            return quant
+        keep = torch.rand(quant.shape, generator=self._generator) < self.pr
+        return torch.where(keep.to(quant.device), quant, flt)
+
+    @torch.no_grad()
+    def _sensitivity(self, node: fx.Node, module: QuantOpr, outs: list[Any], device: torch.device) -> float:
+        """sum ||Q(node)(x) - node(x)||^2 / sum ||node(x)||^2 over the batches, on float inputs."""
+        module.set_quant(True, True)
+        try:
+            err = ref = 0.0
+            for b, out in enumerate(outs):
+                q = self._run(node, self.storage, b, device)
+                err += float(((q.float() - out.float().to(q.device)) ** 2).sum())
+                ref += float((out.float() ** 2).sum())
+        finally:
+            module.set_quant(False, False)
+        return err / max(ref, 1e-30)
+
     def _calibrate_inputs(self, node: fx.Node, module: QuantOpr, store: ActivationStorage) -> None:
-        """Feed each stored input of `node` to its input quantizer's observer and set its qparams."""
+        """Feed each stored input of `node` (or its input_overrides) to its input quantizer's
+        observer and set its qparams."""
         tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
-        for quantizer, arg in zip(module.input_quantizers, tensor_args):
+        for i, (quantizer, arg) in enumerate(zip(module.input_quantizers, tensor_args)):
             if not isinstance(quantizer, StaticQuantizer):
                 continue
             quantizer.reset_observer()
-            values = ([get_attr_path(self.model, arg.target)] * len(self.batches)
-                      if arg.op == "get_attr" else store.get(arg))
+            if i == 0 and node.target in self.input_overrides:
+                values = self.input_overrides[node.target]
+            elif arg.op == "get_attr":
+                values = [get_attr_path(self.model, arg.target)] * len(self.batches)
+            else:
+                values = store.get(arg)
             for b, value in enumerate(values):
                 check_finite(value, f"the input of {node.target!r} (from node {arg.name!r}) in "
                                     f"calibration batch {b}")

@@ -115,17 +115,23 @@ def _export_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
             raise CaptureError(f"inputs {sorted(bound[p.name])} are not named parameters of "
                                f"{type(model).__name__}.forward (they would go to **{p.name}); "
                                "pass only the named inputs")
+    forced = {}
+    if "use_cache" in sig.parameters and "use_cache" not in bound:
+        forced["use_cache"] = bound["use_cache"] = False  # a captured graph keeps no KV cache
     dynamic = {
         k: ({i: torch.export.Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
         for k, v in bound.items()
     }
     ep = torch.export.export(model, (), bound, dynamic_shapes=dynamic, strict=False)
-    return _normalise_exported(ep.module(), model, sig, bound)
+    return _normalise_exported(ep.module(), model, sig, bound, forced)
 
 
 def _normalise_exported(src: fx.GraphModule, model: torch.nn.Module, sig: inspect.Signature,
-                        bound: dict[str, Any]) -> fx.GraphModule:
-    """Rebuild an exported module in the IR: signature placeholders, guards, call_module layers."""
+                        bound: dict[str, Any], forced: dict[str, Any]) -> fx.GraphModule:
+    """Rebuild an exported module in the IR: signature placeholders, guards, call_module layers.
+
+    forced: inputs fxquant specialised on its own (use_cache=False); they become the defaults.
+    """
     graph = fx.Graph()
     src_phs = [n for n in src.graph.nodes if n.op == "placeholder"]
     if len(src_phs) != len(bound):
@@ -143,6 +149,7 @@ def _normalise_exported(src: fx.GraphModule, model: torch.nn.Module, sig: inspec
         has_default = p.default is not inspect.Parameter.empty
         seen_default = seen_default or has_default
         default = p.default if has_default else (None if seen_default else inspect.Signature.empty)
+        default = forced.get(p.name, default)
         ph = graph.placeholder(p.name, default_value=default)
         names.append(p.name)
         if p.name in bound:

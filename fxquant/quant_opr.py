@@ -51,6 +51,10 @@ class QuantOpr(torch.nn.Module):
             q.enabled = a_quant and not isinstance(q, IdentityQuantizer)
         return self
 
+    def to_float(self) -> torch.nn.Module:
+        """The float module this QuantOpr stands for (weights shared)."""
+        return self.__dict__["_float_module"]
+
     def freeze(self) -> None:
         """Drop observers, keep qparams."""
         for q in [self.weight_quantizer, *self.input_quantizers]:
@@ -66,6 +70,7 @@ class _QWeighted(QuantOpr):
 
     def __init__(self, layer: torch.nn.Module, scheme: Scheme) -> None:
         super().__init__(scheme)
+        self.__dict__["_float_module"] = layer  # not a submodule: no duplicate state
         self.weight = layer.weight
         self.bias = layer.bias
         self.weight_quantizer = build_quantizer(scheme.weight)
@@ -234,5 +239,7 @@ def to_quant_opr(module: torch.nn.Module, scheme: Scheme) -> QuantOpr:
         raise TypeError(f"no QuantOpr for {type(module).__name__}; supported: "
                         + ", ".join(t.__name__ for t in QUANT_OPR_FOR))
     if cls in (QAdd, QBMM, QMatMul):
-        return cls(scheme)
+        qopr = cls(scheme)
+        qopr.__dict__["_float_module"] = module
+        return qopr
     return cls(module, scheme)

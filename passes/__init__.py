@@ -5,10 +5,12 @@ from .fold_batchnorm import fold_batchnorm
 from .freeze import freeze
 from .functional_to_modules import functional_to_modules
 from .insert_quant_oprs import InsertQuantOprs
+from .lower_to_ascend import LowerToAscend
 from .pass_manager import PassManager, lint_ir
 from .resolve_schemes import ResolveSchemes, quantizable_nodes
+from .rollback import Rollback
 
 __all__ = [
-    "Calibrate", "InsertQuantOprs", "PassManager", "ResolveSchemes", "fold_batchnorm", "freeze",
+    "Calibrate", "InsertQuantOprs", "LowerToAscend", "PassManager", "ResolveSchemes", "Rollback", "fold_batchnorm", "freeze",
     "functional_to_modules", "lint_ir", "quantizable_nodes",
 ]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
+from fxquant.calib_data import check_finite
 from fxquant.calibration import CalibrationRunner
 from fxquant.errors import CalibrationDataError
 from fxquant.quant_opr import QuantOpr, _QWeighted
@@ -31,15 +32,23 @@ class Calibrate:
     asym: bool = False
     offload: bool = True
     progress: bool = True
+    input_overrides: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    measure_sensitivity: bool = False
+    pr: float = 1.0
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         static = needs_activation_data(gm)
-        if static or (self.asym and self.calib_data is not None):
-            if self.calib_data is None:
+        wants_runner = static or self.measure_sensitivity  # asym only matters for static inputs
+        if self.calib_data is None and static:
+            missing = [n for n in static if n not in self.input_overrides]
+            if missing:
                 raise CalibrationDataError(
-                    f"{len(static)} layers quantize activations statically (e.g. {static[0]!r}) and "
+                    f"{len(missing)} layers quantize activations statically (e.g. {missing[0]!r}) and "
                     "need calibration data: pass calib_data, or use a weight-only or dynamic scheme")
-            runner = CalibrationRunner(gm, self.calib_data)
+            self._calibrate_from_overrides(gm)
+        elif wants_runner and self.calib_data is not None:
+            runner = CalibrationRunner(gm, self.calib_data, input_overrides=self.input_overrides,
+                                       measure_sensitivity=self.measure_sensitivity, pr=self.pr)
             runner.layerwise_calibration(self.device, asym=self.asym, w_quant=True, a_quant=True,
                                          offload=self.offload, progress=self.progress)
             gm.meta["fxquant_peak_live"] = runner.storage.peak_live
@@ -52,3 +61,16 @@ class Calibrate:
             if isinstance(m, QuantOpr):
                 m.set_quant(True, True)
         return gm
+
+    def _calibrate_from_overrides(self, gm: fx.GraphModule) -> None:
+        """Data-free: weights from themselves, static inputs from input_overrides only."""
+        for name, m in gm.named_modules():
+            if isinstance(m, _QWeighted):
+                m.calibrate_weight()
+            if isinstance(m, QuantOpr) and isinstance(m.input_quantizer, StaticQuantizer):
+                q = m.input_quantizer
+                q.reset_observer()
+                for i, t in enumerate(self.input_overrides[name]):
+                    check_finite(t, f"all_tensors[{name!r}][{i}]")
+                    q.observe(t)
+                q.calc_qparams()

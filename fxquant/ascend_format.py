@@ -1,0 +1,80 @@
+"""The msModelSlim / vllm-ascend weight format of one quantized linear layer.
+
+For layer `P` (DESIGN.md, "Ascend-ready weight format"):
+
+| type | tensors |
+|---|---|
+| W8A8 | weight int8 [n,k]; input_scale, input_offset [1] (model dtype); quant_bias int32 [n];
+|      | deq_scale [n] (int64 holding fp32 bits for fp16/fp32 models, fp32 for bf16); weight_scale,
+|      | weight_offset [n,1] |
+| W8A8_DYNAMIC | weight int8; weight_scale fp32 [n,1]; weight_offset zeros [n,1] |
+| W8A16 | weight int8; weight_scale, weight_offset [n,1] (model dtype; offset = -zero_point) |
+| W4A16 | weight int8 holding int4 [n,k]; weight_scale, weight_offset [n, k/group] |
+
+A layer's bias, if any, is saved as `P.bias` too (W8A8 also folds it into quant_bias).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxquant.kernels import encode_scale_int64
+
+from .errors import ConfigError
+from .quant_opr import QLinear, QuantOpr
+
+QUANT_TYPES = {"float": "FLOAT", "w8a8": "W8A8", "w8a8_dynamic": "W8A8_DYNAMIC", "w8a16": "W8A16",
+               "w4a16": "W4A16"}
+
+
+def quant_type(scheme: str) -> str:
+    """Description-file type of a scheme name ("w8a8_dynamic" -> "W8A8_DYNAMIC")."""
+    return QUANT_TYPES[scheme]
+
+
+def deq_scale_dtype(model_dtype: torch.dtype) -> str:
+    """"fp32" for bfloat16 models, "int64" (fp32 bits) for float16 / float32 models."""
+    return "fp32" if model_dtype == torch.bfloat16 else "int64"
+
+
+def _per_row(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-tensor [] or per-channel [n] qparams as [n, 1]; per-group [n, k/g] unchanged."""
+    return t.reshape(-1).expand(n).reshape(n, 1).clone() if t.dim() <= 1 else t.clone()
+
+
+@torch.no_grad()
+def layer_tensors(qopr: QuantOpr, model_dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
+    """(type, {suffix: tensor}) of a quantized linear layer, suffixes relative to its name."""
+    if not isinstance(qopr, QLinear):
+        raise ConfigError(f"the Ascend weight format covers Linear layers; got {type(qopr).__name__} "
+                          "(export convolutions to ONNX instead)")
+    wq = qopr.weight_quantizer
+    codes = wq.quantize(qopr.weight)[0].reshape(qopr.weight.shape).to(torch.int8)
+    n = codes.shape[0]
+    scheme = qopr.scheme
+    out: dict[str, torch.Tensor] = {"weight": codes}
+    if qopr.bias is not None:
+        out["bias"] = qopr.bias.detach().clone()
+    if scheme in ("w8a16", "w4a16"):
+        out["weight_scale"] = _per_row(wq.scale, n).to(model_dtype)
+        out["weight_offset"] = _per_row(-wq.zero_point, n).to(model_dtype)
+        return quant_type(scheme), out
+    wscale = _per_row(wq.scale, n).float().reshape(-1)
+    out["weight_scale"] = wscale.reshape(n, 1)
+    out["weight_offset"] = torch.zeros(n, 1, dtype=torch.float32)
+    if scheme == "w8a8_dynamic":
+        return quant_type(scheme), out
+    if scheme != "w8a8":
+        raise ConfigError(f"scheme {scheme!r} has no Ascend weight format")
+    aq = qopr.input_quantizer
+    input_scale = aq.scale.float().reshape(1)
+    input_offset = aq.zero_point.float().reshape(1)
+    deq = input_scale * wscale  # float32 [n], the exact product the integer path multiplies by
+    bias = qopr.bias.detach().float() if qopr.bias is not None else torch.zeros(n)
+    colsum = codes.to(torch.int64).sum(dim=1)
+    quant_bias = torch.round(bias / deq).to(torch.int64) - colsum * int(input_offset.item())
+    out["input_scale"] = input_scale.to(model_dtype)
+    out["input_offset"] = input_offset.to(model_dtype)
+    out["quant_bias"] = quant_bias.to(torch.int32)
+    out["deq_scale"] = encode_scale_int64(deq) if deq_scale_dtype(model_dtype) == "int64" else deq
+    return quant_type(scheme), out

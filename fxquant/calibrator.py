@@ -1,0 +1,160 @@
+"""Calibrator: msModelSlim's LLM post-training quantization API (seed 000) over fxquant passes."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxquant.passes import (
+    Calibrate,
+    InsertQuantOprs,
+    PassManager,
+    ResolveSchemes,
+    fold_batchnorm,
+    freeze,
+    functional_to_modules,
+)
+from fxquant.passes.rollback import Rollback
+
+from .calib_data import check_fits_signature, normalise_calib_data
+from .capture import capture
+from .config import QuantConfig, parse_disable_level
+from .errors import CalibrationDataError, ConfigError
+from .quant_opr import QuantOpr, _QWeighted
+from .quantizer import StaticQuantizer
+
+log = logging.getLogger(__name__)
+
+
+class Calibrator:
+    """Quantize `model` as `cfg` says; `run()`, then `model` / `save(...)`.
+
+    calib_data: `[[input1], [input2], ...]` (items may be dicts of keyword inputs); None is the
+    data-free case, valid for weight-only and dynamic schemes. disable_level: 'L<n>' rolls back the
+    n most sensitive quantized layers to float. all_tensors: {layer name: tensor or list of
+    tensors} used as that layer's calibration inputs. mix_cfg: {layer name or fnmatch pattern:
+    scheme}, exact names first, then the first matching pattern.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: QuantConfig, calib_data: Any = None,
+                 disable_level: str = "L0", all_tensors: Mapping[str, Any] | None = None,
+                 mix_cfg: Mapping[str, str] | None = None) -> None:
+        if not isinstance(cfg, QuantConfig):
+            raise ConfigError(f"cfg must be a fxquant.QuantConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.float_model = model
+        self.rollback_count = parse_disable_level(disable_level)
+        self.mix_cfg = dict(mix_cfg or {})
+        ResolveSchemes(default=cfg.scheme, mix_cfg=self.mix_cfg)  # validates the values now
+        self.batches = normalise_calib_data(calib_data) if calib_data is not None else None
+        if self.batches is not None:
+            check_fits_signature(model, self.batches)
+        self.calib_data = calib_data
+        self.all_tensors = _normalise_all_tensors(all_tensors)
+        self.device = cfg.device()
+        self._model: fx.GraphModule | None = None
+        self.sensitivity: dict[str, float] = {}
+
+    @property
+    def model(self) -> fx.GraphModule:
+        """The quantized module, called like the original (available after run())."""
+        if self._model is None:
+            raise RuntimeError("Calibrator.run() has not been called yet")
+        return self._model
+
+    def run(self) -> None:
+        """Capture, resolve schemes, calibrate, roll back the disable_level most sensitive layers, freeze."""
+        cfg = self.cfg
+        args, kwargs = self.batches[0] if self.batches else _synthetic_example(self.float_model)
+        gm = capture(self.float_model, args, kwargs)
+        resolve = ResolveSchemes(default=cfg.scheme, mix_cfg=self.mix_cfg,
+                                 disable_names=list(cfg.disable_names or ()),
+                                 disable_last_layer=cfg.disable_last_linear)
+        gm = PassManager([fold_batchnorm, functional_to_modules, resolve, InsertQuantOprs(cfg.options)])(gm)
+        layers = [n for n, m in gm.named_modules() if isinstance(m, _QWeighted)]
+        self._check_all_tensors(gm)
+        n = self.rollback_count
+        if n > len(layers):
+            raise ConfigError(f"disable_level 'L{n}' asks to roll back {n} layers but the model has "
+                              f"{len(layers)} quantized layers")
+        has_data = self.batches is not None
+        calibrate = Calibrate(self.calib_data, device=self.device, asym=has_data and cfg.pr > 0, pr=cfg.pr,
+                              input_overrides=self.all_tensors, measure_sensitivity=has_data and n > 0)
+        gm = PassManager([calibrate])(gm)
+        if n > 0:
+            self.sensitivity = _sensitivities(gm)
+            worst = sorted(self.sensitivity, key=self.sensitivity.get, reverse=True)[:n]
+            log.info("disable_level L%d rolls back %s", n, worst)
+            passes = [Rollback(worst)]
+            if calibrate.asym:  # later layers were calibrated on the rolled-back layers' errors
+                passes.append(Calibrate(self.calib_data, device=self.device, asym=True, pr=cfg.pr,
+                                        input_overrides=self.all_tensors))
+            gm = PassManager(passes)(gm)
+        self._model = PassManager([freeze])(gm).to("cpu") if self.device.type != "cpu" else freeze(gm)
+        self._model.meta["fxquant_decisions"] = {
+            node.target: (node.meta["fxquant"]["scheme"], node.meta["fxquant"]["reason"])
+            for node in self._model.graph.nodes if "scheme" in node.meta.get("fxquant", {})}
+
+    def save(self, output_path: str, save_type: list[str] | None = None, safetensors_name: str | None = None,
+             json_name: str | None = None, part_file_size: float | None = None) -> None:
+        """Write the Ascend-ready checkpoint (see docs/formats.md) atomically into output_path."""
+        from .ascend_checkpoint import save_ascend
+
+        save_ascend(self.model, self.float_model, output_path, default_scheme=self.cfg.scheme,
+                    save_type=save_type, safetensors_name=safetensors_name, json_name=json_name,
+                    part_file_size=part_file_size)
+
+    def _check_all_tensors(self, gm: fx.GraphModule) -> None:
+        quantized = {n: m for n, m in gm.named_modules() if isinstance(m, QuantOpr)}
+        names = sorted(quantized)
+        for name in self.all_tensors:
+            if name not in quantized:
+                close = difflib.get_close_matches(name, names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"all_tensors names {name!r}, which is not a quantized layer of the "
+                                  f"model ({len(names)} quantized layers){hint}")
+            if not isinstance(quantized[name].input_quantizer, StaticQuantizer):
+                log.warning("all_tensors[%r] given but that layer has no static activation quantizer", name)
+
+
+def _normalise_all_tensors(all_tensors: Mapping[str, Any] | None) -> dict[str, list[torch.Tensor]]:
+    out: dict[str, list[torch.Tensor]] = {}
+    for name, value in (all_tensors or {}).items():
+        values = [value] if isinstance(value, torch.Tensor) else list(value)
+        if not values or not all(isinstance(v, torch.Tensor) for v in values):
+            raise CalibrationDataError(f"all_tensors[{name!r}] must be a tensor or a non-empty list of tensors")
+        out[name] = values
+    return out
+
+
+def _sensitivities(gm: fx.GraphModule) -> dict[str, float]:
+    """Per quantized layer: the output noise-to-signal ratio measured in calibration, or, without
+    data, the weight's quantization noise-to-signal ratio."""
+    out: dict[str, float] = {}
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, _QWeighted):
+            continue
+        s = node.meta.get("fxquant", {}).get("sensitivity")
+        if s is None:
+            with torch.no_grad():
+                w = module.weight.float()
+                s = float(((module.quantized_weight().float() - w) ** 2).sum() / (w**2).sum().clamp(min=1e-30))
+        out[node.target] = s
+    return out
+
+
+def _synthetic_example(model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
+    """A capture example for data-free runs: random token ids for HF text models."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if getattr(model, "main_input_name", None) == "input_ids" and vocab:
+        return (), {"input_ids": torch.randint(0, int(vocab), (1, 16))}
+    raise CalibrationDataError(
+        f"data-free quantization of {type(model).__name__} needs one example input to capture the "
+        "graph: pass calib_data=[[example]] (weight-only and dynamic schemes use it only for capture)")
