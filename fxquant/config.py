@@ -72,7 +72,8 @@ class QuantConfig:
                                                or not all(isinstance(n, str) for n in self.disable_names)):
             raise ConfigError("disable_names must be a list of layer names (str)")
         self.options = SchemeOptions(act_method=self.act_observer, w_sym=self.w_sym, a_sym=self.a_sym,
-                                     group_size=self.group_size, w_per_channel=not self.mm_tensor)
+                                     group_size=self.group_size, w_per_channel=not self.mm_tensor,
+                                     offset_in_rounding=True)  # Ascend quantize: round(x/s + offset)
 
     @property
     def act_observer(self) -> str:

@@ -46,9 +46,18 @@ def quantize_codes(
     qmin: int,
     qmax: int,
     rounding: str = "half_even",
+    offset_in_rounding: bool = False,
 ) -> torch.Tensor:
-    """Integer codes clamp(round(x / scale) + zero_point) as float; scale/zero_point broadcast to x."""
-    codes = round_ste(x / scale, rounding) + zero_point
+    """Integer codes as float; scale/zero_point broadcast to x.
+
+    clamp(round(x / scale) + zero_point) as ONNX QuantizeLinear computes, or, with
+    offset_in_rounding, clamp(round(x / scale + zero_point)) as Ascend's quantize does (the two
+    differ on ties when the zero point is odd).
+    """
+    if offset_in_rounding:
+        codes = round_ste(x / scale + zero_point, rounding)
+    else:
+        codes = round_ste(x / scale, rounding) + zero_point
     return torch.clamp(codes, qmin, qmax)
 
 

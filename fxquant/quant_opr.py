@@ -144,8 +144,10 @@ class QLinear(_QWeighted):
         if zx.numel() == 1 and float(zx) != 0.0:
             acc = acc - int(zx) * wi.sum(dim=1, dtype=torch.int32)
         wscale = self.weight_quantizer.scale.reshape(-1)
-        sx = sx.reshape(-1, 1) if sx.numel() > 1 else sx
-        y = acc.float() * (sx * wscale)
+        if isinstance(self.input_quantizer, DynamicQuantizer):
+            y = acc.float() * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
+        else:
+            y = acc.float() * (sx * wscale)  # kernel order: one deq_scale = input_scale * weight_scale
         if self.bias is not None:
             y = y + self.bias.float()
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

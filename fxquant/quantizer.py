@@ -37,6 +37,7 @@ class QuantSpec:
     observer: str = "minmax"
     observer_kwargs: dict = field(default_factory=dict, hash=False, compare=False)
     clip_search: bool = False  # weights: shrink each row's range to minimise squared error
+    offset_in_rounding: bool = False  # round(x/s + zp) (Ascend) instead of round(x/s) + zp (ONNX)
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -206,7 +207,8 @@ class StaticQuantizer(Quantizer):
             codes = quantize_codes(x.reshape(n, k // self.spec.group_size, -1).float(), scale, zp,
                                    self.qmin, self.qmax, self.spec.rounding)
             return codes, scale, zp
-        codes = quantize_codes(x.float(), scale, zp, self.qmin, self.qmax, self.spec.rounding)
+        codes = quantize_codes(x.float(), scale, zp, self.qmin, self.qmax, self.spec.rounding,
+                               self.spec.offset_in_rounding)
         return codes, scale, zp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
