@@ -1,0 +1,156 @@
+"""Ascend-ready save / load_ascend round trips on SmolLM2 and the exact on-disk format."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fxquant
+from fxquant import Calibrator, QuantConfig
+from fxquant.kernels import decode_scale
+from fxquant.passes import LowerToAscend, PassManager
+from fxquant.real_models import load_smollm2
+
+CASES = {
+    "w8a8": (dict(), None),
+    "w8a8_dynamic": (dict(is_dynamic=True), None),
+    "w8a16": (dict(a_bit=16), None),
+    "mix": (dict(is_dynamic=True), {"*down_proj": "w8a16", "*q_proj": "w8a8", "*up_proj": "w4a16",
+                                    "model.layers.1.*": "float"}),
+}
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm2, smollm2_windows):
+    model, _ = smollm2
+    calib = [[w[:, :64]] for w in smollm2_windows[0][:2]]
+    out = {}
+    for key, (kw, mix) in CASES.items():
+        cal = Calibrator(model, QuantConfig(mm_tensor=False, group_size=64, **kw), calib_data=calib, mix_cfg=mix)
+        cal.run()
+        out[key] = cal
+    return out
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_saved_checkpoint_reloads_and_reproduces_logits(calibrated, smollm2_windows, tmp_path, key):
+    cal = calibrated[key]
+    cal.save(str(tmp_path))
+    model, _ = load_smollm2()
+    loaded = fxquant.load_ascend(model, tmp_path)
+    ids = smollm2_windows[1][0]
+    with torch.no_grad():
+        ref = cal.model(ids).logits
+        out = loaded(input_ids=ids, use_cache=False).logits
+    agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
+    print(f"{key}: max abs diff {(ref - out).abs().max().item():.3g}, top-1 agreement {agree:.4f}")
+    assert agree >= 0.999
+    assert (ref - out).abs().max() <= 1e-4
+
+
+def test_description_lists_every_tensor_with_type_dtype_and_shape(calibrated, tmp_path):
+    cal = calibrated["mix"]
+    cal.save(str(tmp_path), save_type=["safe_tensor", "ascendV1"])
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["config.json", "quant_model_description.json", "quant_model_description_w8a8_dynamic.json",
+                     "quant_model_weight_w8a8_dynamic.safetensors"]
+    desc = json.loads((tmp_path / "quant_model_description.json").read_text())
+    assert desc == json.loads((tmp_path / "quant_model_description_w8a8_dynamic.json").read_text())
+    tensors = load_file(str(tmp_path / "quant_model_weight_w8a8_dynamic.safetensors"))
+    assert desc.pop("model_quant_type") == "W8A8_DYNAMIC"
+    assert set(desc) == set(tensors)
+    original = cal.float_model.state_dict()
+    quantized_layers = {k[:-7] for k, t in desc.items() if k.endswith(".weight") and t != "FLOAT"}
+    # complete checkpoint: every original tensor name is present
+    for name in original:
+        assert name in tensors or name.rsplit(".", 1)[0] in quantized_layers
+    n, k = 576, 576
+    q = "model.layers.3.self_attn.q_proj"  # W8A8 static
+    assert desc[f"{q}.weight"] == "W8A8"
+    assert tensors[f"{q}.weight"].dtype == torch.int8 and tensors[f"{q}.weight"].shape == (n, k)
+    assert tensors[f"{q}.input_scale"].shape == (1,) and tensors[f"{q}.input_scale"].dtype == torch.float32
+    assert tensors[f"{q}.input_offset"].shape == (1,)
+    assert float(tensors[f"{q}.input_offset"]) == round(float(tensors[f"{q}.input_offset"]))
+    assert tensors[f"{q}.quant_bias"].dtype == torch.int32 and tensors[f"{q}.quant_bias"].shape == (n,)
+    assert tensors[f"{q}.deq_scale"].dtype == torch.int64 and tensors[f"{q}.deq_scale"].shape == (n,)
+    assert tensors[f"{q}.weight_scale"].shape == (n, 1) and tensors[f"{q}.weight_offset"].shape == (n, 1)
+    deq = decode_scale(tensors[f"{q}.deq_scale"])
+    assert torch.allclose(deq, tensors[f"{q}.input_scale"].float() * tensors[f"{q}.weight_scale"].reshape(-1))
+    expected_bias = -tensors[f"{q}.weight"].to(torch.int64).sum(1) * int(tensors[f"{q}.input_offset"])
+    assert torch.equal(tensors[f"{q}.quant_bias"].to(torch.int64), expected_bias)
+    d = "model.layers.3.mlp.down_proj"  # W8A16
+    assert desc[f"{d}.weight"] == "W8A16" and tensors[f"{d}.weight_scale"].shape == (576, 1)
+    u = "model.layers.3.mlp.up_proj"  # W4A16, group 64
+    assert desc[f"{u}.weight"] == "W4A16"
+    assert tensors[f"{u}.weight"].min() >= -8 and tensors[f"{u}.weight"].max() <= 7
+    assert tensors[f"{u}.weight_scale"].shape == (1536, 576 // 64)
+    g = "model.layers.3.mlp.gate_proj"  # W8A8_DYNAMIC
+    assert desc[f"{g}.weight"] == "W8A8_DYNAMIC"
+    assert tensors[f"{g}.weight_scale"].dtype == torch.float32 and tensors[f"{g}.weight_scale"].shape == (1536, 1)
+    assert not tensors[f"{g}.weight_offset"].any()
+    # first matching pattern in dict order wins: "*down_proj" precedes "model.layers.1.*"
+    assert desc["model.layers.1.mlp.down_proj.weight"] == "W8A16"
+    assert desc["model.layers.1.self_attn.k_proj.weight"] == "FLOAT"
+    assert desc["lm_head.weight"] == "FLOAT" and desc["model.norm.weight"] == "FLOAT"
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 30
+
+
+def test_sharded_save_has_consistent_index_and_reloads(calibrated, smollm2_windows, tmp_path):
+    cal = calibrated["w8a8_dynamic"]
+    cal.save(str(tmp_path), part_file_size=0.05)
+    index = json.loads((tmp_path / "quant_model_weight_w8a8_dynamic.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3
+    assert shards[0] == f"quant_model_weight_w8a8_dynamic-00001-of-{len(shards):05d}.safetensors"
+    total = 0
+    for shard in shards:
+        part = load_file(str(tmp_path / shard))
+        assert {k for k, v in index["weight_map"].items() if v == shard} == set(part)
+        total += sum(t.numel() * t.element_size() for t in part.values())
+        assert os.path.getsize(tmp_path / shard) <= 0.05 * (1 << 30) * 1.1 or len(part) == 1
+    assert index["metadata"]["total_size"] == total
+    loaded = fxquant.load_ascend(load_smollm2()[0], tmp_path)
+    ids = smollm2_windows[1][0][:, :64]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, use_cache=False).logits, cal.model(ids).logits)
+
+
+def test_failed_save_leaves_no_partial_files_and_keeps_existing_folder(calibrated, tmp_path, monkeypatch):
+    cal = calibrated["w8a16"]
+    cal.save(str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls = {"n": 0}
+    real = fxquant.safetensors_io.save_file
+
+    def failing(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # second shard: write half a file, then die
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError("disk full (injected)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(fxquant.safetensors_io, "save_file", failing)
+    with pytest.raises(OSError, match="injected"):
+        calibrated["w8a8_dynamic"].save(str(tmp_path), part_file_size=0.05)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before  # nothing new under any name, old checkpoint intact
+
+
+def test_lowering_pass_runs_the_ascend_ops(calibrated, smollm2_windows):
+    import copy
+
+    cal = calibrated["w8a8"]
+    lowered = PassManager([LowerToAscend()])(copy.deepcopy(cal.model))
+    kinds = {type(m).__name__ for m in lowered.modules()}
+    assert "AscendW8A8Linear" in kinds and "QLinear" not in kinds
+    ids = smollm2_windows[1][0][:, :64]
+    with torch.no_grad():
+        assert torch.equal(lowered(ids).logits, cal.model(ids).logits)
+
+
+def test_bad_save_type(calibrated, tmp_path):
+    with pytest.raises(fxquant.ConfigError, match="unknown save_type.*valid: safe_tensor, ascendV1"):
+        calibrated["w8a16"].save(str(tmp_path), save_type=["numpy"])
