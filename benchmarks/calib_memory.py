@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
+
+from _rss import peak_rss_mb
 
 
 def main() -> None:
@@ -33,11 +34,11 @@ def main() -> None:
     model, tok = load_smollm2()
     calib = [{"input_ids": w, "use_cache": False}
              for w in token_windows(tok, text_corpus("calib"), args.windows, args.length)]
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss_loaded = peak_rss_mb()
     start = time.perf_counter()
     q = fxquant.quantize(model, calib, scheme=args.scheme, asym=args.asym, progress=False)
     seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss = peak_rss_mb()
     print(json.dumps({
         "scheme": args.scheme, "windows": args.windows, "length": args.length, "asym": args.asym,
         "calib_s": round(seconds, 1), "rss_after_load_mb": round(rss_loaded), "peak_rss_mb": round(rss),

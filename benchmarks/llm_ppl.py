@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
+
+from _rss import peak_rss_mb
 
 ALL = ["fp32", "w8a16", "w8a8_dynamic", "w8a8", "w4a16"]
 
@@ -51,7 +52,7 @@ def run_one(scheme: str, n_calib: int, calib_len: int, n_eval: int, act_method: 
                                  options=fxquant.SchemeOptions(act_method=act_method, group_size=group_size))
         calib_s = time.perf_counter() - start
     ppl = perplexity(model, evals)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss = peak_rss_mb()
     return {"scheme": scheme, "ppl": ppl, "calib_s": calib_s, "peak_rss_mb": rss}
 
 
