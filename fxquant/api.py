@@ -14,6 +14,7 @@ from fxquant.passes import (
     InsertQuantOprs,
     PassManager,
     ResolveSchemes,
+    SmoothQuant,
     fold_batchnorm,
     freeze,
     functional_to_modules,
@@ -21,7 +22,7 @@ from fxquant.passes import (
 
 from .calib_data import check_fits_signature, normalise_calib_data
 from .capture import capture
-from .errors import CalibrationDataError
+from .errors import CalibrationDataError, ConfigError
 from .schemes import SchemeOptions, make_scheme
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def quantize(
     disable_first_layer: bool = False,
     small_op_scheme: str = "float",
     asym: bool = False,
+    smooth_alpha: float | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
     dump_dir: str | None = None,
@@ -51,7 +53,8 @@ def quantize(
     weight-only (w8a16, w4a16) and dynamic (w8a8_dynamic) schemes, which then need
     `example_inputs` (one sample in the same form) to capture the graph.
     scheme: default scheme (see fxquant.schemes.SCHEME_NAMES); mix_cfg: {layer name or fnmatch
-    pattern: scheme}; disable_names: layers kept float. Raises ConfigError, CalibrationDataError
+    pattern: scheme}; disable_names: layers kept float. smooth_alpha: fold SmoothQuant scales
+    (alpha in [0, 1]) into norms / producing linears before calibration (needs calib_data). Raises ConfigError, CalibrationDataError
     or CaptureError with the reason.
     """
     make_scheme(scheme, options)
@@ -67,11 +70,15 @@ def quantize(
     else:
         raise CalibrationDataError("pass calib_data ([[input1], [input2], ...]) or, for weight-only "
                                    "and dynamic schemes, example_inputs (one sample) to capture the model")
+    if smooth_alpha is not None and (batches is None or not 0.0 <= smooth_alpha <= 1.0):
+        raise ConfigError(f"smooth_alpha={smooth_alpha} needs calib_data and a value in [0, 1]")
     gm = capture(model, example_args, example_kwargs)
+    smooth = [SmoothQuant(calib_data, alpha=smooth_alpha)] if smooth_alpha is not None else []
     manager = PassManager([
         fold_batchnorm,
         functional_to_modules,
         resolve,
+        *smooth,
         InsertQuantOprs(options or SchemeOptions()),
         Calibrate(calib_data, device=device, asym=asym, progress=progress),
         freeze,

@@ -9,8 +9,9 @@ from .lower_to_ascend import LowerToAscend
 from .pass_manager import PassManager, lint_ir
 from .resolve_schemes import ResolveSchemes, quantizable_nodes
 from .rollback import Rollback
+from .smooth_quant import SmoothQuant
 
 __all__ = [
-    "Calibrate", "InsertQuantOprs", "LowerToAscend", "PassManager", "ResolveSchemes", "Rollback", "fold_batchnorm", "freeze",
+    "Calibrate", "InsertQuantOprs", "LowerToAscend", "PassManager", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze",
     "functional_to_modules", "lint_ir", "quantizable_nodes",
 ]

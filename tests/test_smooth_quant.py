@@ -1,0 +1,90 @@
+import copy
+
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.passes import PassManager, ResolveSchemes, SmoothQuant
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class Block(nn.Module):
+    """Llama-like block: norm -> q/k, norm -> gate/up -> silu(gate)*up -> down, LayerNorm head."""
+
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+        self.gate, self.up, self.down = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(h, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 8)
+
+    def forward(self, x):
+        n = self.norm1(x)
+        x = x + self.q(n) * torch.sigmoid(self.k(n))
+        n = self.norm2(x)
+        x = x + self.down(nn.functional.silu(self.gate(n)) * self.up(n))
+        return self.head(self.ln(x))
+
+
+def _data(n=4):
+    torch.manual_seed(0)
+    xs = []
+    for _ in range(n):
+        x = torch.randn(2, 10, 32)
+        x[..., 3] *= 40.0  # an outlier channel
+        xs.append([x])
+    return xs
+
+
+def test_smoothing_keeps_float_outputs_and_folds_everywhere():
+    torch.manual_seed(0)
+    model = Block().eval()
+    original = copy.deepcopy(model.state_dict())
+    data = _data()
+    gm = fxquant.capture(model, (data[0][0],))
+    sq = SmoothQuant(data, alpha=0.8)
+    gm = PassManager([ResolveSchemes(default="w8a8", disable_last_layer=False), sq])(gm)
+    assert sq.folded == {"q": "norm", "k": "norm", "gate": "norm", "up": "norm", "down": "linear", "head": "norm"}
+    x = data[1][0]
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-4, rtol=1e-4)
+    for k, v in model.state_dict().items():  # the user's model is untouched
+        assert torch.equal(v, original[k])
+    # activation outliers moved into the weights: the smoothed input range shrank
+    assert gm.get_submodule("q").weight[:, 3].abs().max() > model.q.weight[:, 3].abs().max() * 2
+
+
+def test_smoothing_reduces_static_w8a8_error():
+    torch.manual_seed(0)
+    model = Block().eval()
+    with torch.no_grad():  # LLM-style outliers: a few huge norm-weight channels
+        model.norm1.weight[3] = 60.0
+        model.norm2.weight[5] = 60.0
+    data = _data(6)
+    x = data[-1][0]
+    with torch.no_grad():
+        ref = model(x)
+        plain = fxquant.quantize(model, data[:5], scheme="w8a8", disable_last_layer=False, progress=False)(x)
+        smooth = fxquant.quantize(model, data[:5], scheme="w8a8", disable_last_layer=False, smooth_alpha=0.5,
+                                  progress=False)(x)
+    assert (smooth - ref).pow(2).mean() < 0.5 * (plain - ref).pow(2).mean()
+
+
+def test_float_layers_and_shared_inputs_are_not_smoothed():
+    model = Block().eval()
+    data = _data()
+    gm = fxquant.capture(model, (data[0][0],))
+    sq = SmoothQuant(data, alpha=0.5)
+    PassManager([ResolveSchemes(default="w8a8", disable_names=["q"]), sq])(gm)
+    assert "q" not in sq.folded and "k" not in sq.folded  # q stays float, so norm1 output is shared
+    assert "head" not in sq.folded  # last layer float
+    assert sq.folded["gate"] == "norm"
