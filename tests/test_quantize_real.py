@@ -1,7 +1,6 @@
 """Quantization of real models measured on real data (perplexity, cosine, accuracy)."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import fxquant
+from fxquant.real_models import perplexity
 
 from digits import accuracy, train
 from models import MobileNetStyle, ResNetStyle
@@ -17,19 +17,9 @@ from models import MobileNetStyle, ResNetStyle
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _ppl(model, windows):
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            logits = model(input_ids=w, use_cache=False).logits[0, :-1]
-            nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
-            n += w.shape[1] - 1
-    return math.exp(nll / n)
-
-
 @pytest.fixture(scope="module")
 def fp32_ppl(smollm2, smollm2_windows):
-    return _ppl(smollm2[0], smollm2_windows[1])
+    return perplexity(smollm2[0], smollm2_windows[1])
 
 
 @pytest.mark.parametrize("scheme,max_increase", [
@@ -43,7 +33,7 @@ def test_smollm2_schemes(smollm2, smollm2_windows, fp32_ppl, scheme, max_increas
     with torch.no_grad():
         out = q(evals[0], use_cache=False)
     assert type(out) is type(model(input_ids=evals[0], use_cache=False))
-    ppl = _ppl(q, evals)
+    ppl = perplexity(q, evals)
     assert fp32_ppl < ppl <= fp32_ppl * (1 + max_increase)
     assert q.meta["fxquant_decisions"]["lm_head"][0] == "float"
     n_quant = sum(isinstance(m, fxquant.QuantOpr) for m in q.modules())

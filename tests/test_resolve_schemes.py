@@ -6,6 +6,8 @@ import fxquant
 from fxquant.errors import ConfigError
 from fxquant.passes import ResolveSchemes
 
+from seed_000 import SEED_MIX_CFG
+
 
 class Layer(nn.Module):
     def __init__(self, d):
@@ -32,18 +34,6 @@ class TinyLlamaNames(nn.Module):
         for layer in self.model.layers:
             x = layer(x)
         return self.lm_head(x)
-
-
-SEED_MIX_CFG = {
-    "model.layers.0.mlp.down_proj": "w8a16",
-    "model.layers.1.mlp.down_pro?": "w8a16",
-    "?q_proj": "w8a8_dynamic",
-    "*q_proj": "float",
-    "model.layers.[012].mlp.down_proj": "w8a8_dynamic",
-    "model.layers.[!456789].mlp.down_proj": "w8a16",
-    "Model.layers.4.mlp.down_proj": "w8a8_dynamic",  # case differs: must not match
-    "model.layers.5.mlp.down_proj": "w8a16",  # overridden by disable_names
-}
 
 
 def _resolve(**kw):
