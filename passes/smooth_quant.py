@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from fxquant.calib_data import normalise_calib_data
-from fxquant.ir import bind_inputs, fxq_meta, get_attr_path, module_of
+from fxquant.ir import fxq_meta, get_attr_path, module_of
 
 from .pass_manager import replace_submodule
 
@@ -57,8 +57,7 @@ def input_absmax(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) ->
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
     try:
         for args, kwargs in normalise_calib_data(calib_data):
-            bound = bind_inputs(gm, args, kwargs)
-            gm(*[bound[p] for p in bound if not p.target.startswith("*")])
+            gm(*args, **kwargs)  # the captured graph keeps the model's signature
     finally:
         for h in handles:
             h.remove()

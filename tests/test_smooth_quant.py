@@ -88,3 +88,17 @@ def test_float_layers_and_shared_inputs_are_not_smoothed():
     assert "q" not in sq.folded and "k" not in sq.folded  # q stays float, so norm1 output is shared
     assert "head" not in sq.folded  # last layer float
     assert sq.folded["gate"] == "norm"
+
+
+def test_statistics_pass_accepts_keyword_samples():
+    """Samples given as keyword dicts (with non-tensor options) reach the graph by name."""
+
+    class KwBlock(Block):
+        def forward(self, x, scale_by_two=False):
+            return super().forward(x * 2 if scale_by_two else x)
+
+    model = KwBlock().eval()
+    data = [{"scale_by_two": False, "x": x[0]} for x in _data()]  # keys not in signature order
+    q = fxquant.quantize(model, data, scheme="w8a8", smooth_alpha=0.5, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(q(x=data[0]["x"]), model(data[0]["x"]), atol=0.2)
