@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -66,11 +65,6 @@ def bind_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict
     if var_kw is not None:
         bound[var_kw] = extra
     return bound
-
-
-def forward_signature(model: torch.nn.Module) -> inspect.Signature:
-    """Signature of model.forward without `self`."""
-    return inspect.signature(model.forward)
 
 
 def get_attr_path(root: torch.nn.Module, target: str) -> Any:

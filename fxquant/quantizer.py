@@ -172,11 +172,6 @@ class StaticQuantizer(Quantizer):
         self.scale, self.zero_point = scale.to(dev), zp.to(dev)
         self.calibrated = True
 
-    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        """Install qparams computed elsewhere (same shapes as calc_qparams gives)."""
-        self.scale, self.zero_point = scale.float(), zero_point.float()
-        self.calibrated = True
-
     def reset_observer(self) -> None:
         """Start observing afresh (drops accumulated statistics)."""
         spec = self.spec
