@@ -23,6 +23,7 @@ from fxquant.passes import (
 from .calib_data import check_fits_signature, normalise_calib_data
 from .capture import capture
 from .errors import CalibrationDataError, ConfigError
+from .ir import scheme_decisions
 from .schemes import SchemeOptions, make_scheme
 
 log = logging.getLogger(__name__)
@@ -85,5 +86,5 @@ def quantize(
     ], dump_dir=dump_dir)
     gm = manager(gm)
     gm.meta["fxquant_timings"] = manager.timings
-    gm.meta["fxquant_decisions"] = dict(resolve.decisions)
+    gm.meta["fxquant_decisions"] = scheme_decisions(gm)
     return gm

@@ -130,7 +130,7 @@ class CalibrationRunner:
         """Nodes calibration must execute: every QuantOpr, every node one depends on, and checks
         with no consumers (input guards, asserts). Others, such as a float lm_head whose logits
         only reach the output, are skipped and never stored."""
-        modules = self._modules if hasattr(self, "_modules") else dict(self.model.named_modules())
+        modules = dict(self.model.named_modules())
         roots = [n for n in self.model.graph.nodes
                  if (n.op == "call_module" and isinstance(modules.get(n.target), QuantOpr))
                  or (n.op in ("call_function", "call_method") and not n.users)]

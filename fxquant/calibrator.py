@@ -25,6 +25,7 @@ from .calib_data import check_fits_signature, normalise_calib_data
 from .capture import capture
 from .config import QuantConfig, parse_disable_level
 from .errors import CalibrationDataError, ConfigError
+from .ir import scheme_decisions
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
 
@@ -95,10 +96,9 @@ class Calibrator:
                 passes.append(Calibrate(self.calib_data, device=self.device, asym=True, pr=cfg.pr,
                                         input_overrides=self.all_tensors))
             gm = PassManager(passes)(gm)
-        self._model = PassManager([freeze])(gm).to("cpu") if self.device.type != "cpu" else freeze(gm)
-        self._model.meta["fxquant_decisions"] = {
-            node.target: (node.meta["fxquant"]["scheme"], node.meta["fxquant"]["reason"])
-            for node in self._model.graph.nodes if "scheme" in node.meta.get("fxquant", {})}
+        gm = PassManager([freeze])(gm).to("cpu")
+        gm.meta["fxquant_decisions"] = scheme_decisions(gm)
+        self._model = gm
 
     def save(self, output_path: str, save_type: list[str] | None = None, safetensors_name: str | None = None,
              json_name: str | None = None, part_file_size: float | None = None) -> None:

@@ -85,3 +85,9 @@ def is_float_tensor(node: Any) -> bool:
     tm = node.meta.get("tensor_meta")
     dtype = getattr(tm, "dtype", None)
     return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def scheme_decisions(gm: fx.GraphModule) -> dict[str, tuple[str, str]]:
+    """{node target: (scheme, reason)} for every node with a resolved scheme, from node.meta."""
+    return {n.target: (n.meta[META_KEY]["scheme"], n.meta[META_KEY]["reason"])
+            for n in gm.graph.nodes if "scheme" in n.meta.get(META_KEY, {})}
