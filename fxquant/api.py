@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from fxquant.passes import (
     Calibrate,
     InsertQuantOprs,
     PassManager,
+    QuantizeAttention,
     ResolveSchemes,
     SmoothQuant,
     fold_batchnorm,
@@ -44,6 +45,8 @@ def quantize(
     small_op_scheme: str = "float",
     asym: bool = False,
     smooth_alpha: float | None = None,
+    suppression: Callable[[fx.GraphModule], fx.GraphModule] | None = None,
+    attention_quant: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
     dump_dir: str | None = None,
@@ -55,8 +58,10 @@ def quantize(
     `example_inputs` (one sample in the same form) to capture the graph.
     scheme: default scheme (see fxquant.schemes.SCHEME_NAMES); mix_cfg: {layer name or fnmatch
     pattern: scheme}; disable_names: layers kept float. smooth_alpha: fold SmoothQuant scales
-    (alpha in [0, 1]) into norms / producing linears before calibration (needs calib_data). Raises ConfigError, CalibrationDataError
-    or CaptureError with the reason.
+    (alpha in [0, 1]) into norms / producing linears before calibration (needs calib_data).
+    suppression: an outlier-suppression pass run instead (SmoothQuant, IterSmooth, FlexSmooth,
+    AWQScale, ...). attention_quant: fa3, per-head int8 Q/K/V of every sdpa (QuantizeAttention).
+    Raises ConfigError, CalibrationDataError or CaptureError with the reason.
     """
     make_scheme(scheme, options)
     resolve = ResolveSchemes(default=scheme, mix_cfg=mix_cfg, disable_names=list(disable_names or ()),
@@ -73,14 +78,21 @@ def quantize(
                                    "and dynamic schemes, example_inputs (one sample) to capture the model")
     if smooth_alpha is not None and (batches is None or not 0.0 <= smooth_alpha <= 1.0):
         raise ConfigError(f"smooth_alpha={smooth_alpha} needs calib_data and a value in [0, 1]")
+    if smooth_alpha is not None and suppression is not None:
+        raise ConfigError("pass either smooth_alpha or suppression, not both")
     gm = capture(model, example_args, example_kwargs)
-    smooth = [SmoothQuant(calib_data, alpha=smooth_alpha)] if smooth_alpha is not None else []
+    if smooth_alpha is not None:
+        suppression = SmoothQuant(calib_data, alpha=smooth_alpha)
+    smooth = [suppression] if suppression is not None else []
+    options = options or SchemeOptions()
+    attention = [QuantizeAttention(options.act_method)] if attention_quant else []
     manager = PassManager([
         fold_batchnorm,
         functional_to_modules,
         resolve,
         *smooth,
-        InsertQuantOprs(options or SchemeOptions()),
+        InsertQuantOprs(options),
+        *attention,
         Calibrate(calib_data, device=device, asym=asym, progress=progress),
         freeze,
     ], dump_dir=dump_dir)

@@ -12,17 +12,19 @@ from torch import fx
 
 from fxquant.kernels import AscendOps
 
-from .ascend_format import layer_tensors, quant_type
+from .ascend_format import attention_tensors, layer_tensors, quant_type
 from .ascend_modules import build_ascend_linear
 from .errors import ConfigError, FxquantError
-from .quant_opr import QLinear, QuantOpr
+from .ir import get_attr_path
+from .quant_opr import QAttentionInput, QLinear, QuantOpr
 from .safetensors_io import AtomicFolderWriter, read_safetensors_folder, write_safetensors
+from .timestep import TimestepQuantizer
 
 log = logging.getLogger(__name__)
 
 SAVE_TYPES = ("safe_tensor", "ascendV1")
 ASCEND_V1_DESCRIPTION = "quant_model_description.json"
-NON_TENSOR_KEYS = ("model_quant_type", "fa_quant_type", "version")
+NON_TENSOR_KEYS = ("model_quant_type", "fa_quant_type", "timestep_sep", "version")
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -33,12 +35,20 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
                  default_scheme: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, description) of the whole model: quantized linears in the Ascend format, every
-    other tensor of float_model's state_dict under its own name as FLOAT."""
+    other tensor of float_model's state_dict under its own name as FLOAT, taken from the graph
+    module where a pass replaced it (a norm weight with smoothing scales folded in)."""
     dtype = model_dtype(float_model)
-    tensors = {k: v for k, v in float_model.state_dict().items()}
+    tensors = {k: _graph_tensor(gm, k, v) for k, v in float_model.state_dict().items()}
     types = dict.fromkeys(tensors, "FLOAT")
+    extra: dict[str, str] = {}
     for name, module in gm.named_modules():
         if not isinstance(module, QuantOpr):
+            continue
+        if isinstance(module, QAttentionInput):
+            for suffix, t in attention_tensors(module).items():
+                tensors[f"{name}.{suffix}"] = t
+                types[f"{name}.{suffix}"] = "FAKQuant"
+            extra["fa_quant_type"] = "FAKQuant"
             continue
         if not isinstance(module, QLinear):
             log.warning("%s (%s) has no Ascend weight format; saved float", name, type(module).__name__)
@@ -50,8 +60,22 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
         for suffix, t in layer.items():
             tensors[f"{name}.{suffix}"] = t
             types[f"{name}.{suffix}"] = kind
-    description = {"model_quant_type": quant_type(default_scheme), **types}
+    timestep = [m for m in gm.modules() if isinstance(m, TimestepQuantizer)]
+    if timestep:
+        extra["timestep_sep"] = timestep[0].spec.timestep_sep
+    description = {"model_quant_type": quant_type(default_scheme), **extra, **types}
     return tensors, description
+
+
+def _graph_tensor(gm: fx.GraphModule, name: str, original: torch.Tensor) -> torch.Tensor:
+    """The tensor `name` as the graph module now holds it, else `original`."""
+    try:
+        value = get_attr_path(gm, name)
+    except AttributeError:
+        return original
+    if isinstance(value, torch.Tensor) and value.shape == original.shape:
+        return value.detach()
+    return original
 
 
 def save_ascend(gm: fx.GraphModule, float_model: torch.nn.Module, output_path: str | os.PathLike,

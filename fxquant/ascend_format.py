@@ -21,10 +21,10 @@ import torch
 from fxquant.kernels import encode_scale_int64
 
 from .errors import ConfigError
-from .quant_opr import QLinear, QuantOpr
+from .quant_opr import QAttentionInput, QLinear, QuantOpr
 
 QUANT_TYPES = {"float": "FLOAT", "w8a8": "W8A8", "w8a8_dynamic": "W8A8_DYNAMIC", "w8a16": "W8A16",
-               "w4a16": "W4A16"}
+               "w4a16": "W4A16", "w8a8_timestep": "W8A8_TIMESTEP"}
 
 
 def quant_type(scheme: str) -> str:
@@ -64,17 +64,27 @@ def layer_tensors(qopr: QuantOpr, model_dtype: torch.dtype) -> tuple[str, dict[s
     out["weight_offset"] = torch.zeros(n, 1, dtype=torch.float32)
     if scheme == "w8a8_dynamic":
         return quant_type(scheme), out
-    if scheme != "w8a8":
+    if scheme not in ("w8a8", "w8a8_timestep"):
         raise ConfigError(f"scheme {scheme!r} has no Ascend weight format")
     aq = qopr.input_quantizer
-    input_scale = aq.scale.float().reshape(1)
-    input_offset = aq.zero_point.float().reshape(1)
-    deq = input_scale * wscale  # float32 [n], the exact product the integer path multiplies by
+    input_scale = aq.scale.float().reshape(-1, 1)  # [1, 1], or [T, 1]: one row per timestep
+    input_offset = aq.zero_point.float().reshape(-1, 1)
+    deq = input_scale * wscale[None, :]  # float32 [T, n], the exact product the integer path multiplies by
     bias = qopr.bias.detach().float() if qopr.bias is not None else torch.zeros(n)
     colsum = codes.to(torch.int64).sum(dim=1)
-    quant_bias = torch.round(bias / deq).to(torch.int64) - colsum * int(input_offset.item())
+    quant_bias = torch.round(bias / deq).to(torch.int64) - colsum[None, :] * input_offset.to(torch.int64)
+    if scheme == "w8a8":  # [1], [n] as DESIGN's table
+        input_scale, input_offset = input_scale.reshape(1), input_offset.reshape(1)
+        deq, quant_bias = deq.reshape(n), quant_bias.reshape(n)
     out["input_scale"] = input_scale.to(model_dtype)
     out["input_offset"] = input_offset.to(model_dtype)
     out["quant_bias"] = quant_bias.to(torch.int32)
     out["deq_scale"] = encode_scale_int64(deq) if deq_scale_dtype(model_dtype) == "int64" else deq
     return quant_type(scheme), out
+
+
+@torch.no_grad()
+def attention_tensors(qopr: QAttentionInput) -> dict[str, torch.Tensor]:
+    """FAKQuant tensors of one attention input: scale float32 [heads, 1], offset int8 zeros [heads, 1]."""
+    scale = qopr.input_quantizer.scale.float().reshape(-1, 1).clone()
+    return {"scale": scale, "offset": torch.zeros(scale.shape, dtype=torch.int8)}

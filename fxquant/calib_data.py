@@ -65,3 +65,14 @@ def check_fits_signature(model: torch.nn.Module, batches: list[CalibBatch]) -> N
             raise CalibrationDataError(
                 f"calib_data[{i}] does not fit the model's inputs {type(model).__name__}.forward{sig}: {exc}"
             ) from None
+
+
+def synthetic_example(model: torch.nn.Module) -> dict[str, Any]:
+    """A capture example (keyword inputs) for data-free runs: random token ids [1, 16] for HF text models."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if getattr(model, "main_input_name", None) == "input_ids" and vocab:
+        return {"input_ids": torch.randint(0, int(vocab), (1, 16))}
+    raise CalibrationDataError(
+        f"data-free quantization of {type(model).__name__} needs one example input to capture the "
+        "graph: pass calib_data=[[example]] (weight-only and dynamic schemes use it only for capture)")

@@ -20,6 +20,7 @@ from .ir import bind_inputs, fxq_meta, get_attr_path
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
 from .storage import ActivationStorage
+from .timestep import TimestepQuantizer, step_indices
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class CalibrationRunner:
         if self.batches is None:
             raise FxquantError("no calibration data: pass calib_data to the runner or prepare_calibration")
         self._inputs = {}
+        has_steps = any(isinstance(m, TimestepQuantizer) for m in self.model.modules())
+        self.batch_steps = step_indices(self.batches) if has_steps else None
         for b, (args, kwargs) in enumerate(self.batches):
             try:
                 bound = bind_inputs(self.model, args, kwargs)
@@ -189,7 +192,7 @@ class CalibrationRunner:
         observer and set its qparams."""
         tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
         for i, (quantizer, arg) in enumerate(zip(module.input_quantizers, tensor_args)):
-            if not isinstance(quantizer, StaticQuantizer):
+            if not isinstance(quantizer, (StaticQuantizer, TimestepQuantizer)):
                 continue
             quantizer.reset_observer()
             if i == 0 and node.target in self.input_overrides:
@@ -201,6 +204,8 @@ class CalibrationRunner:
             for b, value in enumerate(values):
                 check_finite(value, f"the input of {node.target!r} (from node {arg.name!r}) in "
                                     f"calibration batch {b}")
+                if isinstance(quantizer, TimestepQuantizer):
+                    quantizer.step = self.batch_steps[b]
                 quantizer.observe(value)
             quantizer.calc_qparams()
 

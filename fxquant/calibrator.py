@@ -21,7 +21,7 @@ from fxquant.passes import (
 )
 from fxquant.passes.rollback import Rollback
 
-from .calib_data import check_fits_signature, normalise_calib_data
+from .calib_data import check_fits_signature, normalise_calib_data, synthetic_example
 from .capture import capture
 from .config import QuantConfig, parse_disable_level
 from .errors import CalibrationDataError, ConfigError
@@ -71,7 +71,7 @@ class Calibrator:
     def run(self) -> None:
         """Capture, resolve schemes, calibrate, roll back the disable_level most sensitive layers, freeze."""
         cfg = self.cfg
-        args, kwargs = self.batches[0] if self.batches else _synthetic_example(self.float_model)
+        args, kwargs = self.batches[0] if self.batches else ((), synthetic_example(self.float_model))
         gm = capture(self.float_model, args, kwargs)
         resolve = ResolveSchemes(default=cfg.scheme, mix_cfg=self.mix_cfg,
                                  disable_names=list(cfg.disable_names or ()),
@@ -147,14 +147,3 @@ def _sensitivities(gm: fx.GraphModule) -> dict[str, float]:
                 s = float(((module.quantized_weight().float() - w) ** 2).sum() / (w**2).sum().clamp(min=1e-30))
         out[node.target] = s
     return out
-
-
-def _synthetic_example(model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
-    """A capture example for data-free runs: random token ids for HF text models."""
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if getattr(model, "main_input_name", None) == "input_ids" and vocab:
-        return (), {"input_ids": torch.randint(0, int(vocab), (1, 16))}
-    raise CalibrationDataError(
-        f"data-free quantization of {type(model).__name__} needs one example input to capture the "
-        "graph: pass calib_data=[[example]] (weight-only and dynamic schemes use it only for capture)")

@@ -24,6 +24,7 @@ from .quantizer import (
 )
 from .schemes import Scheme
 from .small_ops import BMM, Add, MatMul
+from .timestep import TimestepQuantizer
 
 
 class QuantOpr(torch.nn.Module):
@@ -58,7 +59,7 @@ class QuantOpr(torch.nn.Module):
     def freeze(self) -> None:
         """Drop observers, keep qparams."""
         for q in [self.weight_quantizer, *self.input_quantizers]:
-            if isinstance(q, StaticQuantizer):
+            if isinstance(q, (StaticQuantizer, TimestepQuantizer)):
                 q.freeze()
 
     def extra_repr(self) -> str:
@@ -110,9 +111,14 @@ class _QWeighted(QuantOpr):
         scale, zp = wq.broadcast_qparams(self.weight)
         return dequantize_codes(self._weight_codes(), scale, zp).reshape(self.weight.shape).to(self.weight.dtype)
 
+    def active_input_quantizer(self) -> Quantizer:
+        """The input quantizer now in use (a TimestepQuantizer's one for the current step)."""
+        aq = self.input_quantizer
+        return aq.current() if isinstance(aq, TimestepQuantizer) and aq.enabled else aq
+
     def _integer_path(self, x: torch.Tensor) -> bool:
         """True when inference can run the exact int8 x int8 -> int32 arithmetic of the kernel."""
-        wq, aq = self.weight_quantizer, self.input_quantizer
+        wq, aq = self.weight_quantizer, self.active_input_quantizer()
         if not (wq.enabled and aq.enabled) or torch.is_grad_enabled():
             return False
         if not isinstance(wq, StaticQuantizer) or wq.spec.granularity == "group":
@@ -136,7 +142,8 @@ class QLinear(_QWeighted):
         return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes, sx, zx = self.input_quantizer.quantize(x)
+        aq = self.active_input_quantizer()
+        codes, sx, zx = aq.quantize(x)
         k = x.shape[-1]
         xi = codes.reshape(-1, k).to(torch.int8)
         wi = self._weight_codes().to(torch.int8)
@@ -144,7 +151,7 @@ class QLinear(_QWeighted):
         if zx.numel() == 1 and float(zx) != 0.0:
             acc = acc - int(zx) * wi.sum(dim=1, dtype=torch.int32)
         wscale = self.weight_quantizer.scale.reshape(-1)
-        if isinstance(self.input_quantizer, DynamicQuantizer):
+        if isinstance(aq, DynamicQuantizer):
             y = acc.float() * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
         else:
             y = acc.float() * (sx * wscale)  # kernel order: one deq_scale = input_scale * weight_scale
@@ -171,8 +178,8 @@ class _QConvNd(_QWeighted):
         return self.conv_fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._integer_path(x) and isinstance(self.input_quantizer, StaticQuantizer):
-            codes, sx, zx = self.input_quantizer.quantize(x)
+        if self._integer_path(x) and isinstance(self.active_input_quantizer(), StaticQuantizer):
+            codes, sx, zx = self.active_input_quantizer().quantize(x)
             acc = self._conv(codes - zx, self._weight_codes(), None)
             shape = [1, -1] + [1] * (x.dim() - 2)
             y = acc * (sx * self.weight_quantizer.scale).reshape(shape)
@@ -245,3 +252,13 @@ def to_quant_opr(module: torch.nn.Module, scheme: Scheme) -> QuantOpr:
         qopr.__dict__["_float_module"] = module
         return qopr
     return cls(module, scheme)
+
+
+class QAttentionInput(QuantOpr):
+    """fa3: per-head static int8 quantization of one attention input, q / k / v [b, heads, s, d].
+
+    input_quantizer: symmetric, one scale per head (axis 1), so scale is float32 [heads].
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quantizer(x)

@@ -38,6 +38,7 @@ class QuantSpec:
     observer_kwargs: dict = field(default_factory=dict, hash=False, compare=False)
     clip_search: bool = False  # weights: shrink each row's range to minimise squared error
     offset_in_rounding: bool = False  # round(x/s + zp) (Ascend) instead of round(x/s) + zp (ONNX)
+    timestep_sep: int | None = None  # activations of diffusion steps: dynamic before it, static from it
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -243,4 +244,8 @@ def build_quantizer(spec: QuantSpec | None) -> Quantizer:
     """The quantizer class that serves `spec` (None: stays float)."""
     if spec is None:
         return IdentityQuantizer()
+    if spec.timestep_sep is not None:
+        from .timestep import TimestepQuantizer
+
+        return TimestepQuantizer(spec)
     return DynamicQuantizer(spec) if spec.dynamic else StaticQuantizer(spec)

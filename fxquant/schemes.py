@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 from .quantizer import QuantSpec
 
-SCHEME_NAMES = ("float", "w8a8", "w8a8_dynamic", "w8a16", "w4a16")
+SCHEME_NAMES = ("float", "w8a8", "w8a8_dynamic", "w8a8_timestep", "w8a16", "w4a16")
 ACT_METHODS = ("minmax", "histogram", "mixed", "percentile", "sigma", "ema", "top_k")
 
 
@@ -21,6 +21,7 @@ class SchemeOptions:
     asymmetric). w8a8 weights are always symmetric (the integer kernel has no weight offset).
     offset_in_rounding: static activations round x/s + zero_point together, as Ascend's quantize
     does (the Calibrator sets it), instead of ONNX QuantizeLinear's round(x/s) + zero_point.
+    timestep_sep: w8a8_timestep's first step with static activations (earlier steps are dynamic).
     w_clip_search: search each weight row's clipping range for least squared weight error. Off by
     default: on SmolLM2 it raised perplexity (w4a16 g64: 21.58 vs 20.78; w8a16: +0.37% vs +0.03%).
     """
@@ -35,6 +36,7 @@ class SchemeOptions:
     rounding: str = "half_even"
     pow2_scale: bool = False
     act_observer_kwargs: tuple = ()
+    timestep_sep: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,4 +86,6 @@ def make_scheme(name: str, opts: SchemeOptions | None = None) -> Scheme:
     act = QuantSpec(bits=8, symmetric=o.a_sym, granularity="tensor", rounding=o.rounding,
                     pow2_scale=o.pow2_scale, observer=o.act_method, offset_in_rounding=o.offset_in_rounding,
                     observer_kwargs=dict(o.act_observer_kwargs))
+    if name == "w8a8_timestep":
+        act = act.with_(timestep_sep=o.timestep_sep)
     return Scheme(name, w8.with_(symmetric=True), act)

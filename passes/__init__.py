@@ -1,17 +1,22 @@
 """Graph passes, one per module; each is a callable GraphModule -> GraphModule. Installed as fxquant.passes."""
 
+from .awq_scale import AWQScale
 from .calibrate import Calibrate
+from .flex_smooth import FlexSmooth
 from .fold_batchnorm import fold_batchnorm
 from .freeze import freeze
 from .functional_to_modules import functional_to_modules
 from .insert_quant_oprs import InsertQuantOprs
+from .iter_smooth import IterSmooth
 from .lower_to_ascend import LowerToAscend
 from .pass_manager import PassManager, lint_ir
+from .quantize_attention import QuantizeAttention
 from .resolve_schemes import ResolveSchemes, quantizable_nodes
 from .rollback import Rollback
 from .smooth_quant import SmoothQuant
 
 __all__ = [
-    "Calibrate", "InsertQuantOprs", "LowerToAscend", "PassManager", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze",
-    "functional_to_modules", "lint_ir", "quantizable_nodes",
+    "AWQScale", "Calibrate", "FlexSmooth", "InsertQuantOprs", "IterSmooth", "LowerToAscend", "PassManager",
+    "QuantizeAttention", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze", "functional_to_modules", "lint_ir",
+    "quantizable_nodes",
 ]

@@ -14,12 +14,14 @@ from fxquant.errors import CalibrationDataError
 from fxquant.quant_opr import QuantOpr, _QWeighted
 from fxquant.quantizer import StaticQuantizer
 from fxquant.storage import graph_live_set_size
+from fxquant.timestep import TimestepQuantizer
 
 
 def needs_activation_data(gm: fx.GraphModule) -> list[str]:
     """Names of QuantOprs with static activation quantizers (they need calibration data)."""
     return [name for name, m in gm.named_modules()
-            if isinstance(m, QuantOpr) and any(isinstance(q, StaticQuantizer) for q in m.input_quantizers)]
+            if isinstance(m, QuantOpr)
+            and any(isinstance(q, (StaticQuantizer, TimestepQuantizer)) for q in m.input_quantizers)]
 
 
 @dataclass

@@ -8,30 +8,44 @@ while moving activation outliers into the weights. 1/s is folded into what produ
 - a norm's weight (RMSNorm as `mul(weight, x)`, LayerNorm's weight and bias),
 - the rows of a Linear whose output reaches X through an elementwise product
   (`mul(silu(gate), up)` -> scale up_proj's rows, then down_proj's columns),
+- the rows of the attention's value projection when X is the attention output (v_proj -> o_proj):
+  attention is linear in V per channel, so head h's channel d of X is V's channel d of kv head
+  h // (heads / kv_heads); s is tied across the heads that share a kv head,
 
 and only when X feeds nothing but the group. Where no fold exists the group is skipped, or, with
 `runtime_scale=True`, a ChannelScale module divides X at run time. Weights are replaced, never
-modified in place, so the user's model is untouched.
+modified in place, so the user's model is untouched. After folding, the pass checks on the first
+calibration sample that the float outputs did not change.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_leaves
 
 from fxquant.calib_data import normalise_calib_data
+from fxquant.errors import ConfigError, FxquantError
 from fxquant.ir import fxq_meta, get_attr_path, module_of
 
 from .pass_manager import replace_submodule
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
+
+#: ops that move or repeat values without mixing the last (head_dim) channels
+_LAYOUT_FUNCTIONS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+                     aten.permute.default, aten.unsqueeze.default, aten.expand.default, aten.clone.default,
+                     aten.slice.Tensor, aten.alias.default, torch.transpose, torch.reshape, torch.permute,
+                     torch.unsqueeze}
+_LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unsqueeze", "expand", "clone"}
+_SDPA = {aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
 
 
 class ChannelScale(torch.nn.Module):
@@ -45,15 +59,31 @@ class ChannelScale(torch.nn.Module):
         return x * self.inv_scale.to(x.dtype)
 
 
+@dataclass
+class ChannelStats:
+    """Per input channel of one activation X [..., k], over every calibration sample (float32 [k])."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        return torch.maximum(self.lo.abs(), self.hi.abs())
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        return ChannelStats(torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi))
+
+
 @torch.no_grad()
-def input_absmax(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) -> dict[str, torch.Tensor]:
-    """{linear name: max |x| per input channel (float32 [k])} over every calibration sample."""
-    stats: dict[str, torch.Tensor] = {}
+def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) -> dict[str, ChannelStats]:
+    """{linear name: per-channel min / max of its input} over every calibration sample."""
+    stats: dict[str, ChannelStats] = {}
     handles = []
     for name in targets:
         def hook(mod, args, name=name):
-            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            stats[name] = a if name not in stats else torch.maximum(stats[name], a)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            new = ChannelStats(x.amin(dim=0), x.amax(dim=0))
+            stats[name] = new if name not in stats else stats[name].merge(new)
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
     try:
         for args, kwargs in normalise_calib_data(calib_data):
@@ -64,13 +94,53 @@ def input_absmax(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) ->
     return stats
 
 
+def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """max |W[:, j]| over the rows of every weight [n_i, k] of a group: float32 [k]."""
+    return torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+
+
 def smoothing_scale(act: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float,
                     beta: float | None = None) -> torch.Tensor:
     """s [k] = act^alpha / wmax^beta with wmax the per-column max |W| over the group (beta = 1 - alpha)."""
     beta = 1.0 - alpha if beta is None else beta
-    wmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
-    s = act.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(beta)
+    s = act.clamp(min=1e-5).pow(alpha) / weight_absmax(weights).clamp(min=1e-5).pow(beta)
     return s.clamp(min=1e-5)
+
+
+@dataclass
+class SmoothGroup:
+    """Linear layers reading one activation X, and how 1/s can be folded into X's producer.
+
+    tie(s) makes s equal where the fold needs it (heads sharing a kv head); apply(s) folds 1/s.
+    """
+
+    x: fx.Node
+    members: list[fx.Node]
+    kind: str
+    apply: Callable[[torch.Tensor], None]
+    tie: Callable[[torch.Tensor], torch.Tensor] = lambda s: s
+
+    @property
+    def name(self) -> str:
+        return str(self.members[0].target)
+
+    @property
+    def role(self) -> str:
+        """Fold kind and member leaf names ("norm:k_proj+q_proj+v_proj"): groups of one role across
+        the layers of a model share searched exponents."""
+        leaves = sorted(str(n.target).rsplit(".", 1)[-1] for n in self.members)
+        return f"{self.kind}:{'+'.join(leaves)}"
+
+    def stats(self, per_layer: dict[str, ChannelStats]) -> ChannelStats:
+        """X's channel statistics (the members read the same X)."""
+        out = per_layer[self.members[0].target]
+        for n in self.members[1:]:
+            out = out.merge(per_layer[n.target])
+        return out
+
+    def weights(self, gm: fx.GraphModule) -> list[torch.Tensor]:
+        """The members' current weights [n_i, k]."""
+        return [module_of(gm, n).weight for n in self.members]
 
 
 @dataclass
@@ -78,9 +148,10 @@ class SmoothQuant:
     """Pass: smooth every foldable group of Linear layers (see module docstring).
 
     Runs after ResolveSchemes: layers resolved float (and `skip`) are left alone.
-    calib_data: samples to measure activations on. alpha / beta: exponents (or a callable
-    `scale_fn(name_of_first_linear, act, weights) -> s` for searched variants). Records
-    node.meta["fxquant"]["smooth"] = fold kind for each smoothed layer.
+    calib_data: samples to measure activations on. alpha / beta: the exponents. Subclasses choose
+    scales differently by overriding `choose_scales` (IterSmooth, FlexSmooth, AWQScale). Records
+    node.meta["fxquant"]["smooth"] = fold kind for each smoothed layer; `folded` maps layer -> kind,
+    `scales` group name -> the s [k] folded.
     """
 
     calib_data: Any
@@ -88,77 +159,178 @@ class SmoothQuant:
     beta: float | None = None
     runtime_scale: bool = False
     skip: Sequence[str] = ()
-    scale_fn: Any = None
+    check_tolerance: float = 1e-3
     folded: dict[str, str] = field(default_factory=dict, init=False)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= float(v) <= 1.0:
+                raise ConfigError(f"{type(self).__name__}: {name}={v} must be in [0, 1]")
+
+    def choose_scales(self, gm: fx.GraphModule, groups: list[SmoothGroup],
+                      stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
+        """{group name: s [k]} (before tying); here s = A^alpha / W^beta with the fixed exponents."""
+        return {g.name: smoothing_scale(g.stats(stats).absmax, g.weights(gm), self.alpha, self.beta)
+                for g in groups}
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
-        linears = [n for n in gm.graph.nodes if isinstance(module_of(gm, n), torch.nn.Linear)
-                   and n.target not in self.skip and fxq_meta(n).get("scheme") != "float"]
-        stats = input_absmax(gm, self.calib_data, [n.target for n in linears])
-        groups: dict[fx.Node, list[fx.Node]] = {}
-        for n in linears:
-            if n.target in stats and isinstance(n.args[0], fx.Node):
-                groups.setdefault(n.args[0], []).append(n)
-        self.folded = {}
-        for x, members in groups.items():
-            if set(x.users) != set(members):
-                continue  # X also feeds something that must not see scaled values
-            mods = [module_of(gm, n) for n in members]
-            act = torch.stack([stats[n.target] for n in members]).amax(dim=0)
-            if self.scale_fn is not None:
-                s = self.scale_fn(members[0].target, act, [m.weight for m in mods])
-            else:
-                s = smoothing_scale(act, [m.weight for m in mods], self.alpha, self.beta)
-            kind = self._fold(gm, x, s, members)
-            if kind is None:
-                continue
-            for n, m in zip(members, mods):
+        groups = self.find_groups(gm)
+        stats = input_stats(gm, self.calib_data, [n.target for g in groups for n in g.members])
+        first = normalise_calib_data(self.calib_data)[0]
+        with torch.no_grad():
+            before = gm(*first[0], **first[1])
+        chosen = self.choose_scales(gm, groups, stats)
+        self.folded, self.scales = {}, {}
+        for g in groups:
+            mods = [module_of(gm, n) for n in g.members]
+            s = g.tie(chosen[g.name])
+            self.scales[g.name] = s
+            g.apply(s)
+            for n, m in zip(g.members, mods):
                 replace_submodule(gm, n.target, _scaled_linear(m, cols=s))
-                fxq_meta(n)["smooth"] = kind
-                self.folded[n.target] = kind
+                fxq_meta(n)["smooth"] = g.kind
+                self.folded[n.target] = g.kind
+        gm.recompile()
+        with torch.no_grad():
+            after = gm(*first[0], **first[1])
+        self._check_unchanged(before, after)
         log.info("smoothed %d linear layers", len(self.folded))
         return gm
 
-    def _fold(self, gm: fx.GraphModule, x: fx.Node, s: torch.Tensor, members: list[fx.Node]) -> str | None:
-        """Divide X by s inside its producer; the fold kind, or None if none applies."""
-        k = s.numel()
+    def find_groups(self, gm: fx.GraphModule) -> list[SmoothGroup]:
+        """Every group of quantized Linear layers sharing an input whose 1/s can be folded."""
+        linears = [n for n in gm.graph.nodes if isinstance(module_of(gm, n), torch.nn.Linear)
+                   and n.target not in self.skip and fxq_meta(n).get("scheme") != "float"]
+        by_input: dict[fx.Node, list[fx.Node]] = {}
+        for n in linears:
+            if isinstance(n.args[0], fx.Node):
+                by_input.setdefault(n.args[0], []).append(n)
+        groups = []
+        for x, members in by_input.items():
+            if set(x.users) != set(members):
+                continue  # X also feeds something that must not see scaled values
+            k = module_of(gm, members[0]).in_features
+            group = (self._norm_fold(gm, x, members, k) or self._product_fold(gm, x, members, k)
+                     or self._attention_fold(gm, x, members, k) or self._runtime_fold(gm, x, members))
+            if group is not None:
+                groups.append(group)
+        return groups
+
+    def _norm_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node], k: int) -> SmoothGroup | None:
+        """X = weight * normalised(h) (RMSNorm) or layer_norm(h, w, b): divide the norm's affine."""
         if x.op == "call_function" and x.target in (aten.mul.Tensor, torch.mul, operator.mul):
-            for i, a in enumerate(x.args):
-                other = x.args[1 - i] if len(x.args) == 2 else None
+            for a in x.args:
                 if isinstance(a, fx.Node) and a.op == "get_attr":
                     t = get_attr_path(gm, a.target)
                     if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == k:
-                        _set_param(gm, a.target, t.detach() / s.to(t.dtype))
-                        return "norm"
-                if isinstance(a, fx.Node) and isinstance(module_of(gm, a), torch.nn.Linear) \
-                        and len(a.users) == 1 and isinstance(other, fx.Node):
-                    lin = module_of(gm, a)
-                    if lin.out_features == k:
-                        replace_submodule(gm, a.target, _scaled_linear(lin, rows=1.0 / s))
-                        return "linear"
+                        return SmoothGroup(x, members, "norm", lambda s, a=a: _divide_attr(gm, a.target, s))
         if x.op == "call_function" and x.target in (aten.layer_norm.default, torch.nn.functional.layer_norm):
             w, b = (list(x.args) + [None, None, None])[2:4]
             if isinstance(w, fx.Node) and w.op == "get_attr":
-                _set_param(gm, w.target, get_attr_path(gm, w.target).detach() / s)
-                if isinstance(b, fx.Node) and b.op == "get_attr":
-                    _set_param(gm, b.target, get_attr_path(gm, b.target).detach() / s)
-                return "norm"
+                def apply(s: torch.Tensor) -> None:
+                    _divide_attr(gm, w.target, s)
+                    if isinstance(b, fx.Node) and b.op == "get_attr":
+                        _divide_attr(gm, b.target, s)
+                return SmoothGroup(x, members, "norm", apply)
         ln = module_of(gm, x)
         if isinstance(ln, torch.nn.LayerNorm) and ln.elementwise_affine:
-            new = torch.nn.LayerNorm(ln.normalized_shape, ln.eps, dtype=ln.weight.dtype)
-            new.weight = torch.nn.Parameter(ln.weight.detach() / s)
-            new.bias = torch.nn.Parameter(ln.bias.detach() / s) if ln.bias is not None else None
-            replace_submodule(gm, x.target, new)
-            return "norm"
+            def apply_module(s: torch.Tensor) -> None:
+                new = torch.nn.LayerNorm(ln.normalized_shape, ln.eps, dtype=ln.weight.dtype)
+                new.weight = torch.nn.Parameter(ln.weight.detach() / s)
+                new.bias = torch.nn.Parameter(ln.bias.detach() / s) if ln.bias is not None else None
+                replace_submodule(gm, x.target, new)
+            return SmoothGroup(x, members, "norm", apply_module)
+        return None
+
+    def _product_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node],
+                      k: int) -> SmoothGroup | None:
+        """X = f(a) * linear(h) (gated MLP): scale that linear's rows."""
+        if not (x.op == "call_function" and x.target in (aten.mul.Tensor, torch.mul, operator.mul)
+                and len(x.args) == 2 and all(isinstance(a, fx.Node) for a in x.args)):
+            return None
+        for a in x.args:
+            lin = module_of(gm, a)
+            if isinstance(lin, torch.nn.Linear) and len(a.users) == 1 and lin.out_features == k:
+                return SmoothGroup(x, members, "linear", lambda s, a=a: replace_submodule(
+                    gm, a.target, _scaled_linear(module_of(gm, a), rows=1.0 / s)))
+        return None
+
+    def _attention_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node],
+                        k: int) -> SmoothGroup | None:
+        """X = heads of sdpa(q, k, V) with V a layout of v_proj(h): scale v_proj's rows."""
+        node, sdpa = x, None
+        while True:
+            if len(node.users) != 1 and node is not x:
+                return None
+            if isinstance(module_of(gm, node), torch.nn.Linear):
+                break
+            if node.op == "call_function" and node.target in _SDPA and sdpa is None:
+                if len(node.args) < 3 or not isinstance(node.args[2], fx.Node):
+                    return None
+                sdpa, node = node, node.args[2]
+                continue
+            if _is_layout(node) and isinstance(node.args[0], fx.Node):
+                node = node.args[0]
+                continue
+            return None
+        v_node, v_lin = node, module_of(gm, node)
+        val = sdpa.meta.get("val") if sdpa is not None else None
+        if val is None or len(v_node.users) != 1:
+            return None
+        head_dim, n_heads = int(val.shape[-1]), int(val.shape[-3])
+        if n_heads * head_dim != k or v_lin.out_features % head_dim:
+            return None
+        n_kv = v_lin.out_features // head_dim
+        if n_heads % n_kv:
+            return None
+        rep = n_heads // n_kv
+
+        def tie(s: torch.Tensor) -> torch.Tensor:
+            per_kv = s.reshape(n_kv, rep, head_dim).amax(dim=1)
+            return per_kv.repeat_interleave(rep, dim=0).reshape(-1)
+
+        def apply(s: torch.Tensor) -> None:
+            rows = 1.0 / s.reshape(n_kv, rep, head_dim)[:, 0, :].reshape(-1)
+            replace_submodule(gm, v_node.target, _scaled_linear(module_of(gm, v_node), rows=rows))
+        return SmoothGroup(x, members, "attention", apply, tie)
+
+    def _runtime_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> SmoothGroup | None:
+        """No fold: a ChannelScale module divides X at run time (only with runtime_scale=True)."""
         if not self.runtime_scale:
             return None
-        name = f"{members[0].target}_smooth"
-        gm.add_submodule(name, ChannelScale(1.0 / s))
-        with gm.graph.inserting_after(x):
-            scaled = gm.graph.call_module(name, (x,))
-        for n in members:
-            n.replace_input_with(x, scaled)
-        return "runtime"
+
+        def apply(s: torch.Tensor) -> None:
+            name = f"{members[0].target}_smooth"
+            gm.add_submodule(name, ChannelScale(1.0 / s))
+            with gm.graph.inserting_after(x):
+                scaled = gm.graph.call_module(name, (x,))
+            for n in members:
+                n.replace_input_with(x, scaled)
+        return SmoothGroup(x, members, "runtime", apply)
+
+    def _check_unchanged(self, before: Any, after: Any) -> None:
+        for b, a in zip(tree_leaves(before), tree_leaves(after)):
+            if isinstance(b, torch.Tensor) and b.is_floating_point():
+                err = float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+                if err > self.check_tolerance:
+                    raise FxquantError(
+                        f"smoothing changed the float model's output (relative error {err:.2e}); a fold "
+                        f"is wrong for this graph: folds used {sorted(set(self.folded.values()))}; pass "
+                        "the offending layers in `skip`")
+
+
+def _is_layout(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _LAYOUT_METHODS
+    if node.op != "call_function" or node.target not in _LAYOUT_FUNCTIONS:
+        return False
+    if node.target is aten.slice.Tensor:  # a slice of the channel dimension would drop channels
+        val = node.meta.get("val")
+        dim = node.args[1] if len(node.args) > 1 else 0
+        return val is not None and dim not in (-1, val.dim() - 1)
+    return True
 
 
 def _scaled_linear(lin: torch.nn.Linear, cols: torch.Tensor | None = None,
@@ -179,7 +351,9 @@ def _scaled_linear(lin: torch.nn.Linear, cols: torch.Tensor | None = None,
     return new
 
 
-def _set_param(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+def _divide_attr(gm: fx.GraphModule, target: str, s: torch.Tensor) -> None:
+    """Replace the tensor at `target` by tensor / s (a new tensor; the old one is untouched)."""
+    value = get_attr_path(gm, target).detach() / s
     parent_name, _, leaf = target.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     if leaf in parent._parameters:

@@ -1,0 +1,189 @@
+"""Seed 002's session configuration: pydantic models with the seed's names and fields, validated."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional  # noqa: UP035  (the seed's annotations)
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+ACT_METHODS = ("minmax", "histogram", "mixed")
+#: act_method spellings accepted (the seed writes "mixed" for w8a8 and "mix" for the others)
+ACT_METHOD_ALIASES = {"minmax": "minmax", "histogram": "histogram", "mixed": "mixed", "mix": "mixed"}
+DEVICES = ("cpu", "npu")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+class _ActMethod(_Strict):
+    act_method: str = "minmax"
+
+    @field_validator("act_method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in ACT_METHOD_ALIASES:
+            raise ValueError(f"unknown act_method {v!r}; valid: {', '.join(ACT_METHOD_ALIASES)}")
+        return v
+
+    @property
+    def observer(self) -> str:
+        """The fxquant observer name behind act_method ("mix" -> "mixed")."""
+        return ACT_METHOD_ALIASES[self.act_method]
+
+
+class W8A8QuantConfig(_ActMethod):
+    """act_method: observer of the static activation ranges ("minmax", "histogram", "mixed")."""
+
+
+class W8A8DynamicQuantConfig(_ActMethod):
+    """act_method: observer of the static ranges in a dynamic run (fa3's per-head Q/K/V scales)."""
+
+
+class W8A8TimeStepQuantConfig(_ActMethod):
+    """act_method: observer of the per-step static ranges (steps >= timestep_sep)."""
+
+
+class W8A8ProcessorConfig(_Strict):
+    """Static W8A8: per-tensor int8 activations, per-channel int8 weights; disable_names stay float."""
+
+    cfg: W8A8QuantConfig
+    disable_names: list
+
+
+class W8A8DynamicProcessorConfig(_Strict):
+    """W8A8 with per-token dynamic activation quantization."""
+
+    cfg: W8A8DynamicQuantConfig
+    disable_names: list
+
+
+class W8A8TimeStepProcessorConfig(_Strict):
+    """Diffusion models: dynamic activations for steps < timestep_sep, static per-step ranges after."""
+
+    cfg: W8A8TimeStepQuantConfig
+    disable_names: list
+    timestep_sep: int
+
+    @field_validator("timestep_sep")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"timestep_sep must be >= 0, got {v}")
+        return v
+
+
+class FA3ProcessorConfig(_Strict):
+    """Per-head int8 quantization of attention Q/K/V (FAKQuant); needs w8a8_dynamic."""
+
+
+class SaveProcessorConfig(_Strict):
+    """Where and how to write the Ascend-ready checkpoint (part_file_size in GB)."""
+
+    output_path: str
+    safetensors_name: Optional[str] = None  # noqa: UP045
+    json_name: Optional[str] = None  # noqa: UP045
+    save_type: list = ["safe_tensor"]
+    part_file_size: Optional[int] = None  # noqa: UP045
+
+    @field_validator("part_file_size")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"part_file_size must be a positive number of GB, got {v}")
+        return v
+
+
+class M3ProcessorConfig(_Strict):
+    """AWQ-style activation-aware scaling chosen per layer group by output error."""
+
+
+class M4ProcessorConfig(_Strict):
+    """Iterative smooth, s = A^0.9 / W^0.1."""
+
+
+class M6Config(_Strict):
+    """Flex smooth exponents in [0, 1]; either None: both are searched."""
+
+    alpha: Optional[float] = None  # noqa: UP045
+    beta: Optional[float] = None  # noqa: UP045
+
+    @field_validator("alpha", "beta")
+    @classmethod
+    def _unit(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be in [0, 1], got {v}")
+        return v
+
+
+class M6ProcessorConfig(_Strict):
+    """Flex smooth, s = A^alpha / W^beta."""
+
+    cfg: M6Config
+
+
+#: processor name -> its config class (seed 002's table)
+PROCESSORS: dict[str, type[BaseModel]] = {
+    "m3": M3ProcessorConfig,
+    "m4": M4ProcessorConfig,
+    "m6": M6ProcessorConfig,
+    "w8a8": W8A8ProcessorConfig,
+    "w8a8_dynamic": W8A8DynamicProcessorConfig,
+    "w8a8_timestep": W8A8TimeStepProcessorConfig,
+    "fa3": FA3ProcessorConfig,
+    "save": SaveProcessorConfig,
+}
+QUANT_PROCESSORS = ("w8a8", "w8a8_dynamic", "w8a8_timestep")
+SUPPRESSION_PROCESSORS = ("m3", "m4", "m6")
+
+
+class SessionConfig(_Strict):
+    """processor_cfg_map: {processor name: its config}; calib_data: `[[input1], ...]` or keyword-input
+    dicts (None: data-free); device: "cpu" or "npu"."""
+
+    processor_cfg_map: Dict[str, BaseModel] = {}  # noqa: UP006
+    calib_data: Optional[List[Any]] = None  # noqa: UP006, UP045
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in DEVICES:
+            raise ValueError(f"unknown device {v!r}; valid: {', '.join(DEVICES)}")
+        if v == "npu":
+            try:
+                import torch_npu  # noqa: F401
+            except ImportError:
+                raise ValueError("device 'npu' needs torch_npu, which is not installed; use device='cpu' "
+                                 "or install the 'ascend' extra") from None
+        return v
+
+    @model_validator(mode="after")
+    def _processors(self) -> SessionConfig:
+        procs = self.processor_cfg_map
+        for name, cfg in procs.items():
+            if name not in PROCESSORS:
+                raise ValueError(f"unknown processor {name!r}; valid: {', '.join(PROCESSORS)}")
+            if not isinstance(cfg, PROCESSORS[name]):
+                raise ValueError(f"processor {name!r} takes a {PROCESSORS[name].__name__}, "
+                                 f"got {type(cfg).__name__}")
+        quant = [n for n in QUANT_PROCESSORS if n in procs]
+        if not quant:
+            if "save" in procs and set(procs) <= {"save"}:
+                raise ValueError("the save processor cannot be used alone: add a quantization processor "
+                                 f"({', '.join(QUANT_PROCESSORS)})")
+            raise ValueError(f"at least one quantization processor is needed: {', '.join(QUANT_PROCESSORS)}")
+        if len(quant) > 1:
+            raise ValueError(f"conflicting processors {quant}: use exactly one of {', '.join(QUANT_PROCESSORS)}")
+        suppression = [n for n in SUPPRESSION_PROCESSORS if n in procs]
+        if len(suppression) > 1:
+            raise ValueError(f"conflicting processors {suppression}: use at most one outlier suppression "
+                             f"processor of {', '.join(SUPPRESSION_PROCESSORS)}")
+        if "fa3" in procs and "w8a8_dynamic" not in procs:
+            raise ValueError("processor 'fa3' needs 'w8a8_dynamic' in the same session")
+        return self
+
+    @property
+    def quant_processor(self) -> str:
+        """The one quantization processor's name."""
+        return next(n for n in QUANT_PROCESSORS if n in self.processor_cfg_map)

@@ -1,0 +1,70 @@
+"""fxquant.session.run: a SessionConfig turned into a pass list (seed 002)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+from fxquant.passes import AWQScale, FlexSmooth, IterSmooth
+
+from ..api import quantize
+from ..ascend_checkpoint import save_ascend
+from ..calib_data import synthetic_example
+from ..errors import CalibrationDataError
+from ..schemes import SchemeOptions
+from .config import (
+    SUPPRESSION_PROCESSORS,
+    M3ProcessorConfig,
+    M4ProcessorConfig,
+    M6ProcessorConfig,
+    SaveProcessorConfig,
+    SessionConfig,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _suppression(session: SessionConfig):
+    """The outlier-suppression pass the session asks for, or None."""
+    name = next((n for n in SUPPRESSION_PROCESSORS if n in session.processor_cfg_map), None)
+    if name is None:
+        return None
+    if session.calib_data is None:
+        raise CalibrationDataError(f"outlier suppression {name!r} needs calib_data to measure activations")
+    cfg = session.processor_cfg_map[name]
+    if isinstance(cfg, M3ProcessorConfig):
+        return AWQScale(session.calib_data)
+    if isinstance(cfg, M4ProcessorConfig):
+        return IterSmooth(session.calib_data)
+    assert isinstance(cfg, M6ProcessorConfig)
+    return FlexSmooth(session.calib_data, alpha=cfg.cfg.alpha, beta=cfg.cfg.beta)
+
+
+def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = True) -> fx.GraphModule:
+    """Quantize `model` as the session says and write what its save processor asks.
+
+    Returns the quantized GraphModule, called like `model`. Pass list: capture, resolve schemes
+    (the quant processor's disable_names stay float), outlier suppression (m3 / m4 / m6), insert
+    QuantOprs (Ascend rounding order), fa3 attention quantizers, layerwise calibration, freeze.
+    """
+    procs = session_config.processor_cfg_map
+    name = session_config.quant_processor
+    quant = procs[name]
+    options = SchemeOptions(act_method=quant.cfg.observer, offset_in_rounding=True,
+                            timestep_sep=getattr(quant, "timestep_sep", 0))
+    device = "cpu" if session_config.device == "cpu" else "npu"
+    calib = session_config.calib_data
+    example = None
+    if calib is None:
+        example = synthetic_example(model)
+    gm = quantize(model, calib, scheme=name, disable_names=list(quant.disable_names), options=options,
+                  example_inputs=example, suppression=_suppression(session_config),
+                  attention_quant="fa3" in procs, device=device, progress=progress)
+    save = procs.get("save")
+    if isinstance(save, SaveProcessorConfig):
+        save_ascend(gm, model, save.output_path, default_scheme=name, save_type=list(save.save_type),
+                    safetensors_name=save.safetensors_name, json_name=save.json_name,
+                    part_file_size=save.part_file_size)
+    return gm

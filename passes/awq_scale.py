@@ -1,0 +1,79 @@
+"""m3: AWQ-style activation-aware scaling, chosen per group of layers by its own output error."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from fxquant.calib_data import normalise_calib_data
+from fxquant.ir import fxq_meta
+from fxquant.quant_proxy import fake_quant_act, fake_quant_weight
+
+from .flex_smooth import ACTIVATION_MODES
+from .smooth_quant import ChannelStats, SmoothGroup, SmoothQuant
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sample_inputs(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], max_rows: int) -> dict[str, torch.Tensor]:
+    """{linear name: up to max_rows rows [m, k] of its input}, strided evenly over every sample."""
+    batches = normalise_calib_data(calib_data)
+    per_sample = max(1, max_rows // len(batches))
+    rows: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
+    handles = []
+    for name in targets:
+        def hook(mod, args, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            step = max(1, x.shape[0] // per_sample)
+            rows[name].append(x[::step][:per_sample].float().clone())
+        handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        for args, kwargs in batches:
+            gm(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {t: torch.cat(v) for t, v in rows.items()}
+
+
+@dataclass
+class AWQScale(SmoothQuant):
+    """Pass (m3): per group, s = mean|X|^alpha (normalised to geometric mean 1), alpha in `grid`
+    chosen to minimise the group's simulated int8 output error sum_i ||Q(X/s) Q(W_i s)^T - X W_i^T||^2
+    on up to `max_rows` sampled input rows. `chosen` records {group name: alpha}."""
+
+    grid: Sequence[float] = tuple(i / 10 for i in range(11))
+    max_rows: int = 2048
+    chosen: dict[str, float] = field(default_factory=dict, init=False)
+
+    def choose_scales(self, gm: fx.GraphModule, groups: list[SmoothGroup],
+                      stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
+        xs = sample_inputs(gm, self.calib_data, [g.members[0].target for g in groups], self.max_rows)
+        out = {}
+        for g in groups:
+            x = xs[g.members[0].target]
+            st = g.stats(stats)
+            mode = ACTIVATION_MODES.get(fxq_meta(g.members[0]).get("scheme"), "none")
+            weights = g.weights(gm)
+            refs = [F.linear(x, w.float()) for w in weights]
+            mean = x.abs().mean(dim=0).clamp(min=1e-5)
+            best, best_err = None, float("inf")
+            for a in self.grid:
+                s = g.tie(mean.pow(a))
+                s = s / (s.max() * s.min()).sqrt()
+                xq = fake_quant_act(x / s, mode, (st.lo / s).min(), (st.hi / s).max())
+                err = sum(float(((F.linear(xq, fake_quant_weight(w.float() * s)) - r) ** 2).sum())
+                          for w, r in zip(weights, refs))
+                if err < best_err:
+                    best, best_err = (a, s), err
+            self.chosen[g.name] = best[0]
+            out[g.name] = best[1]
+        log.info("AWQ scaling: alpha per group %s", self.chosen)
+        return out
