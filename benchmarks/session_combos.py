@@ -1,0 +1,94 @@
+"""SmolLM2-135M perplexity for every session processor combination (seed 002), with calibration
+time and peak RSS. Same protocol as llm_ppl.py: calibration on the "calib" split (16 x 512 tokens),
+perplexity on the disjoint "eval" split (32 x 512 tokens), one process per combination.
+
+    python benchmarks/session_combos.py [--combos w8a8 m4+w8a8 ...] [--calib 16] [--eval 32]
+
+A combination is processor names joined by "+": one of w8a8 / w8a8_dynamic, optionally one of
+m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, and fa3 (with w8a8_dynamic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from _rss import peak_rss_mb
+
+ALL = ["w8a8", "m3+w8a8", "m4+w8a8", "m6=0.85,0.15+w8a8", "m6+w8a8",
+       "w8a8_dynamic", "m3+w8a8_dynamic", "m4+w8a8_dynamic", "m6=0.4,0.6+w8a8_dynamic", "m6+w8a8_dynamic",
+       "m4+w8a8_dynamic+fa3"]
+
+
+def session_for(combo: str, calib: list):
+    from fxquant import session as s
+
+    procs = {}
+    for part in combo.split("+"):
+        name, _, value = part.partition("=")
+        if name == "w8a8":
+            procs[name] = s.W8A8ProcessorConfig(cfg=s.W8A8QuantConfig(), disable_names=[])
+        elif name == "w8a8_dynamic":
+            procs[name] = s.W8A8DynamicProcessorConfig(cfg=s.W8A8DynamicQuantConfig(), disable_names=[])
+        elif name == "fa3":
+            procs[name] = s.FA3ProcessorConfig()
+        elif name == "m3":
+            procs[name] = s.M3ProcessorConfig()
+        elif name == "m4":
+            procs[name] = s.M4ProcessorConfig()
+        elif name == "m6":
+            alpha, beta = (float(v) for v in value.split(",")) if value else (None, None)
+            procs[name] = s.M6ProcessorConfig(cfg=s.M6Config(alpha=alpha, beta=beta))
+        else:
+            raise SystemExit(f"unknown processor {name!r} in {combo!r}")
+    return s.SessionConfig(processor_cfg_map=procs, calib_data=calib)
+
+
+def run_one(combo: str, n_calib: int, n_eval: int) -> dict:
+    import torch
+
+    from fxquant import session
+    from fxquant.real_models import load_smollm2, perplexity, text_corpus, token_windows
+
+    torch.manual_seed(0)
+    model, tok = load_smollm2()
+    evals = token_windows(tok, text_corpus("eval"), n_eval, 512)
+    calib_s = 0.0
+    if combo != "fp32":
+        calib = [{"input_ids": w, "use_cache": False} for w in token_windows(tok, text_corpus("calib"), n_calib, 512)]
+        start = time.perf_counter()
+        model = session.run(model, session_for(combo, calib), progress=False)
+        calib_s = time.perf_counter() - start
+    return {"combo": combo, "ppl": perplexity(model, evals), "calib_s": calib_s, "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--combos", nargs="+", default=ALL)
+    ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
+    ap.add_argument("--eval", type=int, default=32, help="evaluation windows of 512 tokens")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.calib, args.eval)))
+        return
+    rows = []
+    for combo in ["fp32"] + args.combos:
+        cmd = [sys.executable, __file__, "--one", combo, "--calib", str(args.calib), "--eval", str(args.eval)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  done {combo}", file=sys.stderr)
+    base = rows[0]["ppl"]
+    print(f"SmolLM2-135M sessions, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens")
+    print("| processors | perplexity | vs fp32 | calibration s | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['combo']} | {r['ppl']:.3f} | {100.0 * (r['ppl'] / base - 1.0):+.2f}% | "
+              f"{r['calib_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
