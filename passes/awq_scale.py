@@ -53,6 +53,7 @@ class AWQScale(SmoothQuant):
     max_rows: int = 2048
     chosen: dict[str, float] = field(default_factory=dict, init=False)
 
+    @torch.no_grad()
     def choose_scales(self, gm: fx.GraphModule, groups: list[SmoothGroup],
                       stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
         xs = sample_inputs(gm, self.calib_data, [g.members[0].target for g in groups], self.max_rows)
@@ -61,7 +62,7 @@ class AWQScale(SmoothQuant):
             x = xs[g.members[0].target]
             st = g.stats(stats)
             mode = ACTIVATION_MODES.get(fxq_meta(g.members[0]).get("scheme"), "none")
-            weights = g.weights(gm)
+            weights = [w.detach() for w in g.weights(gm)]
             refs = [F.linear(x, w.float()) for w in weights]
             mean = x.abs().mean(dim=0).clamp(min=1e-5)
             best, best_err = None, float("inf")
