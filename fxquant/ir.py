@@ -22,6 +22,11 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> torch.nn.Module | None:
     return gm.get_submodule(node.target)
 
 
+#: call_function targets of scaled-dot-product attention, in traced (torch) and exported (aten) graphs
+SDPA_TARGETS = frozenset({torch.ops.aten.scaled_dot_product_attention.default,
+                          torch.nn.functional.scaled_dot_product_attention})
+
+
 def scope_of(node: fx.Node) -> str:
     """Fully qualified name of the innermost module the node was traced in ('' at top level)."""
     stack = node.meta.get("nn_module_stack")

@@ -5,16 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
-from fxquant.ir import fxq_meta, scope_of
+from fxquant.ir import SDPA_TARGETS, fxq_meta, scope_of
 from fxquant.quant_opr import QAttentionInput
 from fxquant.quantizer import QuantSpec
 from fxquant.schemes import Scheme
 
 log = logging.getLogger(__name__)
-_SDPA = {torch.ops.aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
 ROLES = ("q", "k", "v")
 
 
@@ -31,7 +29,7 @@ class QuantizeAttention:
         scheme = Scheme("fa3", None, spec)
         count = 0
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in _SDPA:
+            if node.op != "call_function" or node.target not in SDPA_TARGETS:
                 continue
             scope = scope_of(node) or f"attention_{count}"
             for i, role in enumerate(ROLES):

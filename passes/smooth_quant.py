@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from fxquant.calib_data import normalise_calib_data
 from fxquant.errors import ConfigError, FxquantError
-from fxquant.ir import fxq_meta, get_attr_path, module_of
+from fxquant.ir import SDPA_TARGETS, fxq_meta, get_attr_path, module_of
 
 from .pass_manager import replace_submodule
 
@@ -45,7 +45,6 @@ _LAYOUT_FUNCTIONS = {aten.view.default, aten.reshape.default, aten._unsafe_view.
                      aten.slice.Tensor, aten.alias.default, torch.transpose, torch.reshape, torch.permute,
                      torch.unsqueeze}
 _LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unsqueeze", "expand", "clone"}
-_SDPA = {aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
 
 
 class ChannelScale(torch.nn.Module):
@@ -266,7 +265,7 @@ class SmoothQuant:
                 return None
             if isinstance(module_of(gm, node), torch.nn.Linear):
                 break
-            if node.op == "call_function" and node.target in _SDPA and sdpa is None:
+            if node.op == "call_function" and node.target in SDPA_TARGETS and sdpa is None:
                 if len(node.args) < 3 or not isinstance(node.args[2], fx.Node):
                     return None
                 sdpa, node = node, node.args[2]

@@ -54,14 +54,13 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
     quant = procs[name]
     options = SchemeOptions(act_method=quant.cfg.observer, offset_in_rounding=True,
                             timestep_sep=getattr(quant, "timestep_sep", 0))
-    device = "cpu" if session_config.device == "cpu" else "npu"
     calib = session_config.calib_data
     example = None
     if calib is None:
         example = synthetic_example(model)
     gm = quantize(model, calib, scheme=name, disable_names=list(quant.disable_names), options=options,
                   example_inputs=example, suppression=_suppression(session_config),
-                  attention_quant="fa3" in procs, device=device, progress=progress)
+                  attention_quant="fa3" in procs, device=session_config.device, progress=progress)
     save = procs.get("save")
     if isinstance(save, SaveProcessorConfig):
         save_ascend(gm, model, save.output_path, default_scheme=name, save_type=list(save.save_type),
