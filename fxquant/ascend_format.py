@@ -49,7 +49,7 @@ def layer_tensors(qopr: QuantOpr, model_dtype: torch.dtype) -> tuple[str, dict[s
         raise ConfigError(f"the Ascend weight format covers Linear layers; got {type(qopr).__name__} "
                           "(export convolutions to ONNX instead)")
     wq = qopr.weight_quantizer
-    codes = wq.quantize(qopr.weight)[0].reshape(qopr.weight.shape).to(torch.int8)
+    codes = qopr.weight_int8()
     n = codes.shape[0]
     scheme = qopr.scheme
     out: dict[str, torch.Tensor] = {"weight": codes}
@@ -68,7 +68,7 @@ def layer_tensors(qopr: QuantOpr, model_dtype: torch.dtype) -> tuple[str, dict[s
         raise ConfigError(f"scheme {scheme!r} has no Ascend weight format")
     aq = qopr.input_quantizer
     input_scale = aq.scale.float().reshape(-1, 1)  # [1, 1], or [T, 1]: one row per timestep
-    input_offset = aq.zero_point.float().reshape(-1, 1)
+    input_offset = aq.zero_point.float().reshape(-1, 1) - (0 if aq.spec.signed else 128)  # uint8 codes -> int8
     deq = input_scale * wscale[None, :]  # float32 [T, n], the exact product the integer path multiplies by
     bias = qopr.bias.detach().float() if qopr.bias is not None else torch.zeros(n)
     colsum = codes.to(torch.int64).sum(dim=1)

@@ -76,3 +76,10 @@ def synthetic_example(model: torch.nn.Module) -> dict[str, Any]:
     raise CalibrationDataError(
         f"data-free quantization of {type(model).__name__} needs one example input to capture the "
         "graph: pass calib_data=[[example]] (weight-only and dynamic schemes use it only for capture)")
+
+
+def synthetic_inputs(input_shape: Sequence[int], count: int = 8, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Data-free calibration samples: `count` standard-normal float32 tensors of input_shape,
+    in the [[input1], [input2], ...] template."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(*input_shape, generator=gen)] for _ in range(count)]

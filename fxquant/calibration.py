@@ -8,6 +8,7 @@ values whose consumers have all run. Peak memory is the model plus the live acti
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +25,9 @@ from .timestep import TimestepQuantizer, step_indices
 
 log = logging.getLogger(__name__)
 
+#: f(layer, its calibration inputs, its float outputs), e.g. fxquant.keep_acc.AdaRound()
+WeightOptimizer = Callable[[_QWeighted, list[torch.Tensor], list[torch.Tensor]], None]
+
 
 class CalibrationRunner:
     """Calibrates the QuantOprs of a GraphModule layer by layer.
@@ -34,18 +38,21 @@ class CalibrationRunner:
 
     def __init__(self, model: fx.GraphModule, calib_data: Any = None,
                  input_overrides: dict[str, list[torch.Tensor]] | None = None,
-                 measure_sensitivity: bool = False, pr: float = 1.0, seed: int = 0) -> None:
+                 measure_sensitivity: bool = False, pr: float = 1.0, seed: int = 0,
+                 weight_optimizers: Sequence[WeightOptimizer] = ()) -> None:
         """input_overrides: {layer name: tensors} observed instead of that layer's stored inputs
         (msModelSlim's all_tensors). measure_sensitivity: record each QuantOpr's output
         noise-to-signal ratio in node.meta["fxquant"]["sensitivity"]. pr: with asym, the
         probability that an element of a stored quantized output is the quantized value rather
-        than the float one (QDrop-style mixing; 1.0 = fully quantized)."""
+        than the float one (QDrop-style mixing; 1.0 = fully quantized). weight_optimizers: called
+        as f(layer, inputs, float_outputs) after each weighted layer is calibrated (keep_acc)."""
         self.model = model
         self.input_overrides = dict(input_overrides or {})
         self.measure_sensitivity = measure_sensitivity
         if not 0.0 <= pr <= 1.0:
             raise FxquantError(f"pr must be in [0, 1], got {pr}")
         self.pr = pr
+        self.weight_optimizers = list(weight_optimizers)
         self._generator = torch.Generator().manual_seed(seed)
         self.batches: list[CalibBatch] | None = (
             normalise_calib_data(calib_data) if calib_data is not None else None)
@@ -113,6 +120,8 @@ class CalibrationRunner:
                     if isinstance(module, _QWeighted):
                         module.calibrate_weight()
                 outs = [self._run(node, self.storage, b, device) for b in range(n_batches)]
+                if isinstance(module, _QWeighted) and self.weight_optimizers:
+                    self._optimize_weight(node, module, self.qstorage if asym else self.storage, outs)
                 if isinstance(module, QuantOpr) and self.measure_sensitivity:
                     fxq_meta(node)["sensitivity"] = self._sensitivity(node, module, outs, device)
                 self.storage.set(node, outs)
@@ -147,6 +156,15 @@ class CalibrationRunner:
             stack.extend(node.all_input_nodes)
         run.update(n for n in self.model.graph.nodes if n.op == "placeholder")
         return run
+
+    def _optimize_weight(self, node: fx.Node, module: _QWeighted, store: ActivationStorage,
+                         outs: list[Any]) -> None:
+        """Run the weight optimizers on the layer's stored inputs and its float outputs."""
+        arg = next(a for a in node.args if isinstance(a, fx.Node))
+        inputs = self.input_overrides.get(node.target) or store.get(arg)
+        module.set_quant(False, False)
+        for optimize in self.weight_optimizers:
+            optimize(module, list(inputs), outs)
 
     def _quantized_outputs(self, node: fx.Node, module: Any, outs: list[Any], device: torch.device,
                            w_quant: bool, a_quant: bool) -> list[Any]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,13 +21,23 @@ from fxquant.passes import (
     freeze,
     functional_to_modules,
 )
+from fxquant.passes.lower_onnx_to_ascend import lower_onnx_to_ascend
+from fxquant.passes.lower_to_qdq import lower_to_qdq
 from fxquant.passes.rollback import Rollback
 
-from .calib_data import check_fits_signature, normalise_calib_data, synthetic_example
+from .amp import select_amp_rollback
+from .calib_data import (
+    check_fits_signature,
+    normalise_calib_data,
+    synthetic_example,
+    synthetic_inputs,
+)
 from .capture import capture
 from .config import QuantConfig, parse_disable_level
 from .errors import CalibrationDataError, ConfigError
 from .ir import scheme_decisions
+from .keep_acc import AdaRound, ADMMWeights, EasyQuantScales
+from .onnx_export import ONNX_TARGETS, to_onnx_model, write_onnx
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
 
@@ -52,14 +64,25 @@ class Calibrator:
         self.rollback_count = parse_disable_level(disable_level)
         self.mix_cfg = dict(mix_cfg or {})
         ResolveSchemes(default=cfg.scheme, mix_cfg=self.mix_cfg)  # validates the values now
+        if cfg.quant_mode == 0 and calib_data is not None:
+            raise ConfigError("quant_mode=0 is data-free but calib_data was given; use quant_mode=1 "
+                              "(label-free) or leave calib_data out")
+        if cfg.quant_mode == 1 and calib_data is None:
+            raise ConfigError("quant_mode=1 (label-free) needs calib_data; for data-free quantization use "
+                              "quant_mode=0 with input_shape")
+        if calib_data is None and cfg.input_shape is not None:
+            calib_data = synthetic_inputs(cfg.input_shape)
+            log.info("data-free: calibrating on %d synthetic inputs of shape %s", len(calib_data),
+                     list(cfg.input_shape))
         self.batches = normalise_calib_data(calib_data) if calib_data is not None else None
         if self.batches is not None:
             check_fits_signature(model, self.batches)
         self.calib_data = calib_data
         self.all_tensors = _normalise_all_tensors(all_tensors)
-        self.device = cfg.device()
+        self.device = cfg.torch_device()
         self._model: fx.GraphModule | None = None
         self.sensitivity: dict[str, float] = {}
+        self.amp_layers: list[str] = []
 
     @property
     def model(self) -> fx.GraphModule:
@@ -73,9 +96,12 @@ class Calibrator:
         cfg = self.cfg
         args, kwargs = self.batches[0] if self.batches else ((), synthetic_example(self.float_model))
         gm = capture(self.float_model, args, kwargs)
+        keep_ends = cfg.disable_names is not None and len(cfg.disable_names) == 0  # msModelSlim CV
         resolve = ResolveSchemes(default=cfg.scheme, mix_cfg=self.mix_cfg,
                                  disable_names=list(cfg.disable_names or ()),
-                                 disable_last_layer=cfg.disable_last_linear)
+                                 disable_first_layer=keep_ends,
+                                 disable_last_layer=cfg.disable_last_linear or keep_ends,
+                                 small_op_scheme=cfg.scheme if cfg.quant_small_ops else "float")
         gm = PassManager([fold_batchnorm, functional_to_modules, resolve, InsertQuantOprs(cfg.options)])(gm)
         layers = [n for n, m in gm.named_modules() if isinstance(m, _QWeighted)]
         self._check_all_tensors(gm)
@@ -83,22 +109,81 @@ class Calibrator:
         if n > len(layers):
             raise ConfigError(f"disable_level 'L{n}' asks to roll back {n} layers but the model has "
                               f"{len(layers)} quantized layers")
+        if cfg.amp_num > len(layers):
+            raise ConfigError(f"amp_num={cfg.amp_num} asks to roll back more layers than the model's "
+                              f"{len(layers)} quantized layers")
         has_data = self.batches is not None
+        if (cfg.keepers.any or cfg.amp_num) and not has_data:
+            raise ConfigError("keep_acc and amp_num need calibration inputs: pass calib_data, or input_shape "
+                              "for synthetic ones")
         calibrate = Calibrate(self.calib_data, device=self.device, asym=has_data and cfg.pr > 0, pr=cfg.pr,
-                              input_overrides=self.all_tensors, measure_sensitivity=has_data and n > 0)
+                              input_overrides=self.all_tensors, measure_sensitivity=has_data and n > 0,
+                              weight_optimizers=self._weight_optimizers())
         gm = PassManager([calibrate])(gm)
+        rollback: list[str] = []
         if n > 0:
             self.sensitivity = _sensitivities(gm)
-            worst = sorted(self.sensitivity, key=self.sensitivity.get, reverse=True)[:n]
-            log.info("disable_level L%d rolls back %s", n, worst)
-            passes = [Rollback(worst)]
+            rollback = sorted(self.sensitivity, key=self.sensitivity.get, reverse=True)[:n]
+            log.info("disable_level L%d rolls back %s", n, rollback)
+        if cfg.amp_num:
+            self.amp_layers = select_amp_rollback(gm, self.batches, cfg.amp_num, already_float=rollback)
+            rollback += self.amp_layers
+        if rollback:
+            passes = [Rollback(rollback)]
             if calibrate.asym:  # later layers were calibrated on the rolled-back layers' errors
                 passes.append(Calibrate(self.calib_data, device=self.device, asym=True, pr=cfg.pr,
-                                        input_overrides=self.all_tensors))
+                                        input_overrides=self.all_tensors,
+                                        weight_optimizers=calibrate.weight_optimizers))
             gm = PassManager(passes)(gm)
         gm = PassManager([freeze])(gm).to("cpu")
         gm.meta["fxquant_decisions"] = scheme_decisions(gm)
         self._model = gm
+
+    def export_quant_onnx(self, name: str, output_dir: str | os.PathLike, input_names: Sequence[str] | None = None,
+                          target: str = "qdq") -> Path:
+        """Write the quantized model as ONNX into output_dir and return the file's path.
+
+        target "qdq" (default): `{name}.onnx` with QuantizeLinear/DequantizeLinear and int8 weight
+        initializers (per output channel, axis 0), opset 18, for onnxruntime and other QDQ runtimes.
+        target "ascend": `{name}_ascend.onnx` with AscendQuant -> int8 Conv/MatMul (+ int32 bias) ->
+        AscendDequant for ATC. input_names: one name per model input (default: the forward
+        parameter names), in the order of forward's parameters. Batch and sequence dimensions stay
+        dynamic.
+        """
+        if target not in ONNX_TARGETS:
+            raise ConfigError(f"unknown ONNX target {target!r}; valid: {', '.join(ONNX_TARGETS)}")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"name must be a non-empty file stem without '/', got {name!r}")
+        args, kwargs = self._example_inputs()
+        if input_names is not None and (isinstance(input_names, str)
+                                        or not all(isinstance(n, str) for n in input_names)):
+            raise ConfigError(f"input_names must be a list of str, got {input_names!r}")
+        proto = to_onnx_model(lower_to_qdq(self.model), args, kwargs, input_names)
+        if target == "ascend":
+            proto = lower_onnx_to_ascend(proto)
+        suffix = "_ascend" if target == "ascend" else ""
+        return write_onnx(proto, Path(output_dir) / f"{name}{suffix}.onnx")
+
+    def export_quant_safetensor(self, output_dir: str | os.PathLike) -> None:
+        """Seed 004's safetensors export: the Ascend weight format (docs/formats.md) in output_dir,
+        `quant_model_weight_{type}.safetensors` + `quant_model_description_{type}.json`."""
+        self.save(str(output_dir), save_type=["safe_tensor"])
+
+    def _example_inputs(self) -> tuple[tuple, dict]:
+        if self.batches:
+            return self.batches[0]
+        return (), synthetic_example(self.float_model)
+
+    def _weight_optimizers(self) -> list:
+        keep = self.cfg.keepers
+        out: list = []
+        if keep.easy_quant:
+            out.append(EasyQuantScales(iters=min(keep.easy_quant_iters, 100)))
+        if keep.admm:
+            out.append(ADMMWeights(iters=keep.admm_iters))
+        if keep.round_opt:
+            out.append(AdaRound(iters=keep.round_opt_iters))
+        return out
 
     def save(self, output_path: str, save_type: list[str] | None = None, safetensors_name: str | None = None,
              json_name: str | None = None, part_file_size: float | None = None) -> None:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .errors import ConfigError
+from .keep_acc import KeepAcc
 from .schemes import ACT_METHODS, SchemeOptions
 
-#: msModelSlim's integer act_method codes
-ACT_METHOD_CODES = {1: "minmax", 2: "histogram", 3: "mixed"}
+#: msModelSlim's integer act_method codes (0, data-free: the observer that `sigma` names)
+ACT_METHOD_CODES = {0: "sigma or minmax", 1: "minmax", 2: "histogram", 3: "mixed"}
 DEV_TYPES = ("cpu", "npu", "cuda")
 #: (w_bit, a_bit, is_dynamic) -> scheme
 BIT_SCHEMES = {
@@ -33,6 +35,19 @@ class QuantConfig:
     1/"minmax", 2/"histogram", 3/"mixed" (or any fxquant observer name). pr: probability that a
     later layer's calibration input is the quantized (rather than float) output of earlier
     layers; 0 calibrates on float activations only. dev_type/dev_id: where calibration runs.
+
+    CV fields (seed 004): disable_names=[] (an explicit empty list) keeps the first and the last
+    quantizable layer float, as msModelSlim does; amp_num rolls back the amp_num layers whose
+    quantization hurts the model output most on the calibration data; input_shape (e.g.
+    [1, 3, 224, 224]) makes synthetic inputs when there is no calib_data (data-free);
+    keep_acc {"admm": [bool, iters], "easy_quant": [bool, iters], "round_opt": bool} turns on the
+    accuracy keepers; act_method=0 with sigma > 0 observes mean +- sigma*std, with sigma=0
+    min-max; a_signed=False gives uint8 activation codes [0, 255]; act_quant=False is weight-only;
+    quant_mode 0 = data-free (input_shape, no calib_data), 1 = label-free (calib_data), None =
+    decided by whether calib_data is given; device is an alias of dev_type. Convolution weights
+    are always per output channel (mm_tensor governs Linear layers). quant_small_ops: give the
+    add / bmm / matmul small ops static int8 inputs too (w8a8 only), so that a runtime can run whole
+    residual blocks in int8 (onnxruntime fuses QLinearConv -> QLinearAdd).
     """
 
     w_bit: int = 8
@@ -48,9 +63,25 @@ class QuantConfig:
     is_dynamic: bool = False
     group_size: int = 128
     disable_last_linear: bool = True
+    w_signed: bool = True
+    a_signed: bool = True
+    input_shape: Sequence[int] | None = None
+    act_quant: bool = True
+    quant_mode: int | None = None
+    amp_num: int = 0
+    keep_acc: Mapping[str, Any] | None = None
+    sigma: float = 25
+    device: str | None = None
+    quant_small_ops: bool = False
     options: SchemeOptions = field(init=False, repr=False)
+    keepers: KeepAcc = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.device is not None:
+            self.dev_type = self.device
+        if not self.act_quant:
+            self.a_bit = 16
+        self._check_cv_fields()
         if self.w_bit not in (4, 8):
             raise ConfigError(f"w_bit={self.w_bit} is not supported; valid: 4, 8")
         if self.a_bit not in (8, 16):
@@ -60,6 +91,9 @@ class QuantConfig:
             valid = ", ".join(f"w_bit={w}, a_bit={a}, is_dynamic={d}" for w, a, d in BIT_SCHEMES)
             raise ConfigError(f"w_bit={self.w_bit}, a_bit={self.a_bit}, is_dynamic={self.is_dynamic} "
                               f"is not a supported combination; valid: {valid}")
+        if self.quant_small_ops and self.scheme != "w8a8":
+            raise ConfigError(f"quant_small_ops needs static w8a8 (w_bit=8, a_bit=8, is_dynamic=False), "
+                              f"not {self.scheme}")
         if self.a_bit == 8 and not self.w_sym:
             raise ConfigError("w8a8 needs symmetric weights (w_sym=True): the int8 matmul has no weight offset")
         if not 0.0 <= float(self.pr) <= 1.0:
@@ -71,9 +105,29 @@ class QuantConfig:
         if self.disable_names is not None and (isinstance(self.disable_names, str)
                                                or not all(isinstance(n, str) for n in self.disable_names)):
             raise ConfigError("disable_names must be a list of layer names (str)")
-        self.options = SchemeOptions(act_method=self.act_observer, w_sym=self.w_sym, a_sym=self.a_sym,
+        observer = self.act_observer
+        kwargs = (("k", float(self.sigma)),) if observer == "sigma" else ()
+        self.options = SchemeOptions(act_method=observer, w_sym=self.w_sym, a_sym=self.a_sym, a_signed=self.a_signed,
                                      group_size=self.group_size, w_per_channel=not self.mm_tensor,
+                                     act_observer_kwargs=kwargs,
                                      offset_in_rounding=True)  # Ascend quantize: round(x/s + offset)
+        self.keepers = KeepAcc.parse(self.keep_acc)
+
+    def _check_cv_fields(self) -> None:
+        if self.w_signed is not True:
+            raise ConfigError("w_signed=False is not supported: int8 kernels (ONNX, Ascend) take signed weights")
+        if not isinstance(self.amp_num, int) or isinstance(self.amp_num, bool) or self.amp_num < 0:
+            raise ConfigError(f"amp_num must be an integer >= 0, got {self.amp_num!r}")
+        if self.quant_mode not in (None, 0, 1):
+            raise ConfigError(f"quant_mode={self.quant_mode!r} is not supported; valid: 0 (data-free), "
+                              "1 (label-free), None (from whether calib_data is given)")
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or self.sigma < 0:
+            raise ConfigError(f"sigma must be a number >= 0 (0 = min-max), got {self.sigma!r}")
+        if self.input_shape is not None and (
+                isinstance(self.input_shape, str)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.input_shape)):
+            raise ConfigError(f"input_shape must be a list of positive ints such as [1, 3, 224, 224], "
+                              f"got {self.input_shape!r}")
 
     @property
     def act_observer(self) -> str:
@@ -83,7 +137,10 @@ class QuantConfig:
             raise ConfigError(f"act_method must be 1, 2, 3 or an observer name, got {m!r}")
         if isinstance(m, int):
             if m not in ACT_METHOD_CODES:
-                raise ConfigError(f"act_method={m} is not supported; valid: 1 (minmax), 2 (histogram), 3 (mixed)")
+                raise ConfigError(f"act_method={m} is not supported; valid: 0 (data-free: sigma, or minmax "
+                                  "when sigma=0), 1 (minmax), 2 (histogram), 3 (mixed)")
+            if m == 0:
+                return "sigma" if self.sigma > 0 else "minmax"
             return ACT_METHOD_CODES[m]
         if m not in ACT_METHODS and not re.fullmatch(r"top_\d+", m):
             raise ConfigError(f"act_method {m!r} is not supported; valid: {', '.join(ACT_METHODS)}, top_<k>")
@@ -94,7 +151,7 @@ class QuantConfig:
         """The default scheme these bit widths select."""
         return BIT_SCHEMES[(self.w_bit, self.a_bit, self.is_dynamic)]
 
-    def device(self) -> torch.device:
+    def torch_device(self) -> torch.device:
         """The calibration device; a clear error when its backend is missing."""
         if self.dev_type == "npu":
             try:

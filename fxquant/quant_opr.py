@@ -76,11 +76,27 @@ class _QWeighted(QuantOpr):
         self.bias = layer.bias
         self.weight_quantizer = build_quantizer(scheme.weight)
         self.register_buffer("weight_codes", None, persistent=False)
+        self.codes_fixed = False
+
+    def set_weight_codes(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Fix the weight's integer codes (weight's shape, integer-valued) and optionally its scale
+        (the weight quantizer's scale shape), e.g. learned rounding; calibration keeps them."""
+        wq = self.weight_quantizer
+        if not isinstance(wq, StaticQuantizer) or wq.spec.granularity == "group":
+            raise TypeError("fixed weight codes need a per-tensor or per-channel static weight quantizer")
+        if scale is not None:
+            wq.scale = scale.to(wq.scale)
+        self.weight_codes = torch.clamp(codes.round(), wq.qmin, wq.qmax).to(torch.int8)
+        self.codes_fixed = True
+
+    def weight_int8(self) -> torch.Tensor:
+        """The deployed int8 codes of the weight, weight's shape."""
+        return self._weight_codes().round().reshape(self.weight.shape).to(torch.int8)
 
     def calibrate_weight(self) -> None:
-        """Observe the weight and set its qparams."""
+        """Observe the weight and set its qparams (kept as they are once set_weight_codes fixed them)."""
         wq = self.weight_quantizer
-        if isinstance(wq, StaticQuantizer):
+        if isinstance(wq, StaticQuantizer) and not self.codes_fixed:
             wq.reset_observer()
             wq.observe(self.weight.detach())
             if wq.spec.clip_search:
@@ -93,13 +109,13 @@ class _QWeighted(QuantOpr):
         """Drop observers and cache the weight's integer codes (int8 storage)."""
         super().freeze()
         wq = self.weight_quantizer
-        if isinstance(wq, StaticQuantizer) and wq.calibrated:
+        if isinstance(wq, StaticQuantizer) and wq.calibrated and not self.codes_fixed:
             with torch.no_grad():
                 self.weight_codes = wq.quantize(self.weight)[0].to(torch.int8)
 
     def _weight_codes(self) -> torch.Tensor:
         """Float integer codes of the weight (grouped shape for per-group specs)."""
-        if self.weight_codes is not None and not torch.is_grad_enabled():
+        if self.weight_codes is not None and (self.codes_fixed or not torch.is_grad_enabled()):
             return self.weight_codes.float()
         return self.weight_quantizer.quantize(self.weight)[0]
 
@@ -126,7 +142,23 @@ class _QWeighted(QuantOpr):
         if isinstance(aq, DynamicQuantizer) and not aq.spec.symmetric:
             return False  # per-token zero points are not folded into the accumulator
         return (wq.spec.bits == 8 and wq.spec.symmetric and wq.spec.signed and aq.spec.bits == 8
-                and aq.spec.signed and isinstance(aq, (StaticQuantizer, DynamicQuantizer)))
+                and (aq.spec.signed or isinstance(aq, StaticQuantizer))
+                and isinstance(aq, (StaticQuantizer, DynamicQuantizer)))
+
+    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scale, zero point) of x as signed int8 values (uint8 codes shift by -128, as
+        their zero point does: the same arithmetic)."""
+        codes, sx, zx = self.active_input_quantizer().quantize(x)
+        if not self.active_input_quantizer().spec.signed:
+            codes, zx = codes - 128, zx - 128
+        return codes, sx, zx
+
+    def _quantized_bias(self, deq: torch.Tensor) -> torch.Tensor | None:
+        """Static activations: the bias on the accumulator's grid, round(bias / deq) as float
+        integers [n] (what Ascend's quant_bias and onnxruntime's QLinearConv add in int32)."""
+        if self.bias is None:
+            return None
+        return torch.round(self.bias.float() / deq.reshape(-1))
 
 
 class QLinear(_QWeighted):
@@ -143,7 +175,7 @@ class QLinear(_QWeighted):
 
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.active_input_quantizer()
-        codes, sx, zx = aq.quantize(x)
+        codes, sx, zx = self._input_codes(x)
         k = x.shape[-1]
         xi = codes.reshape(-1, k).to(torch.int8)
         wi = self._weight_codes().to(torch.int8)
@@ -153,10 +185,14 @@ class QLinear(_QWeighted):
         wscale = self.weight_quantizer.scale.reshape(-1)
         if isinstance(aq, DynamicQuantizer):
             y = acc.float() * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
+            if self.bias is not None:
+                y = y + self.bias.float()
         else:
-            y = acc.float() * (sx * wscale)  # kernel order: one deq_scale = input_scale * weight_scale
-        if self.bias is not None:
-            y = y + self.bias.float()
+            deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
+            qbias = self._quantized_bias(deq)
+            if qbias is not None:
+                acc = acc + qbias.to(torch.int32)
+            y = acc.float() * deq
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -179,13 +215,17 @@ class _QConvNd(_QWeighted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._integer_path(x) and isinstance(self.active_input_quantizer(), StaticQuantizer):
-            codes, sx, zx = self.active_input_quantizer().quantize(x)
-            acc = self._conv(codes - zx, self._weight_codes(), None)
+            codes, sx, zx = self._input_codes(x)
+            w = self._weight_codes()
+            exact = w[0].numel() * 127 * 255 < 2**24  # fp32 sums of integer codes stay exact below 2^24
+            dt = torch.float32 if exact else torch.float64
+            acc = self._conv((codes - zx).to(dt), w.to(dt), None)
             shape = [1, -1] + [1] * (x.dim() - 2)
-            y = acc * (sx * self.weight_quantizer.scale).reshape(shape)
-            if self.bias is not None:
-                y = y + self.bias.reshape(shape)
-            return y.to(x.dtype)
+            deq = (sx * self.weight_quantizer.scale).reshape(-1)
+            qbias = self._quantized_bias(deq)
+            if qbias is not None:
+                acc = acc + qbias.to(dt).reshape(shape)
+            return (acc.float() * deq.reshape(shape)).to(x.dtype)
         return self._conv(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 

@@ -16,7 +16,9 @@ class SchemeOptions:
     """Knobs that turn a scheme name into concrete specs.
 
     act_method: observer of static activations (any registered name, e.g. "top_10").
-    w_per_channel: per-output-channel weights (msModelSlim's mm_tensor=False); False = per-tensor.
+    w_per_channel: per-output-channel Linear weights (msModelSlim's mm_tensor=False); False = per-tensor.
+    conv_w_per_channel: convolution weights per output channel whatever w_per_channel says.
+    a_signed: static activation codes int8 [-128, 127]; False: uint8 [0, 255].
     w_sym: symmetric weights of weight-only schemes; None = scheme default (int8 symmetric, int4
     asymmetric). w8a8 weights are always symmetric (the integer kernel has no weight offset).
     offset_in_rounding: static activations round x/s + zero_point together, as Ascend's quantize
@@ -29,8 +31,10 @@ class SchemeOptions:
     act_method: str = "minmax"
     w_sym: bool | None = None
     a_sym: bool = False
+    a_signed: bool = True
     group_size: int = 128
     w_per_channel: bool = True
+    conv_w_per_channel: bool = True
     w_clip_search: bool = False
     offset_in_rounding: bool = False
     rounding: str = "half_even"
@@ -83,7 +87,7 @@ def make_scheme(name: str, opts: SchemeOptions | None = None) -> Scheme:
     if name == "w8a8_dynamic":
         act = QuantSpec(bits=8, symmetric=True, granularity="token", rounding=o.rounding)
         return Scheme(name, w8.with_(symmetric=True), act)
-    act = QuantSpec(bits=8, symmetric=o.a_sym, granularity="tensor", rounding=o.rounding,
+    act = QuantSpec(bits=8, symmetric=o.a_sym, signed=o.a_signed, granularity="tensor", rounding=o.rounding,
                     pow2_scale=o.pow2_scale, observer=o.act_method, offset_in_rounding=o.offset_in_rounding,
                     observer_kwargs=dict(o.act_observer_kwargs))
     if name == "w8a8_timestep":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import fx
 
 from fxquant.calib_data import check_finite
-from fxquant.calibration import CalibrationRunner
+from fxquant.calibration import CalibrationRunner, WeightOptimizer
 from fxquant.errors import CalibrationDataError
 from fxquant.quant_opr import QuantOpr, _QWeighted
 from fxquant.quantizer import StaticQuantizer
@@ -37,10 +38,11 @@ class Calibrate:
     input_overrides: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     measure_sensitivity: bool = False
     pr: float = 1.0
+    weight_optimizers: Sequence[WeightOptimizer] = ()
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         static = needs_activation_data(gm)
-        wants_runner = static or self.measure_sensitivity  # asym only matters for static inputs
+        wants_runner = static or self.measure_sensitivity or self.weight_optimizers  # asym only matters for static inputs
         if self.calib_data is None and static:
             missing = [n for n in static if n not in self.input_overrides]
             if missing:
@@ -50,7 +52,8 @@ class Calibrate:
             self._calibrate_from_overrides(gm)
         elif wants_runner and self.calib_data is not None:
             runner = CalibrationRunner(gm, self.calib_data, input_overrides=self.input_overrides,
-                                       measure_sensitivity=self.measure_sensitivity, pr=self.pr)
+                                       measure_sensitivity=self.measure_sensitivity, pr=self.pr,
+                                       weight_optimizers=self.weight_optimizers)
             runner.layerwise_calibration(self.device, asym=self.asym, w_quant=True, a_quant=True,
                                          offload=self.offload, progress=self.progress)
             gm.meta["fxquant_peak_live"] = runner.storage.peak_live

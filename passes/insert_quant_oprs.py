@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import torch
 from torch import fx
 
 from fxquant.errors import ConfigError
@@ -34,6 +35,9 @@ class InsertQuantOprs:
             scheme = make_scheme(meta.get("scheme", "float"), self.options)
             if scheme.is_float:
                 continue
+            if (self.options.conv_w_per_channel and isinstance(module, torch.nn.modules.conv._ConvNd)
+                    and scheme.weight is not None and scheme.weight.granularity == "tensor"):
+                scheme = replace(scheme, weight=scheme.weight.with_(granularity="channel", axis=0))
             if scheme.weight is not None and scheme.weight.granularity == "group":
                 k = module.weight.shape[1]
                 widths.add(k)

@@ -1,0 +1,98 @@
+"""One layer's reconstruction problem: its sampled inputs, float targets, and forward functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fxquant.fake_quant import dequantize_codes, quantize_codes
+from fxquant.quant_opr import QLinear, _QConvNd, _QWeighted
+from fxquant.quantizer import StaticQuantizer
+
+
+@dataclass
+class LayerProblem:
+    """x: the layer's inputs (Linear: rows [m, k]; conv: images [b, c, ...]), float32, sampled from
+    the calibration inputs; y: the float layer's outputs on the matching float inputs, same rows."""
+
+    module: _QWeighted
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def gather(cls, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+               max_rows: int = 4096, max_images: int = 256, seed: int = 0) -> LayerProblem:
+        """Concatenate the batches and keep at most max_rows rows (Linear) or max_images images."""
+        if isinstance(module, QLinear):
+            k, n = module.in_features, module.out_features
+            x = torch.cat([t.detach().float().reshape(-1, k) for t in inputs])
+            y = torch.cat([t.detach().float().reshape(-1, n) for t in targets])
+            limit = max_rows
+        else:
+            x = torch.cat([t.detach().float() for t in inputs])
+            y = torch.cat([t.detach().float() for t in targets])
+            limit = max_images
+        if x.shape[0] > limit:
+            idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
+            x, y = x[idx], y[idx]
+        return cls(module, x, y)
+
+    @property
+    def weight_quantizer(self) -> StaticQuantizer:
+        return self.module.weight_quantizer
+
+    def quantized_input(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x fake-quantized by the layer's static input quantizer (optionally with another scale)."""
+        aq = self.module.active_input_quantizer()
+        if not isinstance(aq, StaticQuantizer) or not aq.calibrated:
+            return self.x
+        s = aq.scale if scale is None else scale
+        codes = quantize_codes(self.x, s, aq.zero_point, aq.qmin, aq.qmax, aq.spec.rounding,
+                               aq.spec.offset_in_rounding)
+        return dequantize_codes(codes, s, aq.zero_point)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's float op on x with `weight` (weight's shape) and its bias."""
+        m = self.module
+        if isinstance(m, QLinear):
+            return F.linear(x, weight, m.bias)
+        assert isinstance(m, _QConvNd)
+        return m._conv(x, weight, m.bias)
+
+    def weight_scale(self) -> torch.Tensor:
+        """The weight scale broadcast against the weight: [n, 1, ...] or []."""
+        wq = self.weight_quantizer
+        return wq.broadcast_qparams(self.module.weight)[0]
+
+    def dequantized_weight(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """scale * codes (symmetric weights), the weight's shape."""
+        return codes * (self.weight_scale() if scale is None else scale)
+
+    def rtn_codes(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Round-to-nearest codes of the float weight, the weight's shape."""
+        wq = self.weight_quantizer
+        s = self.weight_scale() if scale is None else scale
+        return quantize_codes(self.module.weight.detach().float(), s, torch.zeros(()), wq.qmin, wq.qmax,
+                              wq.spec.rounding)
+
+    def error(self, out: torch.Tensor) -> float:
+        """Squared error of `out` against the float targets, summed."""
+        return float(((out - self.y) ** 2).sum())
+
+    def current_error(self) -> float:
+        """Output error of the layer as it is now quantized (input and weight)."""
+        with torch.no_grad():
+            codes = self.module._weight_codes() if self.module.codes_fixed else self.rtn_codes()
+            w = self.dequantized_weight(codes.reshape(self.module.weight.shape))
+            return self.error(self.forward(self.quantized_input(), w))
+
+
+def supports(module: torch.nn.Module) -> bool:
+    """True for layers the keepers handle: Linear/Conv with static symmetric per-tensor/channel weights."""
+    if not isinstance(module, (QLinear, _QConvNd)):
+        return False
+    wq = module.weight_quantizer
+    return (isinstance(wq, StaticQuantizer) and wq.calibrated and wq.spec.symmetric and wq.spec.signed
+            and wq.spec.granularity in ("tensor", "channel"))

@@ -1,0 +1,88 @@
+"""Write a calibrated graph as a quantized ONNX file (QDQ, or Ascend ops), atomically."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import fx
+
+from .errors import ConfigError, FxquantError
+
+log = logging.getLogger(__name__)
+
+ONNX_TARGETS = ("qdq", "ascend")
+OPSET = 18
+
+
+def _graph_input_names(gm: fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def to_onnx_model(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
+                  input_names: Sequence[str] | None = None) -> onnx.ModelProto:
+    """torch.onnx (dynamo) export of `module` called with args/kwargs.
+
+    input_names: one per tensor input of forward, in the order of its signature (default: the
+    parameter names); graph inputs are renamed by parameter name, never by position. Every
+    dimension the graph does not specialise (batch, sequence length) stays dynamic.
+    """
+    bound = {k: v for k, v in inspect.signature(module.forward).bind(*args, **kwargs).arguments.items()
+             if isinstance(v, torch.Tensor)}
+    if input_names is None:
+        input_names = list(bound)
+    if len(input_names) != len(bound):
+        raise ConfigError(f"input_names has {len(input_names)} names but the model takes {len(bound)} inputs "
+                          f"({', '.join(bound)}); give one name per input, in the order of forward's parameters")
+    shapes = {name: {d: torch.export.Dim.AUTO for d in range(v.dim())} for name, v in bound.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (), kwargs=bound, dynamo=True, opset_version=OPSET,
+                                    dynamic_shapes=shapes, verbose=False)
+    if program is None:
+        raise FxquantError("torch.onnx.export returned no program")
+    model = program.model_proto
+    _rename_inputs(model, dict(zip(bound, input_names)))
+    return model
+
+
+def _rename_inputs(model: onnx.ModelProto, names: dict[str, str]) -> None:
+    """Rename graph inputs (and their uses) from parameter names to the requested names."""
+    present = {i.name for i in model.graph.input}
+    missing = sorted(set(names) - present)
+    if missing:
+        raise FxquantError(f"exported graph has no inputs named {missing}; it has {sorted(present)}")
+    for value in model.graph.input:
+        value.name = names.get(value.name, value.name)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in names:
+                node.input[i] = names[name]
+    for out in model.graph.output:
+        if out.name in names:
+            raise FxquantError(f"graph input {out.name!r} is also an output; cannot rename it")
+
+
+def write_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Check `model` with onnx.checker and write it to `path` through a temporary file and rename."""
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path
