@@ -46,17 +46,27 @@ class QuantProxy:
 
     layers: {linear name: (activation mode, lo [k], hi [k])}, mode as in fake_quant_act and lo/hi
     the float input's per-channel range. samples: the batches to score on. score(scales) with scales
-    {linear name: s [k]} gives sum ||y_q - y||^2 / sum ||y||^2 over the model's float outputs.
+    {linear name: s [k]} gives, with metric "mse", sum ||y_q - y||^2 / sum ||y||^2 over the model's
+    float outputs; with "kl", the mean KL(softmax(logits) || softmax(logits_q)) per token, for
+    models whose output has `logits` [..., vocab] (it tracks perplexity; "auto" picks it then).
     """
 
     def __init__(self, gm: fx.GraphModule, layers: Mapping[str, tuple[str, torch.Tensor, torch.Tensor]],
-                 samples: Sequence[CalibBatch]) -> None:
+                 samples: Sequence[CalibBatch], metric: str = "auto") -> None:
+        if metric not in ("auto", "mse", "kl"):
+            raise ValueError(f"unknown proxy metric {metric!r}; valid: auto, mse, kl")
         self.gm, self.layers, self.samples = gm, dict(layers), list(samples)
+        self.metric = metric
         with torch.no_grad():
+            if metric == "auto":
+                args, kwargs = self.samples[0]
+                self.metric = "kl" if getattr(gm(*args, **kwargs), "logits", None) is not None else "mse"
             self.reference = [self._outputs(args, kwargs) for args, kwargs in self.samples]
 
     def _outputs(self, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
         out = self.gm(*args, **kwargs)
+        if self.metric == "kl":
+            return [torch.log_softmax(out.logits.float(), dim=-1)]
         return [t.float() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
     @torch.no_grad()
@@ -78,8 +88,12 @@ class QuantProxy:
             err = ref = 0.0
             for (args, kwargs), reference in zip(self.samples, self.reference):
                 for q, r in zip(self._outputs(args, kwargs), reference):
-                    err += float(((q - r) ** 2).sum())
-                    ref += float((r**2).sum())
+                    if self.metric == "kl":  # q, r: log-probabilities [..., vocab]
+                        err += float((r.exp() * (r - q)).sum())
+                        ref += float(r[..., 0].numel())
+                    else:
+                        err += float(((q - r) ** 2).sum())
+                        ref += float((r**2).sum())
         finally:
             for h in handles:
                 h.remove()
