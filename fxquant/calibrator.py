@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 
 class Calibrator:
-    """Quantize `model` as `cfg` says; `run()`, then `model` / `save(...)`.
+    """Quantize `model` as `cfg` says; `run()`, then `model`, `save(...)`, `export_quant_onnx(...)`
+    or `export_quant_safetensor(...)` (seed 000 for LLMs, seed 004 for CNNs and encoders).
 
     calib_data: `[[input1], [input2], ...]` (items may be dicts of keyword inputs); None is the
     data-free case, valid for weight-only and dynamic schemes. disable_level: 'L<n>' rolls back the

@@ -168,6 +168,15 @@ def test_minilm_qdq_onnx_runs_in_onnxruntime(minilm, tmp_path):
     assert out.shape == tuple(fq.shape)
     assert abs(float(cos_ort.mean()) - float(cos_fq.mean())) < 0.005  # the same accuracy as the simulation
     assert float(cos_ort.mean()) > 0.97
+    proto = onnx.load(cal.export_quant_onnx("minilm", tmp_path, target="ascend"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert "QuantizeLinear" not in ops and ops.count("AscendDequant") == sum(
+        1 for m in cal.model.modules() if type(m).__name__ == "QLinear")
+    few = {k: v[:2] for k, v in ev.items()}
+    out = ascend_reference_session(proto).run(None, {k: v.numpy() for k, v in few.items()})[0]
+    mask = few["attention_mask"].bool()
+    cos_ref = torch.nn.functional.cosine_similarity(torch.from_numpy(out)[mask], fq[:2][mask], dim=-1)
+    assert float(cos_ref.mean()) > 0.99
 
 
 @pytest.mark.parametrize("kwargs, match", [
