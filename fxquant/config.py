@@ -13,8 +13,8 @@ from .errors import ConfigError
 from .keep_acc import KeepAcc
 from .schemes import ACT_METHODS, SchemeOptions
 
-#: msModelSlim's integer act_method codes (0, data-free: the observer that `sigma` names)
-ACT_METHOD_CODES = {0: "sigma or minmax", 1: "minmax", 2: "histogram", 3: "mixed"}
+#: msModelSlim's integer act_method codes; 0 (data-free) means sigma statistics, or minmax when sigma=0
+ACT_METHOD_CODES = {1: "minmax", 2: "histogram", 3: "mixed"}
 DEV_TYPES = ("cpu", "npu", "cuda")
 #: (w_bit, a_bit, is_dynamic) -> scheme
 BIT_SCHEMES = {
@@ -134,13 +134,13 @@ class QuantConfig:
         """The observer name behind act_method."""
         m = self.act_method
         if isinstance(m, bool) or not isinstance(m, (int, str)):
-            raise ConfigError(f"act_method must be 1, 2, 3 or an observer name, got {m!r}")
+            raise ConfigError(f"act_method must be 0, 1, 2, 3 or an observer name, got {m!r}")
         if isinstance(m, int):
+            if m == 0:
+                return "sigma" if self.sigma > 0 else "minmax"
             if m not in ACT_METHOD_CODES:
                 raise ConfigError(f"act_method={m} is not supported; valid: 0 (data-free: sigma, or minmax "
                                   "when sigma=0), 1 (minmax), 2 (histogram), 3 (mixed)")
-            if m == 0:
-                return "sigma" if self.sigma > 0 else "minmax"
             return ACT_METHOD_CODES[m]
         if m not in ACT_METHODS and not re.fullmatch(r"top_\d+", m):
             raise ConfigError(f"act_method {m!r} is not supported; valid: {', '.join(ACT_METHODS)}, top_<k>")

@@ -74,5 +74,3 @@ class AdaRound:
     @staticmethod
     def _soft(v: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
-
-
