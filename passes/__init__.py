@@ -8,7 +8,9 @@ from .freeze import freeze
 from .functional_to_modules import functional_to_modules
 from .insert_quant_oprs import InsertQuantOprs
 from .iter_smooth import IterSmooth
+from .lower_onnx_to_ascend import lower_onnx_to_ascend
 from .lower_to_ascend import LowerToAscend
+from .lower_to_qdq import lower_to_qdq
 from .pass_manager import PassManager, lint_ir
 from .quantize_attention import QuantizeAttention
 from .resolve_schemes import ResolveSchemes, quantizable_nodes
@@ -18,5 +20,6 @@ from .smooth_quant import SmoothQuant
 __all__ = [
     "AWQScale", "Calibrate", "FlexSmooth", "InsertQuantOprs", "IterSmooth", "LowerToAscend", "PassManager",
     "QuantizeAttention", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze", "functional_to_modules", "lint_ir",
+    "lower_onnx_to_ascend", "lower_to_qdq",
     "quantizable_nodes",
 ]

@@ -15,13 +15,15 @@ int8 (codes - 128, offset - 128), the same arithmetic.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from fxquant.errors import FxquantError
 
-ASCEND_OPS = ("AscendQuant", "AscendDequant")
+log = logging.getLogger(__name__)
 
 
 def register_ascend_schemas() -> None:
@@ -205,6 +207,9 @@ def lower_onnx_to_ascend(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.graph.node[:]
     g.graph.node.extend(nodes)
     _remove_dead(model)
+    left = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    if left:
+        log.warning("%d QuantizeLinear nodes matched no Conv/MatMul/Gemm pattern and stay QDQ", left)
     return model
 
 
