@@ -57,7 +57,7 @@ def main() -> None:
             acc, err, secs = [], [], 0.0
             for m in models:
                 start = time.perf_counter()
-                cal = Calibrator(m, QuantConfig(**VARIANTS[name]), calib_data=calib)
+                cal = Calibrator(m, QuantConfig(**VARIANTS[name]), calib_data=calib, progress=False)
                 cal.run()
                 secs += time.perf_counter() - start
                 acc.append(accuracy(cal.model, xte, yte))

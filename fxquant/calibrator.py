@@ -52,18 +52,20 @@ class Calibrator:
     data-free case, valid for weight-only and dynamic schemes. disable_level: 'L<n>' rolls back the
     n most sensitive quantized layers to float. all_tensors: {layer name: tensor or list of
     tensors} used as that layer's calibration inputs. mix_cfg: {layer name or fnmatch pattern:
-    scheme}, exact names first, then the first matching pattern.
+    scheme}, exact names first, then the first matching pattern. progress: tqdm bars for
+    calibration and amp (an addition to the seed; False for scripts and logs).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: QuantConfig, calib_data: Any = None,
                  disable_level: str = "L0", all_tensors: Mapping[str, Any] | None = None,
-                 mix_cfg: Mapping[str, str] | None = None) -> None:
+                 mix_cfg: Mapping[str, str] | None = None, progress: bool = True) -> None:
         if not isinstance(cfg, QuantConfig):
             raise ConfigError(f"cfg must be a fxquant.QuantConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.float_model = model
         self.rollback_count = parse_disable_level(disable_level)
         self.mix_cfg = dict(mix_cfg or {})
+        self.progress = progress
         ResolveSchemes(default=cfg.scheme, mix_cfg=self.mix_cfg)  # validates the values now
         if cfg.quant_mode == 0 and calib_data is not None:
             raise ConfigError("quant_mode=0 is data-free but calib_data was given; use quant_mode=1 "
@@ -119,7 +121,7 @@ class Calibrator:
                               "for synthetic ones")
         calibrate = Calibrate(self.calib_data, device=self.device, asym=has_data and cfg.pr > 0, pr=cfg.pr,
                               input_overrides=self.all_tensors, measure_sensitivity=has_data and n > 0,
-                              weight_optimizers=self._weight_optimizers())
+                              weight_optimizers=self._weight_optimizers(), progress=self.progress)
         gm = PassManager([calibrate])(gm)
         rollback: list[str] = []
         if n > 0:
@@ -127,14 +129,15 @@ class Calibrator:
             rollback = sorted(self.sensitivity, key=self.sensitivity.get, reverse=True)[:n]
             log.info("disable_level L%d rolls back %s", n, rollback)
         if cfg.amp_num:
-            self.amp_layers = select_amp_rollback(gm, self.batches, cfg.amp_num, already_float=rollback)
+            self.amp_layers = select_amp_rollback(gm, self.batches, cfg.amp_num, already_float=rollback,
+                                                  progress=self.progress)
             rollback += self.amp_layers
         if rollback:
             passes = [Rollback(rollback)]
             if calibrate.asym:  # later layers were calibrated on the rolled-back layers' errors
                 passes.append(Calibrate(self.calib_data, device=self.device, asym=True, pr=cfg.pr,
                                         input_overrides=self.all_tensors,
-                                        weight_optimizers=calibrate.weight_optimizers))
+                                        weight_optimizers=calibrate.weight_optimizers, progress=self.progress))
             gm = PassManager(passes)(gm)
         gm = PassManager([freeze])(gm).to("cpu")
         gm.meta["fxquant_decisions"] = scheme_decisions(gm)
