@@ -49,8 +49,8 @@ def select_amp_rollback(gm: fx.GraphModule, batches: Sequence[CalibBatch], count
     rounds = min(count, len(candidates))
     bar = tqdm(total=rounds * len(candidates), desc="amp", unit="trial", disable=not progress)
     try:
+        base = error()
         for _ in range(rounds):
-            base = error()
             scores: dict[str, float] = {}
             for name in candidates:
                 if name in chosen:
@@ -63,6 +63,7 @@ def select_amp_rollback(gm: fx.GraphModule, batches: Sequence[CalibBatch], count
             log.info("amp: rolling back %s lowers the output error %.4g -> %.4g", best, base, scores[best])
             oprs[best].set_quant(False, False)
             chosen.append(best)
+            base = scores[best]
     finally:
         bar.close()
         for m in oprs.values():

@@ -70,9 +70,10 @@ def layer_tensors(qopr: QuantOpr, model_dtype: torch.dtype) -> tuple[str, dict[s
     input_scale = aq.scale.float().reshape(-1, 1)  # [1, 1], or [T, 1]: one row per timestep
     input_offset = aq.zero_point.float().reshape(-1, 1) - (0 if aq.spec.signed else 128)  # uint8 codes -> int8
     deq = input_scale * wscale[None, :]  # float32 [T, n], the exact product the integer path multiplies by
-    bias = qopr.bias.detach().float() if qopr.bias is not None else torch.zeros(n)
+    on_grid = qopr.quantized_bias(deq)  # the same int32 bias the simulation adds
+    on_grid = torch.zeros_like(deq) if on_grid is None else on_grid
     colsum = codes.to(torch.int64).sum(dim=1)
-    quant_bias = torch.round(bias / deq).to(torch.int64) - colsum[None, :] * input_offset.to(torch.int64)
+    quant_bias = on_grid.to(torch.int64) - colsum[None, :] * input_offset.to(torch.int64)
     if scheme == "w8a8":  # [1], [n] as DESIGN's table
         input_scale, input_offset = input_scale.reshape(1), input_offset.reshape(1)
         deq, quant_bias = deq.reshape(n), quant_bias.reshape(n)

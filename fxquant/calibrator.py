@@ -97,7 +97,7 @@ class Calibrator:
     def run(self) -> None:
         """Capture, resolve schemes, calibrate, roll back the disable_level most sensitive layers, freeze."""
         cfg = self.cfg
-        args, kwargs = self.batches[0] if self.batches else ((), synthetic_example(self.float_model))
+        args, kwargs = self._example_inputs()
         gm = capture(self.float_model, args, kwargs)
         keep_ends = cfg.disable_names is not None and len(cfg.disable_names) == 0  # msModelSlim CV
         resolve = ResolveSchemes(default=cfg.scheme, mix_cfg=self.mix_cfg,

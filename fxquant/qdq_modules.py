@@ -78,7 +78,7 @@ class _QDQWeighted(torch.nn.Module):
         aq = qopr.active_input_quantizer()
         if bias is not None and self.weight_quantized and isinstance(aq, StaticQuantizer) and aq.enabled:
             deq = (aq.scale * wq.scale).float().reshape(-1)  # the bias on the accumulator grid, as simulated
-            bias = qopr._quantized_bias(deq) * deq
+            bias = qopr.quantized_bias(deq) * deq
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -153,12 +153,13 @@ class _QWeighted(QuantOpr):
             codes, zx = codes - 128, zx - 128
         return codes, sx, zx
 
-    def _quantized_bias(self, deq: torch.Tensor) -> torch.Tensor | None:
+    def quantized_bias(self, deq: torch.Tensor) -> torch.Tensor | None:
         """Static activations: the bias on the accumulator's grid, round(bias / deq) as float
-        integers [n] (what Ascend's quant_bias and onnxruntime's QLinearConv add in int32)."""
+        integers, deq [n] (or [T, n]) broadcast against bias [n] (what Ascend's quant_bias and
+        onnxruntime's QLinearConv add in int32)."""
         if self.bias is None:
             return None
-        return torch.round(self.bias.float() / deq.reshape(-1))
+        return torch.round(self.bias.float() / deq)
 
 
 class QLinear(_QWeighted):
@@ -189,7 +190,7 @@ class QLinear(_QWeighted):
                 y = y + self.bias.float()
         else:
             deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
-            qbias = self._quantized_bias(deq)
+            qbias = self.quantized_bias(deq)
             if qbias is not None:
                 acc = acc + qbias.to(torch.int32)
             y = acc.float() * deq
@@ -222,7 +223,7 @@ class _QConvNd(_QWeighted):
             acc = self._conv((codes - zx).to(dt), w.to(dt), None)
             shape = [1, -1] + [1] * (x.dim() - 2)
             deq = (sx * self.weight_quantizer.scale).reshape(-1)
-            qbias = self._quantized_bias(deq)
+            qbias = self.quantized_bias(deq)
             if qbias is not None:
                 acc = acc + qbias.to(dt).reshape(shape)
             return (acc.float() * deq.reshape(shape)).to(x.dtype)

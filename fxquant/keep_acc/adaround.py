@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +9,6 @@ import torch
 from fxquant.quant_opr import _QWeighted
 
 from .layer_problem import LayerProblem, supports
-
-log = logging.getLogger(__name__)
 
 _ZETA, _GAMMA = 1.1, -0.1  # rectified sigmoid stretch
 
@@ -36,13 +33,7 @@ class AdaRound:
         if not supports(module):
             return
         prob = LayerProblem.gather(module, inputs, targets, seed=self.seed)
-        before = prob.current_error()
-        codes = self._learn(prob)
-        with torch.no_grad():
-            after = prob.error(prob.forward(prob.quantized_input(), prob.dequantized_weight(codes)))
-        if after < before:
-            module.set_weight_codes(codes)
-        log.debug("round_opt: output error %.4g -> %.4g (%s)", before, after, "kept" if after < before else "dropped")
+        prob.keep_if_better("round_opt", self._learn(prob))
 
     def _learn(self, prob: LayerProblem) -> torch.Tensor:
         wq = prob.weight_quantizer

@@ -3,7 +3,6 @@ error on the calibration inputs."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -12,8 +11,6 @@ import torch.nn.functional as F
 from fxquant.quant_opr import QLinear, _QWeighted
 
 from .layer_problem import LayerProblem, supports
-
-log = logging.getLogger(__name__)
 
 
 def _columns(prob: LayerProblem, max_cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +55,9 @@ class ADMMWeights:
         if not supports(module):
             return
         prob = LayerProblem.gather(module, inputs, targets, seed=self.seed)
-        before = prob.current_error()
         with torch.no_grad():
             codes, scale = self._solve(prob)
-            w = prob.dequantized_weight(codes, scale.reshape(prob.weight_scale().shape))
-            after = prob.error(prob.forward(prob.quantized_input(), w))
-        if after < before:
-            module.set_weight_codes(codes, scale.reshape(prob.weight_quantizer.scale.shape))
-        log.debug("admm: output error %.4g -> %.4g (%s)", before, after, "kept" if after < before else "dropped")
+        prob.keep_if_better("admm", codes, scale.reshape(prob.weight_quantizer.scale.shape))
 
     def _solve(self, prob: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
         wq = prob.weight_quantizer

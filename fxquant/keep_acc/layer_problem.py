@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from fxquant.fake_quant import dequantize_codes, quantize_codes
 from fxquant.quant_opr import QLinear, _QConvNd, _QWeighted
 from fxquant.quantizer import StaticQuantizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,12 +84,27 @@ class LayerProblem:
         """Squared error of `out` against the float targets, summed."""
         return float(((out - self.y) ** 2).sum())
 
+    def error_with(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+        """Output error with weight `codes` (weight's shape) and `scale` (weight quantizer's shape;
+        None: its current scale), on the quantized inputs."""
+        if scale is not None:
+            scale = scale.reshape(self.weight_scale().shape)
+        with torch.no_grad():
+            w = self.dequantized_weight(codes.reshape(self.module.weight.shape), scale)
+            return self.error(self.forward(self.quantized_input(), w))
+
     def current_error(self) -> float:
         """Output error of the layer as it is now quantized (input and weight)."""
         with torch.no_grad():
             codes = self.module._weight_codes() if self.module.codes_fixed else self.rtn_codes()
-            w = self.dequantized_weight(codes.reshape(self.module.weight.shape))
-            return self.error(self.forward(self.quantized_input(), w))
+        return self.error_with(codes)
+
+    def keep_if_better(self, keeper: str, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Fix `codes` (and `scale`) in the layer only if they lower its output error."""
+        before, after = self.current_error(), self.error_with(codes, scale)
+        if after < before:
+            self.module.set_weight_codes(codes, scale)
+        log.debug("%s: output error %.4g -> %.4g (%s)", keeper, before, after, "kept" if after < before else "dropped")
 
 
 def supports(module: torch.nn.Module) -> bool:
