@@ -5,7 +5,8 @@ perplexity on the disjoint "eval" split (32 x 512 tokens), one process per combi
     python benchmarks/session_combos.py [--combos w8a8 m4+w8a8 ...] [--calib 16] [--eval 32]
 
 A combination is processor names joined by "+": one of w8a8 / w8a8_dynamic, optionally one of
-m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, and fa3 (with w8a8_dynamic).
+m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, fa3 (with w8a8_dynamic), and gptq (the quant
+config's w_method="gptq"; otherwise weights are rounded to nearest).
 """
 
 from __future__ import annotations
@@ -20,19 +21,24 @@ from _rss import peak_rss_mb
 
 ALL = ["w8a8", "m3+w8a8", "m4+w8a8", "m6=0.85,0.15+w8a8", "m6+w8a8",
        "w8a8_dynamic", "m3+w8a8_dynamic", "m4+w8a8_dynamic", "m6=0.4,0.6+w8a8_dynamic", "m6+w8a8_dynamic",
-       "m4+w8a8_dynamic+fa3"]
+       "m4+w8a8_dynamic+fa3", "w8a8+gptq", "m6=0.85,0.15+w8a8+gptq", "m6+w8a8+gptq", "m6+w8a8_dynamic+gptq"]
 
 
 def session_for(combo: str, calib: list):
     from fxquant import session as s
 
     procs = {}
-    for part in combo.split("+"):
+    parts = combo.split("+")
+    w_method = "gptq" if "gptq" in parts else "minmax"
+    for part in parts:
         name, _, value = part.partition("=")
+        if name == "gptq":
+            continue
         if name == "w8a8":
-            procs[name] = s.W8A8ProcessorConfig(cfg=s.W8A8QuantConfig(), disable_names=[])
+            procs[name] = s.W8A8ProcessorConfig(cfg=s.W8A8QuantConfig(w_method=w_method), disable_names=[])
         elif name == "w8a8_dynamic":
-            procs[name] = s.W8A8DynamicProcessorConfig(cfg=s.W8A8DynamicQuantConfig(), disable_names=[])
+            procs[name] = s.W8A8DynamicProcessorConfig(cfg=s.W8A8DynamicQuantConfig(w_method=w_method),
+                                                       disable_names=[])
         elif name == "fa3":
             procs[name] = s.FA3ProcessorConfig()
         elif name == "m3":

@@ -22,6 +22,7 @@ from fxquant.passes import (
 )
 
 from .calib_data import check_fits_signature, normalise_calib_data
+from .calibration import WeightOptimizer
 from .capture import capture
 from .errors import CalibrationDataError, ConfigError
 from .ir import scheme_decisions
@@ -50,6 +51,7 @@ def quantize(
     device: str | torch.device = "cpu",
     progress: bool = True,
     dump_dir: str | None = None,
+    weight_optimizers: Sequence[WeightOptimizer] = (),
 ) -> fx.GraphModule:
     """Quantize `model`; returns a GraphModule called like `model` (same arguments, same output type).
 
@@ -60,7 +62,8 @@ def quantize(
     pattern: scheme}; disable_names: layers kept float. smooth_alpha: fold SmoothQuant scales
     (alpha in [0, 1]) into norms / producing linears before calibration (needs calib_data).
     suppression: an outlier-suppression pass run instead (SmoothQuant, IterSmooth, FlexSmooth,
-    AWQScale, ...). attention_quant: fa3, per-head int8 Q/K/V of every sdpa (QuantizeAttention).
+    AWQScale, ...). weight_optimizers: per-layer weight rounding run during calibration
+    (fxquant.keep_acc: GPTQWeights, AdaRound, ...). attention_quant: fa3, per-head int8 Q/K/V of every sdpa (QuantizeAttention).
     Raises ConfigError, CalibrationDataError or CaptureError with the reason.
     """
     make_scheme(scheme, options)
@@ -93,7 +96,7 @@ def quantize(
         *smooth,
         InsertQuantOprs(options),
         *attention,
-        Calibrate(calib_data, device=device, asym=asym, progress=progress),
+        Calibrate(calib_data, device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers),
         freeze,
     ], dump_dir=dump_dir)
     gm = manager(gm)

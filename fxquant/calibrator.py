@@ -36,7 +36,7 @@ from .capture import capture
 from .config import QuantConfig, parse_disable_level
 from .errors import CalibrationDataError, ConfigError
 from .ir import scheme_decisions
-from .keep_acc import AdaRound, ADMMWeights, EasyQuantScales
+from .keep_acc import AdaRound, ADMMWeights, EasyQuantScales, weight_rounding
 from .onnx_export import ONNX_TARGETS, to_onnx_model, write_onnx
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
@@ -116,9 +116,9 @@ class Calibrator:
             raise ConfigError(f"amp_num={cfg.amp_num} asks to roll back more layers than the model's "
                               f"{len(layers)} quantized layers")
         has_data = self.batches is not None
-        if (cfg.keepers.any or cfg.amp_num) and not has_data:
-            raise ConfigError("keep_acc and amp_num need calibration inputs: pass calib_data, or input_shape "
-                              "for synthetic ones")
+        if (cfg.keepers.any or cfg.amp_num or cfg.w_method != "minmax") and not has_data:
+            raise ConfigError("keep_acc, amp_num and w_method='gptq' need calibration inputs: pass calib_data, "
+                              "or input_shape for synthetic ones")
         calibrate = Calibrate(self.calib_data, device=self.device, asym=has_data and cfg.pr > 0, pr=cfg.pr,
                               input_overrides=self.all_tensors, measure_sensitivity=has_data and n > 0,
                               weight_optimizers=self._weight_optimizers(), progress=self.progress)
@@ -180,7 +180,7 @@ class Calibrator:
 
     def _weight_optimizers(self) -> list:
         keep = self.cfg.keepers
-        out: list = []
+        out: list = weight_rounding(self.cfg.w_method)
         if keep.easy_quant:
             out.append(EasyQuantScales(iters=min(keep.easy_quant_iters, 100)))
         if keep.admm:

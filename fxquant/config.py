@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .keep_acc import KeepAcc
+from .keep_acc import KeepAcc, check_w_method
 from .schemes import ACT_METHODS, SchemeOptions
 
 #: msModelSlim's integer act_method codes; 0 (data-free) means sigma statistics, or minmax when sigma=0
@@ -48,6 +48,10 @@ class QuantConfig:
     are always per output channel (mm_tensor governs Linear layers). quant_small_ops: give the
     add / bmm / matmul small ops static int8 inputs too (w8a8 only), so that a runtime can run whole
     residual blocks in int8 (onnxruntime fuses QLinearConv -> QLinearAdd).
+
+    w_method (not in the seeds): "minmax" rounds weights to nearest; "gptq" rounds each layer's
+    weight with GPTQ's error compensation on its calibration inputs (int8 per-tensor / per-channel
+    schemes).
     """
 
     w_bit: int = 8
@@ -73,6 +77,7 @@ class QuantConfig:
     sigma: float = 25
     device: str | None = None
     quant_small_ops: bool = False
+    w_method: str = "minmax"
     options: SchemeOptions = field(init=False, repr=False)
     keepers: KeepAcc = field(init=False, repr=False)
 
@@ -112,6 +117,7 @@ class QuantConfig:
                                      act_observer_kwargs=kwargs,
                                      offset_in_rounding=True)  # Ascend quantize: round(x/s + offset)
         self.keepers = KeepAcc.parse(self.keep_acc)
+        check_w_method(self.w_method, self.scheme)
 
     def _check_cv_fields(self) -> None:
         if self.w_signed is not True:

@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Optional  # noqa: UP035  (the seed's annotat
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from ..keep_acc.w_method import W_METHODS
+
 ACT_METHODS = ("minmax", "histogram", "mixed")
 #: act_method spellings accepted (the seed writes "mixed" for w8a8 and "mix" for the others)
 ACT_METHOD_ALIASES = {"minmax": "minmax", "histogram": "histogram", "mixed": "mixed", "mix": "mixed"}
@@ -16,15 +18,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
+def _one_of(field: str, value: str, valid) -> str:
+    """value, or ValueError naming the field and the valid choices."""
+    if value not in valid:
+        raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
 class _ActMethod(_Strict):
     act_method: str = "minmax"
+    w_method: str = "minmax"
 
     @field_validator("act_method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in ACT_METHOD_ALIASES:
-            raise ValueError(f"unknown act_method {v!r}; valid: {', '.join(ACT_METHOD_ALIASES)}")
-        return v
+        return _one_of("act_method", v, ACT_METHOD_ALIASES)
+
+    @field_validator("w_method")
+    @classmethod
+    def _known_w_method(cls, v: str) -> str:
+        return _one_of("w_method", v, W_METHODS)
 
     @property
     def observer(self) -> str:
@@ -33,7 +46,10 @@ class _ActMethod(_Strict):
 
 
 class W8A8QuantConfig(_ActMethod):
-    """act_method: observer of the static activation ranges ("minmax", "histogram", "mixed")."""
+    """act_method: observer of the static activation ranges ("minmax", "histogram", "mixed").
+    w_method (an addition to the seed): "minmax" rounds weights to nearest, "gptq" rounds them with
+    GPTQ's error compensation on each layer's calibration inputs (fxquant.keep_acc.GPTQWeights);
+    the same field exists on the dynamic and timestep configs."""
 
 
 class W8A8DynamicQuantConfig(_ActMethod):
@@ -148,9 +164,7 @@ class SessionConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in DEVICES:
-            raise ValueError(f"unknown device {v!r}; valid: {', '.join(DEVICES)}")
-        if v == "npu":
+        if _one_of("device", v, DEVICES) == "npu":
             try:
                 import torch_npu  # noqa: F401
             except ImportError:

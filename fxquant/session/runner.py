@@ -13,6 +13,7 @@ from ..api import quantize
 from ..ascend_checkpoint import save_ascend
 from ..calib_data import synthetic_example
 from ..errors import CalibrationDataError
+from ..keep_acc import weight_rounding
 from ..schemes import SchemeOptions
 from .config import (
     SUPPRESSION_PROCESSORS,
@@ -47,7 +48,8 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
 
     Returns the quantized GraphModule, called like `model`. Pass list: capture, resolve schemes
     (the quant processor's disable_names stay float), outlier suppression (m3 / m4 / m6), insert
-    QuantOprs (Ascend rounding order), fa3 attention quantizers, layerwise calibration, freeze.
+    QuantOprs (Ascend rounding order), fa3 attention quantizers, layerwise calibration (with GPTQ
+    weight rounding when the quant config's w_method is "gptq"), freeze.
     """
     procs = session_config.processor_cfg_map
     name = session_config.quant_processor
@@ -57,10 +59,14 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
     calib = session_config.calib_data
     example = None
     if calib is None:
+        if quant.cfg.w_method != "minmax":
+            raise CalibrationDataError(f"w_method={quant.cfg.w_method!r} rounds weights on calibration inputs: "
+                                       "pass calib_data")
         example = synthetic_example(model)
     gm = quantize(model, calib, scheme=name, disable_names=list(quant.disable_names), options=options,
                   example_inputs=example, suppression=_suppression(session_config),
-                  attention_quant="fa3" in procs, device=session_config.device, progress=progress)
+                  attention_quant="fa3" in procs, device=session_config.device, progress=progress,
+                  weight_optimizers=weight_rounding(quant.cfg.w_method))
     save = procs.get("save")
     if isinstance(save, SaveProcessorConfig):
         save_ascend(gm, model, save.output_path, default_scheme=name, save_type=list(save.save_type),

@@ -1,0 +1,77 @@
+"""gptq: error-compensating weight rounding (GPTQ) against the layer's quantized calibration inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fxquant.quant_opr import _QWeighted
+
+from .admm import _columns
+from .layer_problem import LayerProblem, supports
+
+
+@dataclass
+class GPTQWeights:
+    """Round the weight one input column at a time, moving each column's rounding error onto the
+    columns not yet rounded through the inverse Hessian H = X X^T of the layer's (quantized) inputs
+    X [d, N], so that ||W X - s * codes X||^2 stays small. The weight scale is the calibrated one;
+    columns are taken in order of decreasing H diagonal (act_order), `block` at a time, with
+    `damp` * mean(diag H) added to the diagonal. Kept only when the layer's output error drops."""
+
+    damp: float = 0.01
+    block: int = 128
+    act_order: bool = True
+    max_rows: int = 16384
+    seed: int = 0
+
+    def __call__(self, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+        if not supports(module):
+            return
+        prob = LayerProblem.gather(module, inputs, targets, max_rows=self.max_rows, seed=self.seed)
+        with torch.no_grad():
+            codes = self._solve(prob)
+        prob.keep_if_better("gptq", codes)
+
+    def _solve(self, prob: LayerProblem) -> torch.Tensor:
+        """Integer codes, the weight's shape."""
+        weight = prob.module.weight.detach().float()
+        n = weight.shape[0]
+        groups = getattr(prob.module, "groups", 1)
+        x, _ = _columns(prob, max_cols=self.max_rows, seed=self.seed)  # [g, d, N]
+        scale = prob.weight_scale().float().reshape(-1).expand(n)  # [n]
+        w = weight.reshape(groups, n // groups, -1)
+        s = scale.reshape(groups, n // groups)
+        codes = torch.stack([self._solve_group(w[g], s[g], x[g].double(), prob) for g in range(groups)])
+        return codes.reshape(weight.shape)
+
+    def _solve_group(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, prob: LayerProblem) -> torch.Tensor:
+        """w [n, d] float32, s [n], x [d, N] float64 -> codes [n, d]."""
+        wq = prob.weight_quantizer
+        h = x @ x.t()
+        w = w.double().clone()
+        dead = h.diagonal() == 0
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else torch.arange(h.shape[0])
+        w, h = w[:, perm], h[perm][:, perm]
+        h.diagonal().add_(self.damp * float(h.diagonal().mean()))
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        s = s.double()[:, None]
+        codes = torch.zeros_like(w)
+        d = w.shape[1]
+        for start in range(0, d, self.block):
+            end = min(start + self.block, d)
+            wb = w[:, start:end].clone()
+            err = torch.zeros_like(wb)
+            hb = hinv[start:end, start:end]
+            for i in range(end - start):
+                col = wb[:, i:i + 1]
+                q = torch.clamp(torch.round(col / s), wq.qmin, wq.qmax)
+                codes[:, start + i:start + i + 1] = q
+                e = (col - q * s) / hb[i, i]
+                wb[:, i:] -= e @ hb[i:i + 1, i:]
+                err[:, i:i + 1] = e
+            w[:, end:] -= err @ hinv[start:end, end:]
+        return codes[:, torch.argsort(perm)].float()
