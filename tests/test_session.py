@@ -141,7 +141,7 @@ def test_timestep_session_on_a_diffusion_transformer(tmp_path):
     record: list = []
     reference = ddim_sample(model, noise, num_steps=8, record=record)  # kwargs recorded in the loop
     session = SessionConfig(processor_cfg_map={
-        "w8a8_timestep": W8A8TimeStepProcessorConfig(cfg=W8A8TimeStepQuantConfig(), disable_names=[],
+        "w8a8_timestep": W8A8TimeStepProcessorConfig(cfg=W8A8TimeStepQuantConfig(), disable_names=["embed"],
                                                      timestep_sep=4),
         "save": SaveProcessorConfig(output_path=str(tmp_path))}, calib_data=record)
     q = run(model, session, progress=False)
@@ -152,6 +152,8 @@ def test_timestep_session_on_a_diffusion_transformer(tmp_path):
             cosines.append(float(torch.nn.functional.cosine_similarity(q(**kwargs).flatten(),
                                                                        model(**kwargs).flatten(), dim=0)))
     assert min(cosines[:4]) > 0.999  # dynamic steps
+    # static steps; at t = 0 the noise is 0.01 of the input, which is why the input projection stays float
+    assert min(cosines) > 0.99
     sample = ddim_sample(q, noise, num_steps=8, on_step=lambda i: set_timestep(q, i))
     assert float(torch.nn.functional.cosine_similarity(sample.flatten(), reference.flatten(), dim=0)) > 0.99
     desc = read_description(tmp_path)
