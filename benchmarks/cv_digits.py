@@ -19,6 +19,7 @@ VARIANTS = {
     "easy_quant": {"keep_acc": {"easy_quant": [True, 50]}},
     "admm": {"keep_acc": {"admm": [True, 100]}},
     "all three": {"keep_acc": {"round_opt": True, "easy_quant": [True, 50], "admm": [True, 100]}},
+    "w_method=gptq": {"w_method": "gptq"},
     "amp_num=1": {"amp_num": 1},
     "amp_num=2": {"amp_num": 2},
 }

@@ -103,9 +103,10 @@ def test_keepers_and_amp_lower_the_output_error(cnns, digits):
             return float(((cal.model(xte) - ref) ** 2).sum() / (ref**2).sum()), cal
 
     base, _ = output_error()
-    for keep in ({"round_opt": True}, {"easy_quant": [True, 30]}, {"admm": [True, 50]}):
-        err, cal = output_error(keep_acc=keep)
-        assert err < base, keep
+    for kw in ({"keep_acc": {"round_opt": True}}, {"keep_acc": {"easy_quant": [True, 30]}},
+               {"keep_acc": {"admm": [True, 50]}}, {"w_method": "gptq"}):
+        err, cal = output_error(**kw)
+        assert err < base, kw
     amp1, cal1 = output_error(amp_num=1)
     amp2, cal2 = output_error(amp_num=2)
     assert amp2 < amp1 < base
