@@ -43,13 +43,13 @@ class GPTQWeights:
         scale = prob.weight_scale().float().reshape(-1).expand(n)  # [n]
         w = weight.reshape(groups, n // groups, -1)
         s = scale.reshape(groups, n // groups)
-        codes = torch.stack([self._solve_group(w[g], s[g], x[g].double(), prob) for g in range(groups)])
+        codes = torch.stack([self._solve_group(w[g], s[g], x[g], prob) for g in range(groups)])
         return codes.reshape(weight.shape)
 
     def _solve_group(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, prob: LayerProblem) -> torch.Tensor:
-        """w [n, d] float32, s [n], x [d, N] float64 -> codes [n, d]."""
+        """w [n, d] float32, s [n], x [d, N] float32 -> codes [n, d] (float, integer-valued)."""
         wq = prob.weight_quantizer
-        h = x @ x.t()
+        h = (x @ x.t()).double()
         w = w.double().clone()
         dead = h.diagonal() == 0
         h[dead, dead] = 1.0
