@@ -47,16 +47,20 @@ class GPTQWeights:
         return codes.reshape(weight.shape)
 
     def _solve_group(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, prob: LayerProblem) -> torch.Tensor:
-        """w [n, d] float32, s [n], x [d, N] float32 -> codes [n, d] (float, integer-valued)."""
+        """w [n, d] float32, s [n], x [d, N] float32 -> codes [n, d] (integer-valued floats).
+
+        H is accumulated in float64: massive activations (|x| ~ 1e3 over 1e4 rows) lose enough
+        precision in float32 to move SmolLM2's perplexity by 0.2%."""
         wq = prob.weight_quantizer
-        h = (x @ x.t()).double()
-        w = w.double().clone()
+        x = x.double()
+        h = x @ x.t()
         dead = h.diagonal() == 0
         h[dead, dead] = 1.0
+        h.diagonal().add_(self.damp * float(h.diagonal().mean()))
+        w = w.double().clone()
         w[:, dead] = 0.0
         perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else torch.arange(h.shape[0])
         w, h = w[:, perm], h[perm][:, perm]
-        h.diagonal().add_(self.damp * float(h.diagonal().mean()))
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
         s = s.double()[:, None]
         codes = torch.zeros_like(w)
