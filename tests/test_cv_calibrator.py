@@ -149,16 +149,15 @@ def test_first_and_last_layer_stay_float_with_empty_disable_names(cnns, digits):
 
 
 def test_minilm_qdq_onnx_runs_in_onnxruntime(minilm, tmp_path):
-    from fxquant.real_models import sentences, text_corpus
+    from fxquant.real_models import encoder_batches, encoder_inputs, sentences, text_corpus
 
     bert = minilm[0].model
     sents = sentences(text_corpus("calib"), 32)
-    calib = [{k: v for k, v in minilm.tokenize(sents[i:i + 8]).items() if isinstance(v, torch.Tensor)}
-             for i in range(0, 32, 8)]
+    calib = encoder_batches(minilm, sents)
     cal = Calibrator(bert, QuantConfig(mm_tensor=False, disable_names=[]), calib_data=calib)
     cal.run()
     path = cal.export_quant_onnx("minilm", tmp_path)
-    ev = {k: v for k, v in minilm.tokenize(sentences(text_corpus("eval"), 8)).items() if isinstance(v, torch.Tensor)}
+    ev = encoder_inputs(minilm, sentences(text_corpus("eval"), 8))
     out = _ort(path).run(None, {k: v.numpy() for k, v in ev.items()})[0]
     with torch.no_grad():
         fq = cal.model(**ev).last_hidden_state

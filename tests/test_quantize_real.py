@@ -43,14 +43,13 @@ def test_smollm2_schemes(smollm2, smollm2_windows, fp32_ppl, scheme, max_increas
 
 
 def test_minilm_dynamic_cosine(minilm):
-    from fxquant.real_models import sentences, text_corpus
+    from fxquant.real_models import encoder_batches, sentences, text_corpus
 
     sents = sentences(text_corpus("eval"), 60)
     assert len(sents) >= 50
     bert = minilm[0].model
     ref = minilm.encode(sents, convert_to_tensor=True)
-    calib = [{k: v for k, v in minilm.tokenize(sents[i:i + 8]).items() if isinstance(v, torch.Tensor)}
-             for i in range(0, 16, 8)]
+    calib = encoder_batches(minilm, sents[:16])
     q = fxquant.quantize(bert, calib, scheme="w8a8_dynamic", progress=False)
     minilm[0].model = q
     try:

@@ -6,15 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fxquant.quant_opr import _QWeighted
-
-from .layer_problem import LayerProblem, supports
+from .layer_problem import CodeKeeper, LayerProblem
 
 _ZETA, _GAMMA = 1.1, -0.1  # rectified sigmoid stretch
 
 
 @dataclass
-class AdaRound:
+class AdaRound(CodeKeeper):
     """Learn, per weight element, whether to round down or up so that the layer's output on its
     quantized calibration inputs matches the float output; the codes are then fixed in the layer.
 
@@ -27,15 +25,9 @@ class AdaRound:
     lr: float = 1e-2
     batch: int = 1024
     warmup: float = 0.2
-    seed: int = 0
+    name = "round_opt"
 
-    def __call__(self, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        if not supports(module):
-            return
-        prob = LayerProblem.gather(module, inputs, targets, seed=self.seed)
-        prob.keep_if_better("round_opt", self._learn(prob))
-
-    def _learn(self, prob: LayerProblem) -> torch.Tensor:
+    def solve(self, prob: LayerProblem) -> tuple[torch.Tensor, None]:
         wq = prob.weight_quantizer
         scale = prob.weight_scale().detach()
         w = prob.module.weight.detach().float() / scale
@@ -59,8 +51,7 @@ class AdaRound:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        with torch.no_grad():
-            return torch.clamp(floor + (v >= 0).float(), wq.qmin, wq.qmax)
+        return torch.clamp(floor + (v >= 0).float(), wq.qmin, wq.qmax).detach(), None
 
     @staticmethod
     def _soft(v: torch.Tensor) -> torch.Tensor:

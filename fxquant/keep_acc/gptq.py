@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from fxquant.quant_opr import _QWeighted
-
-from .admm import _columns
-from .layer_problem import LayerProblem, supports
+from .layer_problem import CodeKeeper, LayerProblem, input_columns
 
 
 @dataclass
-class GPTQWeights:
+class GPTQWeights(CodeKeeper):
     """Round the weight one input column at a time, moving each column's rounding error onto the
     columns not yet rounded through the inverse Hessian H = X X^T of the layer's (quantized) inputs
     X [d, N], so that ||W X - s * codes X||^2 stays small. The weight scale is the calibrated one;
@@ -23,28 +20,20 @@ class GPTQWeights:
     damp: float = 0.01
     block: int = 128
     act_order: bool = True
-    max_rows: int = 16384
-    seed: int = 0
+    max_rows: int = field(default=16384, kw_only=True)
+    name = "gptq"
 
-    def __call__(self, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        if not supports(module):
-            return
-        prob = LayerProblem.gather(module, inputs, targets, max_rows=self.max_rows, seed=self.seed)
-        with torch.no_grad():
-            codes = self._solve(prob)
-        prob.keep_if_better("gptq", codes)
-
-    def _solve(self, prob: LayerProblem) -> torch.Tensor:
-        """Integer codes, the weight's shape."""
+    def solve(self, prob: LayerProblem) -> tuple[torch.Tensor, None]:
+        """(integer codes, the weight's shape; None: the calibrated scale stays)."""
         weight = prob.module.weight.detach().float()
         n = weight.shape[0]
         groups = getattr(prob.module, "groups", 1)
-        x, _ = _columns(prob, max_cols=self.max_rows, seed=self.seed)  # [g, d, N]
+        x, _ = input_columns(prob, max_cols=self.max_rows, seed=self.seed)  # [g, d, N]
         scale = prob.weight_scale().float().reshape(-1).expand(n)  # [n]
         w = weight.reshape(groups, n // groups, -1)
         s = scale.reshape(groups, n // groups)
         codes = torch.stack([self._solve_group(w[g], s[g], x[g], prob) for g in range(groups)])
-        return codes.reshape(weight.shape)
+        return codes.reshape(weight.shape), None
 
     def _solve_group(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, prob: LayerProblem) -> torch.Tensor:
         """w [n, d] float32, s [n], x [d, N] float32 -> codes [n, d] (integer-valued floats).

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,33 @@ class LayerProblem:
         log.debug("%s: output error %.4g -> %.4g (%s)", keeper, before, after, "kept" if after < before else "dropped")
 
 
+def input_columns(prob: LayerProblem, max_cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X [groups, d, N], Y [groups, n/groups, N]): input columns the weight multiplies and the
+    float outputs without bias, so that Y ~= W X per group with W [groups, n/groups, d]."""
+    m = prob.module
+    x, y = prob.quantized_input(), prob.y
+    if m.bias is not None:
+        shape = [-1] if isinstance(m, QLinear) else [1, -1] + [1] * (y.dim() - 2)
+        y = y - m.bias.detach().float().reshape(shape)
+    if isinstance(m, QLinear):
+        cols, outs = x.t().unsqueeze(0), y.t().unsqueeze(0)
+    else:
+        if x.dim() == 3:  # conv1d as a conv2d of height 1
+            x, y = x.unsqueeze(2), y.unsqueeze(2)
+            k, s, p, d = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
+        else:
+            k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
+        g = m.groups
+        unfolded = F.unfold(x, k, dilation=d, padding=p, stride=s)  # [b, c*kh*kw, L]
+        b, _, L = unfolded.shape
+        cols = unfolded.reshape(b, g, -1, L).permute(1, 2, 0, 3).reshape(g, -1, b * L)
+        outs = y.reshape(b, g, -1, L).permute(1, 2, 0, 3).reshape(g, -1, b * L)
+    if cols.shape[-1] > max_cols:
+        idx = torch.randperm(cols.shape[-1], generator=torch.Generator().manual_seed(seed))[:max_cols]
+        cols, outs = cols[..., idx], outs[..., idx]
+    return cols, outs
+
+
 def supports(module: torch.nn.Module) -> bool:
     """True for layers the keepers handle: Linear/Conv with static symmetric per-tensor/channel weights."""
     if not isinstance(module, (QLinear, _QConvNd)):
@@ -114,3 +142,26 @@ def supports(module: torch.nn.Module) -> bool:
     wq = module.weight_quantizer
     return (isinstance(wq, StaticQuantizer) and wq.calibrated and wq.spec.symmetric and wq.spec.signed
             and wq.spec.granularity in ("tensor", "channel"))
+
+
+@dataclass
+class CodeKeeper:
+    """Base of the keepers that propose new weight codes: `keeper(module, inputs, targets)` gathers
+    the layer's LayerProblem (at most max_rows rows or 256 images, sampled with seed), calls
+    `solve`, and keeps the result only if it lowers the layer's output error."""
+
+    name: ClassVar[str] = ""
+    max_rows: int = field(default=4096, kw_only=True)
+    seed: int = field(default=0, kw_only=True)
+
+    def solve(self, prob: LayerProblem) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(codes, the weight's shape; new scale in the weight quantizer's shape, or None)."""
+        raise NotImplementedError
+
+    def __call__(self, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+        if not supports(module):
+            return
+        prob = LayerProblem.gather(module, inputs, targets, max_rows=self.max_rows, seed=self.seed)
+        with torch.no_grad():
+            codes, scale = self.solve(prob)
+        prob.keep_if_better(self.name, codes, scale)
