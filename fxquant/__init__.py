@@ -7,15 +7,17 @@ from .calibrator import Calibrator
 from .capture import capture
 from .config import QuantConfig
 from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantError
+from .graph_view import to_networkx
 from .quant_opr import QBMM, QAdd, QConv1d, QConv2d, QLinear, QMatMul, QuantOpr
 from .quantizer import DynamicQuantizer, IdentityQuantizer, QuantSpec, StaticQuantizer
 from .schemes import SCHEME_NAMES, Scheme, SchemeOptions, make_scheme
+from .timestep import set_timestep
 
 __all__ = [
     "SCHEME_NAMES", "CalibrationDataError", "CalibrationRunner", "Calibrator", "QuantConfig",
     "load_ascend", "save_ascend", "CaptureError", "ConfigError",
     "DynamicQuantizer", "FxquantError", "IdentityQuantizer", "QAdd", "QBMM", "QConv1d", "QConv2d",
     "QLinear", "QMatMul", "QuantOpr", "QuantSpec", "Scheme", "SchemeOptions", "StaticQuantizer",
-    "capture", "make_scheme", "quantize",
+    "capture", "make_scheme", "quantize", "set_timestep", "to_networkx",
 ]
 __version__ = "0.1.0"

@@ -67,8 +67,8 @@ def quantize(
     Raises ConfigError, CalibrationDataError or CaptureError with the reason.
     """
     make_scheme(scheme, options)
-    resolve = ResolveSchemes(default=scheme, mix_cfg=mix_cfg, disable_names=list(disable_names or ()),
-                             rollback_names=list(rollback_names), disable_last_layer=disable_last_layer,
+    resolve = ResolveSchemes(default=scheme, mix_cfg=mix_cfg, disable_names=disable_names or [],
+                             rollback_names=rollback_names, disable_last_layer=disable_last_layer,
                              disable_first_layer=disable_first_layer, small_op_scheme=small_op_scheme)
     batches = normalise_calib_data(calib_data) if calib_data is not None else None
     if batches is not None:
@@ -102,4 +102,4 @@ def quantize(
     gm = manager(gm)
     gm.meta["fxquant_timings"] = manager.timings
     gm.meta["fxquant_decisions"] = scheme_decisions(gm)
-    return gm
+    return gm.eval()

@@ -6,17 +6,18 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx
 
 from fxquant.kernels import AscendOps
 
-from .ascend_format import attention_tensors, layer_tensors, quant_type
-from .ascend_modules import build_ascend_linear
+from .ascend_format import attention_tensors, layer_tensors, quant_type, savable
+from .ascend_modules import ASCEND_MODULES, build_ascend_layer
 from .errors import ConfigError, FxquantError
 from .ir import get_attr_path
-from .quant_opr import QAttentionInput, QLinear, QuantOpr
+from .quant_opr import QAttentionInput, QuantOpr
 from .safetensors_io import AtomicFolderWriter, read_safetensors_folder, write_safetensors
 from .timestep import TimestepQuantizer
 
@@ -25,6 +26,18 @@ log = logging.getLogger(__name__)
 SAVE_TYPES = ("safe_tensor", "ascendV1")
 ASCEND_V1_DESCRIPTION = "quant_model_description.json"
 NON_TENSOR_KEYS = ("model_quant_type", "fa_quant_type", "timestep_sep", "version")
+#: the tensors each saved layer type must have, and the dtypes fixed by the format
+LAYER_TENSORS = {
+    "W8A8": ("weight", "input_scale", "input_offset", "quant_bias", "deq_scale", "weight_scale", "weight_offset"),
+    "W8A8_TIMESTEP": ("weight", "input_scale", "input_offset", "quant_bias", "deq_scale", "weight_scale",
+                      "weight_offset"),
+    "W8A8_DYNAMIC": ("weight", "weight_scale", "weight_offset"),
+    "W8A16": ("weight", "weight_scale", "weight_offset"),
+    "W4A16": ("weight", "weight_scale", "weight_offset"),
+}
+LAYER_DTYPES = {kind: {"weight": torch.int8, **({"quant_bias": torch.int32} if "quant_bias" in names else {})}
+                for kind, names in LAYER_TENSORS.items()}
+TENSOR_TYPES = ("FLOAT", *LAYER_TENSORS, "FAKQuant", "FOLDED")
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -38,7 +51,11 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
     other tensor of float_model's state_dict under its own name as FLOAT, taken from the graph
     module where a pass replaced it (a norm weight with smoothing scales folded in)."""
     dtype = model_dtype(float_model)
-    tensors = {k: _graph_tensor(gm, k, v) for k, v in float_model.state_dict().items()}
+    folded = {bn: layer for bn, layer in gm.meta.get("fxquant_folded_bn", {}).items()
+              if isinstance(gm.get_submodule(layer), QuantOpr)}  # float layers keep their BatchNorm
+    unfolded = tuple(f"{layer}." for bn, layer in gm.meta.get("fxquant_folded_bn", {}).items() if bn not in folded)
+    tensors = {k: v if k.startswith(unfolded) else _graph_tensor(gm, k, v)
+               for k, v in float_model.state_dict().items()}
     types = dict.fromkeys(tensors, "FLOAT")
     extra: dict[str, str] = {}
     for name, module in gm.named_modules():
@@ -50,8 +67,9 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
                 types[f"{name}.{suffix}"] = "FAKQuant"
             extra["fa_quant_type"] = "FAKQuant"
             continue
-        if not isinstance(module, QLinear):
-            log.warning("%s (%s) has no Ascend weight format; saved float", name, type(module).__name__)
+        if not savable(module):
+            log.warning("%s (%s, %s) has no Ascend weight format; saved float", name,
+                        type(module).__name__, module.scheme)
             continue
         kind, layer = layer_tensors(module, dtype)
         for suffix in ("weight", "bias"):
@@ -60,6 +78,9 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
         for suffix, t in layer.items():
             tensors[f"{name}.{suffix}"] = t
             types[f"{name}.{suffix}"] = kind
+    for bn in folded:
+        for key in [k for k in types if k.startswith(bn + ".")]:
+            types[key] = "FOLDED"  # already inside the preceding layer's weights
     timestep = [m for m in gm.modules() if isinstance(m, TimestepQuantizer)]
     if timestep:
         extra["timestep_sep"] = timestep[0].spec.timestep_sep
@@ -86,6 +107,9 @@ def save_ascend(gm: fx.GraphModule, float_model: torch.nn.Module, output_path: s
     save_type: "safe_tensor" writes quant_model_description_<scheme>.json, "ascendV1" writes
     quant_model_description.json (what vllm-ascend reads); both may be given. Returns file names.
     """
+    if isinstance(save_type, str):
+        raise ConfigError(f"save_type must be a list of save types, got the string {save_type!r} "
+                          f"(write [{save_type!r}]); valid: {', '.join(SAVE_TYPES)}")
     save_type = list(save_type or ["safe_tensor"])
     bad = [t for t in save_type if t not in SAVE_TYPES]
     if bad or not save_type:
@@ -97,25 +121,36 @@ def save_ascend(gm: fx.GraphModule, float_model: torch.nn.Module, output_path: s
         json_names.append(json_name or f"quant_model_description_{suffix}.json")
     if "ascendV1" in save_type:
         json_names.append(ASCEND_V1_DESCRIPTION)
+    config = getattr(float_model, "config", None)
+    has_config = config is not None and hasattr(config, "to_json_string")
+    names = [weights_name, *dict.fromkeys(json_names)] + (["config.json"] if has_config else [])
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash or not weights_name.endswith(".safetensors") or any(not n.endswith(".json") for n in json_names):
+        raise ConfigError(f"file names {names} must be distinct, the weights ending in .safetensors and "
+                          f"the descriptions in .json (clash: {clash or 'none'})")
     tensors, description = ascend_state(gm, float_model, default_scheme)
     written: list[str] = []
+    stale = [p for p in Path(output_path).glob("quant_model_*") if p.is_file()] if Path(output_path).is_dir() else []
     with AtomicFolderWriter(output_path) as writer:
         written += write_safetensors(writer, tensors, weights_name, part_file_size)
         for name in dict.fromkeys(json_names):
             writer.write_text(name, json.dumps(description, indent=2))
             written.append(name)
-        config = getattr(float_model, "config", None)
-        if config is not None and hasattr(config, "to_json_string"):
+        if has_config:
             writer.write_text("config.json", config.to_json_string())
             written.append("config.json")
+        # an earlier checkpoint's files (another scheme, other shards) would confuse loading
+        writer.remove_on_commit([p for p in stale if p.name not in written])
     log.info("saved %d tensors to %s: %s", len(tensors), output_path, ", ".join(written))
     return written
 
 
-def read_description(path: str | os.PathLike, json_name: str | None = None) -> dict[str, str]:
+def read_description(path: str | os.PathLike, json_name: str | None = None) -> dict[str, Any]:
     """The description JSON of a saved folder (json_name, else quant_model_description.json, else
-    the only quant_model_description_*.json)."""
+    the only quant_model_description_*.json), checked to be a flat {tensor name: type} object."""
     folder = Path(path)
+    if not folder.is_dir():
+        raise FxquantError(f"no checkpoint folder {folder}")
     if json_name is not None:
         candidates = [folder / json_name]
     elif (folder / ASCEND_V1_DESCRIPTION).exists():
@@ -125,34 +160,86 @@ def read_description(path: str | os.PathLike, json_name: str | None = None) -> d
     if len(candidates) != 1 or not candidates[0].exists():
         found = [p.name for p in candidates]
         raise FxquantError(f"expected one description JSON in {folder}, found {found or 'none'}; pass json_name")
-    return json.loads(candidates[0].read_text())
+    path = candidates[0]
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FxquantError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(description, dict):
+        raise FxquantError(f"{path}: expected a JSON object {{tensor name: type}}, got a {type(description).__name__}")
+    bad = {k: v for k, v in description.items()
+           if k not in NON_TENSOR_KEYS and v not in TENSOR_TYPES}
+    if bad:
+        name, value = next(iter(bad.items()))
+        raise FxquantError(f"{path}: tensor {name!r} has type {value!r}; valid: {', '.join(TENSOR_TYPES)}")
+    return description
+
+
+def _check_layer(name: str, kind: str, parts: dict[str, torch.Tensor], types: dict[str, str], where: str) -> None:
+    """Raise FxquantError naming the tensor when a saved layer's tensors contradict its type."""
+    for suffix in parts:
+        if types[f"{name}.{suffix}"] != kind:
+            raise FxquantError(f"{where}: {name}.{suffix} is described as {types[f'{name}.{suffix}']} but "
+                               f"{name}.weight as {kind}")
+    missing = [s for s in LAYER_TENSORS[kind] if s not in parts]
+    if missing:
+        raise FxquantError(f"{where}: {kind} layer {name} has no {', '.join(f'{name}.{s}' for s in missing)}")
+    for suffix, dtype in LAYER_DTYPES.get(kind, {}).items():
+        if parts[suffix].dtype != dtype:
+            raise FxquantError(f"{where}: {name}.{suffix} is {parts[suffix].dtype}, but a {kind} layer "
+                               f"stores it as {dtype}")
 
 
 def load_ascend(model: torch.nn.Module, path: str | os.PathLike, json_name: str | None = None,
                 ops: AscendOps | None = None) -> torch.nn.Module:
-    """Rebuild `model` (the float architecture) from a saved Ascend folder: quantized linears become
-    Ascend runtime modules, every FLOAT tensor is loaded by name. Returns the model in eval mode."""
+    """Rebuild `model` (the float architecture) from a saved Ascend folder: quantized linears and
+    convolutions become Ascend runtime modules, every FLOAT tensor is loaded by name. Returns the
+    model in eval mode.
+
+    All or nothing: the checkpoint is read and checked against the model (names, types, dtypes,
+    shapes) before anything changes; a failure leaves `model` as it was. Loading into a model that
+    already holds Ascend modules is an error.
+    """
+    already = [n for n, m in model.named_modules() if isinstance(m, ASCEND_MODULES)]
+    if already:
+        raise FxquantError(f"{type(model).__name__} already holds Ascend layers (e.g. {already[0]!r}); "
+                           "load into a fresh float model")
     description = read_description(path, json_name)
     tensors = read_safetensors_folder(path)
+    where = str(path)
     types = {k: v for k, v in description.items() if k not in NON_TENSOR_KEYS}
     if set(types) != set(tensors):
         only_desc, only_file = sorted(set(types) - set(tensors)), sorted(set(tensors) - set(types))
-        raise FxquantError(f"description and weights disagree: described but not saved {only_desc[:5]}, "
+        raise FxquantError(f"{where}: description and weights disagree: described but not saved {only_desc[:5]}, "
                            f"saved but not described {only_file[:5]}")
-    layers = sorted(k[: -len(".weight")] for k, t in types.items() if k.endswith(".weight") and t != "FLOAT")
+    layers = sorted(k[: -len(".weight")] for k, t in types.items() if k.endswith(".weight") and t in LAYER_TENSORS)
+    replacements: dict[str, torch.nn.Module] = {}
     for name in layers:
         prefix = name + "."
         parts = {k[len(prefix):]: tensors[k] for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]}
-        target = model.get_submodule(name)
-        if not isinstance(target, torch.nn.Linear) or tuple(parts["weight"].shape) != tuple(target.weight.shape):
-            raise FxquantError(f"saved layer {name} {tuple(parts['weight'].shape)} does not match the model's "
-                               f"{type(target).__name__} {tuple(getattr(target, 'weight', torch.empty(0)).shape)}")
-        model.set_submodule(name, build_ascend_linear(types[prefix + "weight"], parts, ops))
+        kind = types[prefix + "weight"]
+        _check_layer(name, kind, parts, types, where)
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise FxquantError(f"{where}: saved layer {name} is not a module of {type(model).__name__}") from None
+        replacements[name] = build_ascend_layer(kind, parts, target, ops)
+    folded = sorted({k.rsplit(".", 1)[0] for k, t in types.items() if t == "FOLDED"})
+    for name in folded:  # a BatchNorm folded into its layer at save time: now the identity
+        replacements[name] = torch.nn.Identity()
+    quantized_prefixes = tuple(n + "." for n in [*layers, *folded])
     float_state = {k: t for k, t in tensors.items() if types[k] == "FLOAT"}
-    result = model.load_state_dict(float_state, strict=False)
-    quantized_prefixes = tuple(n + "." for n in layers)
-    missing = [k for k in result.missing_keys if not k.startswith(quantized_prefixes)]
-    if missing or result.unexpected_keys:
-        raise FxquantError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]}")
+    own = model.state_dict()
+    expected = {k for k in own if not k.startswith(quantized_prefixes)}
+    missing, unexpected = sorted(expected - set(float_state)), sorted(set(float_state) - set(own))
+    if missing or unexpected:
+        raise FxquantError(f"{where}: checkpoint does not match {type(model).__name__}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    for k, t in float_state.items():
+        if t.shape != own[k].shape or t.is_floating_point() != own[k].is_floating_point():
+            raise FxquantError(f"{where}: FLOAT tensor {k} is {t.dtype} {tuple(t.shape)}, the model's is "
+                               f"{own[k].dtype} {tuple(own[k].shape)}")
+    for name, module in replacements.items():  # every check passed: now change the model
+        model.set_submodule(name, module)
+    model.load_state_dict(float_state, strict=False)
     return model.eval()

@@ -1,4 +1,4 @@
-"""The msModelSlim / vllm-ascend weight format of one quantized linear layer.
+"""The msModelSlim / vllm-ascend weight format of one quantized linear (or convolution) layer.
 
 For layer `P` (DESIGN.md, "Ascend-ready weight format"):
 
@@ -12,6 +12,8 @@ For layer `P` (DESIGN.md, "Ascend-ready weight format"):
 | W4A16 | weight int8 holding int4 [n,k]; weight_scale, weight_offset [n, k/group] |
 
 A layer's bias, if any, is saved as `P.bias` too (W8A8 also folds it into quant_bias).
+Convolutions (W8A8, W8A16) use the same tensors with weight int8 [n, c/groups, *kernel]; the sum
+in quant_bias runs over each output channel's whole kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from fxquant.kernels import encode_scale_int64
 
 from .errors import ConfigError
-from .quant_opr import QAttentionInput, QLinear, QuantOpr
+from .quant_opr import QAttentionInput, QLinear, QuantOpr, _QConvNd, _QWeighted
 
 QUANT_TYPES = {"float": "FLOAT", "w8a8": "W8A8", "w8a8_dynamic": "W8A8_DYNAMIC", "w8a16": "W8A16",
                "w4a16": "W4A16", "w8a8_timestep": "W8A8_TIMESTEP"}
@@ -37,6 +39,16 @@ def deq_scale_dtype(model_dtype: torch.dtype) -> str:
     return "fp32" if model_dtype == torch.bfloat16 else "int64"
 
 
+#: schemes each layer kind can be saved as (others are saved FLOAT, with a warning)
+SAVABLE_SCHEMES = {QLinear: ("w8a8", "w8a8_dynamic", "w8a16", "w4a16", "w8a8_timestep"),
+                   _QConvNd: ("w8a8", "w8a16")}
+
+
+def savable(qopr: QuantOpr) -> bool:
+    """True when `qopr`'s layer kind and scheme have an Ascend weight format."""
+    return any(isinstance(qopr, kind) and qopr.scheme in schemes for kind, schemes in SAVABLE_SCHEMES.items())
+
+
 def _per_row(t: torch.Tensor, n: int) -> torch.Tensor:
     """Per-tensor [] or per-channel [n] qparams as [n, 1]; per-group [n, k/g] unchanged."""
     return t.reshape(-1).expand(n).reshape(n, 1).clone() if t.dim() <= 1 else t.clone()
@@ -44,10 +56,11 @@ def _per_row(t: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_tensors(qopr: QuantOpr, model_dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
-    """(type, {suffix: tensor}) of a quantized linear layer, suffixes relative to its name."""
-    if not isinstance(qopr, QLinear):
-        raise ConfigError(f"the Ascend weight format covers Linear layers; got {type(qopr).__name__} "
-                          "(export convolutions to ONNX instead)")
+    """(type, {suffix: tensor}) of a quantized linear or convolution layer, suffixes relative to
+    its name."""
+    if not isinstance(qopr, _QWeighted) or not savable(qopr):
+        raise ConfigError(f"{type(qopr).__name__} with scheme {qopr.scheme!r} has no Ascend weight format; "
+                          f"valid: Linear {SAVABLE_SCHEMES[QLinear]}, Conv {SAVABLE_SCHEMES[_QConvNd]}")
     wq = qopr.weight_quantizer
     codes = qopr.weight_int8()
     n = codes.shape[0]
@@ -72,7 +85,7 @@ def layer_tensors(qopr: QuantOpr, model_dtype: torch.dtype) -> tuple[str, dict[s
     deq = input_scale * wscale[None, :]  # float32 [T, n], the exact product the integer path multiplies by
     on_grid = qopr.quantized_bias(deq)  # the same int32 bias the simulation adds
     on_grid = torch.zeros_like(deq) if on_grid is None else on_grid
-    colsum = codes.to(torch.int64).sum(dim=1)
+    colsum = codes.to(torch.int64).reshape(n, -1).sum(dim=1)
     quant_bias = on_grid.to(torch.int64) - colsum[None, :] * input_offset.to(torch.int64)
     if scheme == "w8a8":  # [1], [n] as DESIGN's table
         input_scale, input_offset = input_scale.reshape(1), input_offset.reshape(1)

@@ -56,15 +56,33 @@ def check_finite(value: Any, where: str) -> None:
 
 
 def check_fits_signature(model: torch.nn.Module, batches: list[CalibBatch]) -> None:
-    """Raise CalibrationDataError naming the first sample that cannot be passed to model.forward."""
+    """Raise CalibrationDataError naming the first sample that cannot be passed to model.forward:
+    arguments that do not bind, an empty tensor, a floating input whose dtype is not the model's,
+    or a tensor whose rank or dtype differs from the same input of calib_data[0]."""
     sig = inspect.signature(model.forward)
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    first: dict[str, torch.Tensor] = {}
     for i, (args, kwargs) in enumerate(batches):
         try:
-            sig.bind(*args, **kwargs)
+            bound = sig.bind(*args, **kwargs).arguments
         except TypeError as exc:
             raise CalibrationDataError(
                 f"calib_data[{i}] does not fit the model's inputs {type(model).__name__}.forward{sig}: {exc}"
             ) from None
+        for name, value in bound.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            where = f"calib_data[{i}] input {name!r}"
+            if value.numel() == 0:
+                raise CalibrationDataError(f"{where} is empty (shape {tuple(value.shape)})")
+            if value.is_floating_point() and model_dtype is not None and value.dtype != model_dtype:
+                raise CalibrationDataError(f"{where} is {value.dtype} but the model's parameters are "
+                                           f"{model_dtype}; convert the data (or the model) to one dtype")
+            ref = first.setdefault(name, value)
+            if value.dim() != ref.dim() or value.dtype != ref.dtype:
+                raise CalibrationDataError(
+                    f"{where} is {value.dtype} {tuple(value.shape)} but calib_data[0] gives "
+                    f"{ref.dtype} {tuple(ref.shape)}: every sample needs the same rank and dtype")
 
 
 def synthetic_example(model: torch.nn.Module) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .calib_data import CalibBatch, check_finite, normalise_calib_data
-from .errors import FxquantError
+from .errors import CalibrationDataError, FxquantError
 from .ir import bind_inputs, fxq_meta, get_attr_path
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
@@ -106,6 +106,7 @@ class CalibrationRunner:
         self.qstorage = ActivationStorage(graph, keep, run) if asym else None
         n_batches = len(self.batches)
         nodes = [n for n in graph.nodes if n in run]
+        seen_modules: set[str] = set()  # a module called at several places is observed at all of them
         for node in tqdm(nodes, desc="calibrating", unit="node", disable=not progress):
             if node.op == "placeholder":
                 values = self._inputs[node]
@@ -114,13 +115,16 @@ class CalibrationRunner:
                     self.qstorage.set(node, values)
             elif node.op in ("call_module", "call_function", "call_method"):
                 module = self._modules.get(node.target) if node.op == "call_module" else None
+                first_call = node.target not in seen_modules
                 if isinstance(module, QuantOpr):
+                    seen_modules.add(node.target)
                     module.set_quant(False, False)
-                    self._calibrate_inputs(node, module, self.qstorage if asym else self.storage)
-                    if isinstance(module, _QWeighted):
+                    self._calibrate_inputs(node, module, self.qstorage if asym else self.storage,
+                                           first_call)
+                    if isinstance(module, _QWeighted) and first_call:
                         module.calibrate_weight()
                 outs = [self._run(node, self.storage, b, device) for b in range(n_batches)]
-                if isinstance(module, _QWeighted) and self.weight_optimizers:
+                if isinstance(module, _QWeighted) and self.weight_optimizers and first_call:
                     self._optimize_weight(node, module, self.qstorage if asym else self.storage, outs)
                 if isinstance(module, QuantOpr) and self.measure_sensitivity:
                     fxq_meta(node)["sensitivity"] = self._sensitivity(node, module, outs, device)
@@ -205,14 +209,19 @@ class CalibrationRunner:
             module.set_quant(False, False)
         return err / max(ref, 1e-30)
 
-    def _calibrate_inputs(self, node: fx.Node, module: QuantOpr, store: ActivationStorage) -> None:
+    def _calibrate_inputs(self, node: fx.Node, module: QuantOpr, store: ActivationStorage,
+                          first_call: bool = True) -> None:
         """Feed each stored input of `node` (or its input_overrides) to its input quantizer's
-        observer and set its qparams."""
+        observer and set its qparams. A module called at several nodes keeps one observer over
+        all of its calls (first_call=False adds this call's inputs to what earlier calls showed),
+        so its one set of qparams covers every call site; weights and weight optimizers run at
+        the first call only."""
         tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
         for i, (quantizer, arg) in enumerate(zip(module.input_quantizers, tensor_args)):
             if not isinstance(quantizer, (StaticQuantizer, TimestepQuantizer)):
                 continue
-            quantizer.reset_observer()
+            if first_call:
+                quantizer.reset_observer()
             if i == 0 and node.target in self.input_overrides:
                 values = self.input_overrides[node.target]
             elif arg.op == "get_attr":
@@ -238,8 +247,14 @@ class CalibrationRunner:
     def _run(self, node: fx.Node, store: ActivationStorage, b: int, device: torch.device) -> Any:
         args = fx.node.map_arg(node.args, lambda n: self._value(n, store, b, device))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, store, b, device))
-        if node.op == "call_module":
-            return self._modules[node.target](*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
+        try:
+            if node.op == "call_module":
+                return self._modules[node.target](*args, **kwargs)
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        except FxquantError:
+            raise
+        except Exception as exc:  # name the sample: the graph ran calib_data[0] when it was captured
+            raise CalibrationDataError(f"calib_data[{b}] fails at node {node.name!r} ({node.format_node()}): "
+                                       f"{type(exc).__name__}: {exc}".strip()[:1500]) from exc

@@ -64,9 +64,9 @@ class Calibrator:
         self.cfg = cfg
         self.float_model = model
         self.rollback_count = parse_disable_level(disable_level)
+        ResolveSchemes(default=cfg.scheme, mix_cfg=mix_cfg)  # validates mix_cfg now
         self.mix_cfg = dict(mix_cfg or {})
         self.progress = progress
-        ResolveSchemes(default=cfg.scheme, mix_cfg=self.mix_cfg)  # validates the values now
         if cfg.quant_mode == 0 and calib_data is not None:
             raise ConfigError("quant_mode=0 is data-free but calib_data was given; use quant_mode=1 "
                               "(label-free) or leave calib_data out")
@@ -141,7 +141,7 @@ class Calibrator:
             gm = PassManager(passes)(gm)
         gm = PassManager([freeze])(gm).to("cpu")
         gm.meta["fxquant_decisions"] = scheme_decisions(gm)
-        self._model = gm
+        self._model = gm.eval()
 
     def export_quant_onnx(self, name: str, output_dir: str | os.PathLike, input_names: Sequence[str] | None = None,
                           target: str = "qdq") -> Path:

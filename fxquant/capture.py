@@ -8,6 +8,7 @@ forward takes the original argument names and returns the original output type.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from typing import Any
@@ -18,9 +19,10 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import guards
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
 from .ir import bind_inputs, get_attr_path
-from .quant_opr import QUANTIZABLE_LAYERS
+from .quant_opr import QUANTIZABLE_LAYERS, QuantOpr
+from .tracing import TRACE_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +65,41 @@ def capture(
     Raises CaptureError with the reason of every front end when none succeeds.
     """
     example_kwargs = dict(example_kwargs or {})
+    quantized = [name for name, m in model.named_modules() if isinstance(m, QuantOpr)]
+    if quantized:
+        raise ConfigError(f"{type(model).__name__} is already quantized ({len(quantized)} QuantOprs, e.g. "
+                          f"{quantized[0]!r}); quantize the float model instead")
     if isinstance(model, fx.GraphModule) and model.meta.get("fxquant_capture"):
-        return model
+        gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+        gm.meta.update(model.meta)
+        return gm.eval()  # a new graph and module tree: passes never mutate the caller's graph
     was_training = model.training
-    model.eval()
+    with TRACE_LOCK:  # torch's tracers are not thread-safe
+        model.eval()
+        try:
+            return _capture_with_front_ends(model, example_inputs, example_kwargs)
+        finally:
+            model.train(was_training)
+
+
+def _capture_with_front_ends(model: torch.nn.Module, example_inputs: tuple,
+                             example_kwargs: dict[str, Any]) -> fx.GraphModule:
+    """The first front end's GraphModule; CaptureError with every front end's reason otherwise."""
     errors: dict[str, str] = {}
-    try:
-        for front_end in (_symbolic_capture, _export_capture):
-            try:
-                gm = front_end(model, example_inputs, example_kwargs)
-            except Exception as exc:  # noqa: BLE001 - every front end failure is reported together
-                errors[front_end.__name__.strip("_")] = f"{type(exc).__name__}: {exc}".strip()[:2000]
-                log.debug("capture with %s failed", front_end.__name__, exc_info=True)
-                continue
-            gm.meta["fxquant_capture"] = front_end.__name__.strip("_").replace("_capture", "")
-            for attr in _PASSTHROUGH_ATTRS:  # HF wrappers (sentence-transformers...) read these
-                if hasattr(model, attr) and not hasattr(gm, attr):
-                    setattr(gm, attr, getattr(model, attr))
-            log.info("captured %s with %s (%d nodes)", type(model).__name__,
-                     gm.meta["fxquant_capture"], len(gm.graph.nodes))
-            return gm
-    finally:
-        model.train(was_training)
+    for front_end in (_symbolic_capture, _export_capture):
+        try:
+            gm = front_end(model, example_inputs, example_kwargs)
+        except Exception as exc:  # noqa: BLE001 - every front end failure is reported together
+            errors[front_end.__name__.strip("_")] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+            log.debug("capture with %s failed", front_end.__name__, exc_info=True)
+            continue
+        gm.meta["fxquant_capture"] = front_end.__name__.strip("_").replace("_capture", "")
+        for attr in _PASSTHROUGH_ATTRS:  # HF wrappers (sentence-transformers...) read these
+            if hasattr(model, attr) and not hasattr(gm, attr):
+                setattr(gm, attr, getattr(model, attr))
+        log.info("captured %s with %s (%d nodes)", type(model).__name__,
+                 gm.meta["fxquant_capture"], len(gm.graph.nodes))
+        return gm.eval()
     reasons = "\n".join(f"  - {name}: {why}" for name, why in errors.items())
     raise CaptureError(f"could not capture {type(model).__name__} as an FX graph:\n{reasons}")
 
@@ -108,7 +123,10 @@ def _export_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
     sig = inspect.signature(model.forward)
     for p in sig.parameters.values():
         if p.kind is inspect.Parameter.VAR_POSITIONAL and args:
-            raise CaptureError("forward(*args) with positional inputs cannot be exported; pass keywords")
+            raise CaptureError(
+                f"forward(*{p.name}) takes a variable number of positional inputs, which torch.export "
+                f"cannot name; wrap the model in a module whose forward names each input, e.g. "
+                f"`forward(self, a, b): return model(a, b)`, and quantize the wrapper")
     bound = dict(sig.bind_partial(*args, **kwargs).arguments)
     for p in sig.parameters.values():
         if p.kind is inspect.Parameter.VAR_KEYWORD and bound.get(p.name):
@@ -122,7 +140,17 @@ def _export_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
         k: ({i: torch.export.Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
         for k, v in bound.items()
     }
-    ep = torch.export.export(model, (), bound, dynamic_shapes=dynamic, strict=False)
+    # torch.export specialises dimensions of size 1: a batch-1 example (seed 000's template) would
+    # give a graph that accepts batch 1 only. Export with the batch repeated to 2 first.
+    widened = {k: v.repeat(2, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1
+               else v for k, v in bound.items()}
+    try:
+        ep = torch.export.export(model, (), widened, dynamic_shapes=dynamic, strict=False)
+    except Exception:  # noqa: BLE001 - a model whose leading size-1 dims are not a batch: export as given
+        if all(widened[k] is bound[k] for k in bound):
+            raise
+        log.debug("export with the batch repeated to 2 failed; exporting the example as given", exc_info=True)
+        ep = torch.export.export(model, (), bound, dynamic_shapes=dynamic, strict=False)
     return _normalise_exported(ep.module(), model, sig, bound, forced)
 
 

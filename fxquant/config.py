@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,10 @@ from .errors import ConfigError
 from .keep_acc import KeepAcc, check_w_method
 from .schemes import ACT_METHODS, SchemeOptions
 
+log = logging.getLogger(__name__)
+
 #: msModelSlim's integer act_method codes; 0 (data-free) means sigma statistics, or minmax when sigma=0
+DEFAULT_SIGMA = 25.0
 ACT_METHOD_CODES = {1: "minmax", 2: "histogram", 3: "mixed"}
 DEV_TYPES = ("cpu", "npu", "cuda")
 #: (w_bit, a_bit, is_dynamic) -> scheme
@@ -41,8 +45,9 @@ class QuantConfig:
     quantization hurts the model output most on the calibration data; input_shape (e.g.
     [1, 3, 224, 224]) makes synthetic inputs when there is no calib_data (data-free);
     keep_acc {"admm": [bool, iters], "easy_quant": [bool, iters], "round_opt": bool} turns on the
-    accuracy keepers; act_method=0 with sigma > 0 observes mean +- sigma*std, with sigma=0
-    min-max; a_signed=False gives uint8 activation codes [0, 255]; act_quant=False is weight-only;
+    accuracy keepers; sigma (seed 004) chooses the activation statistics when act_method is not
+    given or is 0: sigma > 0 observes mean +- sigma*std (clipped to min/max), sigma=0 min-max (an
+    explicit act_method 1/2/3 or observer name wins over sigma, with a warning); a_signed=False gives uint8 activation codes [0, 255]; act_quant=False is weight-only;
     quant_mode 0 = data-free (input_shape, no calib_data), 1 = label-free (calib_data), None =
     decided by whether calib_data is given; device is an alias of dev_type. Convolution weights
     are always per output channel (mm_tensor governs Linear layers). quant_small_ops: give the
@@ -58,7 +63,7 @@ class QuantConfig:
     a_bit: int = 8
     w_sym: bool = True
     a_sym: bool = False
-    act_method: int | str = 1
+    act_method: int | str | None = None
     disable_names: Sequence[str] | None = None
     dev_type: str = "cpu"
     dev_id: int | None = None
@@ -74,7 +79,7 @@ class QuantConfig:
     quant_mode: int | None = None
     amp_num: int = 0
     keep_acc: Mapping[str, Any] | None = None
-    sigma: float = 25
+    sigma: float | None = None
     device: str | None = None
     quant_small_ops: bool = False
     w_method: str = "minmax"
@@ -87,6 +92,10 @@ class QuantConfig:
         if not self.act_quant:
             self.a_bit = 16
         self._check_cv_fields()
+        for name in ("w_bit", "a_bit", "group_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if self.w_bit not in (4, 8):
             raise ConfigError(f"w_bit={self.w_bit} is not supported; valid: 4, 8")
         if self.a_bit not in (8, 16):
@@ -107,11 +116,13 @@ class QuantConfig:
             raise ConfigError(f"group_size must be >= 1, got {self.group_size}")
         if self.dev_type not in DEV_TYPES:
             raise ConfigError(f"dev_type {self.dev_type!r} is not supported; valid: {', '.join(DEV_TYPES)}")
-        if self.disable_names is not None and (isinstance(self.disable_names, str)
-                                               or not all(isinstance(n, str) for n in self.disable_names)):
-            raise ConfigError("disable_names must be a list of layer names (str)")
+        if isinstance(self.disable_names, str):
+            raise ConfigError(f"disable_names must be a list of layer names, got the string "
+                              f"{self.disable_names!r} (write [{self.disable_names!r}])")
+        if self.disable_names is not None and not all(isinstance(n, str) for n in self.disable_names):
+            raise ConfigError(f"disable_names must be a list of layer names (str), got {self.disable_names!r}")
         observer = self.act_observer
-        kwargs = (("k", float(self.sigma)),) if observer == "sigma" else ()
+        kwargs = (("k", float(self.sigma or DEFAULT_SIGMA)),) if observer == "sigma" else ()
         self.options = SchemeOptions(act_method=observer, w_sym=self.w_sym, a_sym=self.a_sym, a_signed=self.a_signed,
                                      group_size=self.group_size, w_per_channel=not self.mm_tensor,
                                      act_observer_kwargs=kwargs,
@@ -127,7 +138,8 @@ class QuantConfig:
         if self.quant_mode not in (None, 0, 1):
             raise ConfigError(f"quant_mode={self.quant_mode!r} is not supported; valid: 0 (data-free), "
                               "1 (label-free), None (from whether calib_data is given)")
-        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or self.sigma < 0:
+        if self.sigma is not None and (isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float))
+                                       or not self.sigma >= 0):
             raise ConfigError(f"sigma must be a number >= 0 (0 = min-max), got {self.sigma!r}")
         if self.input_shape is not None and (
                 isinstance(self.input_shape, str)
@@ -139,11 +151,14 @@ class QuantConfig:
     def act_observer(self) -> str:
         """The observer name behind act_method."""
         m = self.act_method
-        if isinstance(m, bool) or not isinstance(m, (int, str)):
+        if isinstance(m, bool) or not isinstance(m, (int, str, type(None))):
             raise ConfigError(f"act_method must be 0, 1, 2, 3 or an observer name, got {m!r}")
+        if m is None or m == 0:
+            sigma = DEFAULT_SIGMA if self.sigma is None and m == 0 else self.sigma
+            return "sigma" if sigma else "minmax"
+        if self.sigma:
+            log.warning("sigma=%s is ignored: act_method=%r chooses the activation observer", self.sigma, m)
         if isinstance(m, int):
-            if m == 0:
-                return "sigma" if self.sigma > 0 else "minmax"
             if m not in ACT_METHOD_CODES:
                 raise ConfigError(f"act_method={m} is not supported; valid: 0 (data-free: sigma, or minmax "
                                   "when sigma=0), 1 (minmax), 2 (histogram), 3 (mixed)")

@@ -19,5 +19,9 @@ class CalibrationDataError(FxquantError, ValueError):
     """Calibration data is missing, malformed or holds non-finite values."""
 
 
+class NotQuantizableError(FxquantError):
+    """A layer of a quantizable type that cannot be quantized as it is configured (the reason says why)."""
+
+
 class GraphLintError(FxquantError):
     """A pass left the graph in a state that breaks the IR contract."""

@@ -34,7 +34,10 @@ def build_observer(name: str, **kwargs) -> Observer:
     if name not in OBSERVERS:
         valid = ", ".join(sorted(OBSERVERS) + ["top_<k>"])
         raise ConfigError(f"unknown observer {name!r}; valid: {valid}")
-    return OBSERVERS[name](**kwargs)
+    try:
+        return OBSERVERS[name](**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"observer {name!r}: {exc}") from None
 
 
 class Observer(torch.nn.Module):

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from .errors import ConfigError, FxquantError
+from .tracing import TRACE_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def to_onnx_model(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
         raise ConfigError(f"input_names has {len(input_names)} names but the model takes {len(bound)} inputs "
                           f"({', '.join(bound)}); give one name per input, in the order of forward's parameters")
     shapes = {name: {d: torch.export.Dim.AUTO for d in range(v.dim())} for name, v in bound.items()}
-    with warnings.catch_warnings():
+    with TRACE_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, (), kwargs=bound, dynamo=True, opset_version=OPSET,
                                     dynamic_shapes=shapes, verbose=False)

@@ -70,8 +70,13 @@ class _QDQWeighted(torch.nn.Module):
                 raise ConfigError(f"{name}: ONNX QDQ export covers int8 per-tensor or per-channel weights, "
                                   f"not {wq.extra_repr()}")
             self.register_buffer("weight_codes", qopr.weight_int8().clone())
-            self.register_buffer("weight_scale", wq.scale.detach().float().clone())
-            self.register_buffer("weight_zero_point", wq.zero_point.detach().round().to(torch.int64).clone())
+            self.per_channel = wq.scale.dim() > 0
+            if self.per_channel:
+                self.register_buffer("weight_scale", wq.scale.detach().float().clone())
+                self.register_buffer("weight_zero_point", wq.zero_point.detach().round().to(torch.int64).clone())
+            else:  # constants, as for activations: torch.export cannot read a buffer's value
+                self.weight_scale_value = float(wq.scale)
+                self.weight_zero_point_value = int(round(float(wq.zero_point)))
         else:
             self.register_buffer("weight", qopr.weight.detach().clone())
         bias = None if qopr.bias is None else qopr.bias.detach().float().clone()
@@ -84,9 +89,9 @@ class _QDQWeighted(torch.nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         if not self.weight_quantized:
             return self.weight
-        if self.weight_scale.dim() == 0:
-            return _qd.dequantize_per_tensor(self.weight_codes, float(self.weight_scale),
-                                             int(self.weight_zero_point), -128, 127, torch.int8)
+        if not self.per_channel:
+            return _qd.dequantize_per_tensor(self.weight_codes, self.weight_scale_value,
+                                             self.weight_zero_point_value, -128, 127, torch.int8)
         return _qd.dequantize_per_channel(self.weight_codes, self.weight_scale, self.weight_zero_point, 0,
                                           -128, 127, torch.int8)
 

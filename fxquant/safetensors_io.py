@@ -25,6 +25,7 @@ class AtomicFolderWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._tag = uuid.uuid4().hex[:8]
         self._pending: list[tuple[Path, Path]] = []
+        self._obsolete: list[Path] = []
 
     def path_for(self, name: str) -> Path:
         """A temporary path for final file `name`, registered for commit."""
@@ -41,15 +42,21 @@ class AtomicFolderWriter:
             f.flush()
             os.fsync(f.fileno())
 
+    def remove_on_commit(self, paths: list[Path]) -> None:
+        """Files of the folder that commit() deletes once the new files are in place."""
+        self._obsolete += paths
+
     def commit(self) -> None:
         for tmp, final in self._pending:
             os.replace(tmp, final)
-        self._pending = []
+        for path in self._obsolete:
+            path.unlink(missing_ok=True)
+        self._pending, self._obsolete = [], []
 
     def abort(self) -> None:
         for tmp, _ in self._pending:
             tmp.unlink(missing_ok=True)
-        self._pending = []
+        self._pending, self._obsolete = [], []
 
     def __enter__(self) -> AtomicFolderWriter:
         return self
@@ -111,15 +118,27 @@ def write_safetensors(writer: AtomicFolderWriter, tensors: dict[str, torch.Tenso
     return names + [f"{filename}.index.json"]
 
 
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; FxquantError naming the file when it is unreadable."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types (truncation, header)
+        raise FxquantError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
 def read_safetensors(folder: str | os.PathLike, filename: str) -> dict[str, torch.Tensor]:
     """Tensors of `filename` in `folder`, following `<filename>.index.json` when sharded."""
     folder = Path(folder)
     index = folder / f"{filename}.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise FxquantError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
         out: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            out.update(load_file(str(folder / shard)))
+        for shard in shards:
+            out.update(_load(folder / shard))
         missing = set(weight_map) - set(out)
         if missing:
             raise FxquantError(f"index {index.name} lists tensors no shard holds: {sorted(missing)[:5]}")
@@ -127,7 +146,7 @@ def read_safetensors(folder: str | os.PathLike, filename: str) -> dict[str, torc
     path = folder / filename
     if not path.exists():
         raise FxquantError(f"no {filename} (nor {filename}.index.json) in {folder}")
-    return load_file(str(path))
+    return _load(path)
 
 
 def read_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:

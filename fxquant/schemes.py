@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .fake_quant import ROUNDING_MODES
+from .observers import build_observer
 from .quantizer import QuantSpec
 
 SCHEME_NAMES = ("float", "w8a8", "w8a8_dynamic", "w8a8_timestep", "w8a16", "w4a16")
@@ -41,6 +43,20 @@ class SchemeOptions:
     pow2_scale: bool = False
     act_observer_kwargs: tuple = ()
     timestep_sep: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse settings that could only fail later: an unknown or malformed observer (e.g.
+        "minmx", "top_0", a negative sigma), rounding mode or group size."""
+        if not isinstance(self.act_method, str):
+            raise ConfigError(f"act_method must be an observer name (str), got {self.act_method!r}; "
+                              f"valid: {', '.join(ACT_METHODS[:-1])}, top_<k>")
+        build_observer(self.act_method, **dict(self.act_observer_kwargs))
+        if self.rounding not in ROUNDING_MODES:
+            raise ConfigError(f"unknown rounding {self.rounding!r}; valid: {', '.join(ROUNDING_MODES)}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ConfigError(f"group_size must be an integer >= 1, got {self.group_size!r}")
+        if not isinstance(self.timestep_sep, int) or self.timestep_sep < 0:
+            raise ConfigError(f"timestep_sep must be an integer >= 0, got {self.timestep_sep!r}")
 
 
 @dataclass(frozen=True)

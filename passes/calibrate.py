@@ -41,6 +41,7 @@ class Calibrate:
     weight_optimizers: Sequence[WeightOptimizer] = ()
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        gm.eval()  # calibrate what inference runs: no dropout, BatchNorm on running statistics
         static = needs_activation_data(gm)
         wants_runner = static or self.measure_sensitivity or self.weight_optimizers  # asym only matters for static inputs
         if self.calib_data is None and static:

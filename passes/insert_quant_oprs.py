@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
 
-from fxquant.errors import ConfigError
+from fxquant.errors import ConfigError, NotQuantizableError
 from fxquant.ir import fxq_meta, module_of
-from fxquant.quant_opr import QUANT_OPR_FOR, to_quant_opr
+from fxquant.quant_opr import QUANT_OPR_FOR, QuantOpr, to_quant_opr
 from fxquant.schemes import SchemeOptions, make_scheme
 
 from .pass_manager import replace_submodule
@@ -20,9 +21,12 @@ class InsertQuantOprs:
     """Pass: swap modules for QuantOprs built from node.meta["fxquant"]["scheme"] and `options`.
 
     Weights are shared with the float modules, not copied. Quantizers start disabled.
+    require_any: a graph left with no QuantOpr at all is a ConfigError that lists why each
+    layer stayed float (a quantization that quantizes nothing is a mistake, not a result).
     """
 
     options: SchemeOptions = field(default_factory=SchemeOptions)
+    require_any: bool = True
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         bad_groups: list[str] = []
@@ -46,7 +50,7 @@ class InsertQuantOprs:
                     continue
             try:
                 qopr = to_quant_opr(module, scheme)
-            except ValueError as exc:
+            except NotQuantizableError as exc:
                 meta["scheme"], meta["reason"] = "float", f"not quantizable: {exc}"
                 continue
             replace_submodule(gm, node.target, qopr)
@@ -56,4 +60,10 @@ class InsertQuantOprs:
             raise ConfigError(
                 f"group_size {g} does not divide the input width of {len(bad_groups)} layers, e.g. "
                 f"{', '.join(bad_groups[:3])}; group sizes that fit every layer: {fits or 'none'}")
+        if self.require_any and not any(isinstance(m, QuantOpr) for m in gm.modules()):
+            reasons = Counter(fxq_meta(n).get("reason", "?") for n in gm.graph.nodes
+                              if type(module_of(gm, n)) in QUANT_OPR_FOR)
+            why = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(5))
+            raise ConfigError(f"no layer was quantized ({why or 'the model has no Linear/Conv layer'}); "
+                              "check the scheme, mix_cfg and disable settings")
         return gm

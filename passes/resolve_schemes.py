@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -55,6 +55,11 @@ class ResolveSchemes:
     def __post_init__(self) -> None:
         check_scheme_name(self.default)
         check_scheme_name(self.small_op_scheme)
+        for label in ("disable_names", "rollback_names", "disabled_submodules"):
+            self._check_name_list(label, getattr(self, label))
+        if self.mix_cfg is not None and not isinstance(self.mix_cfg, Mapping):
+            raise ConfigError(f"mix_cfg must be a dict {{layer name or pattern: scheme}}, got a "
+                              f"{type(self.mix_cfg).__name__}: {self.mix_cfg!r}")
         self.mix_cfg = dict(self.mix_cfg or {})
         for key, value in self.mix_cfg.items():
             if not isinstance(key, str):
@@ -84,6 +89,14 @@ class ResolveSchemes:
             if not any(fnmatchcase(n, pattern) for n in names):
                 log.warning("mix_cfg entry %r matches no quantizable layer", pattern)
         return gm
+
+    @staticmethod
+    def _check_name_list(label: str, names: object) -> None:
+        if isinstance(names, str):
+            raise ConfigError(f"{label} must be a list of layer names, got the string {names!r} "
+                              f"(write [{names!r}])")
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{label} must be a list of layer names (str), got {names!r}")
 
     def _record(self, node: fx.Node, scheme: str, reason: str) -> None:
         meta = fxq_meta(node)

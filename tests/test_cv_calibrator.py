@@ -35,8 +35,13 @@ def _within_one_step(out: np.ndarray, ref: np.ndarray) -> float:
     return float((np.abs(out - ref) <= step).mean())
 
 
-def _ort(path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _ort(path, optimized: bool = True) -> ort.InferenceSession:
+    """onnxruntime session; optimized=False runs the QDQ graph as written (QuantizeLinear, float
+    op, DequantizeLinear), with no fusion into QLinearConv / QGemm."""
+    opts = ort.SessionOptions()
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("name", ["ResNetStyle", "MobileNetStyle"])
@@ -57,11 +62,16 @@ def test_default_config_within_half_a_point_and_qdq_onnx_matches(cnns, digits, t
     assert len(weight_dq) == sum(1 for m in cal.model.modules() if type(m).__name__ == "QConv2d")
     assert all(onnx.helper.get_attribute_value(a) == 0 for n in weight_dq for a in n.attribute if a.name == "axis")
     x = xte[:128]
-    out = _ort(path).run(None, {"input.1": x.numpy()})[0]
     with torch.no_grad():
         ref = cal.model(x).numpy()
+    # The QDQ graph as written matches the simulation on any CPU. With graph optimizations
+    # onnxruntime fuses it into QLinearConv, whose requantization rounds differently on CPUs
+    # without VNNI (AVX2): there only the predictions are compared.
+    out = _ort(path, optimized=False).run(None, {"input.1": x.numpy()})[0]
     assert _within_one_step(out, ref) >= 0.99
+    fused = _ort(path).run(None, {"input.1": x.numpy()})[0]
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert (fused.argmax(1) == ref.argmax(1)).mean() >= 0.98
 
 
 @pytest.mark.parametrize("name", ["ResNetStyle", "MobileNetStyle"])

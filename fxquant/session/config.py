@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional  # noqa: UP035  (the seed's annotat
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from ..ascend_checkpoint import SAVE_TYPES
 from ..keep_acc.w_method import W_METHODS
 
 ACT_METHODS = ("minmax", "histogram", "mixed")
@@ -101,6 +102,14 @@ class SaveProcessorConfig(_Strict):
     json_name: Optional[str] = None  # noqa: UP045
     save_type: list = ["safe_tensor"]
     part_file_size: Optional[int] = None  # noqa: UP045
+
+    @field_validator("save_type")
+    @classmethod
+    def _known_save_types(cls, v: list) -> list:
+        bad = [t for t in v if t not in SAVE_TYPES]
+        if bad or not v:
+            raise ValueError(f"unknown save_type {bad or v}; valid: {', '.join(SAVE_TYPES)}")
+        return v
 
     @field_validator("part_file_size")
     @classmethod

@@ -1,0 +1,36 @@
+"""int8_matmul: every implementation is exact, and the default one on this CPU too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxquant.kernels import int8_matmul
+from fxquant.kernels.int_matmul import EXACT_FP32_K, default_kernel
+
+
+@pytest.mark.parametrize("kernel", [None, "fp32_split", "fp64"])
+@pytest.mark.parametrize("m, k, n", [(1, 576, 64), (64, 576, 1536), (33, 1536, 96), (17, 4100, 40)])
+def test_int8_matmul_is_exact(kernel, m, k, n):
+    gen = torch.Generator().manual_seed(m * k + n)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=gen)
+    a[0] = -128  # full-range rows: the sums a saturating kernel gets wrong
+    b[:, 0] = -128
+    ref = (a.double() @ b.double()).to(torch.int64)
+    out = int8_matmul(a, b, kernel)
+    assert out.dtype == torch.int32 and out.shape == (m, n)
+    assert torch.equal(out.to(torch.int64), ref), f"kernel {kernel or default_kernel(a.device)}"
+
+
+def test_fp32_split_chunks_keep_sums_exact():
+    """The worst case of one chunk: 1024 products of -128 * -128 = 2^24, still exact in fp32."""
+    a = torch.full((2, 3 * EXACT_FP32_K), -128, dtype=torch.int8)
+    b = torch.full((3 * EXACT_FP32_K, 2), -128, dtype=torch.int8)
+    assert int(int8_matmul(a, b, "fp32_split")[0, 0]) == 3 * EXACT_FP32_K * 128 * 128
+
+
+def test_unknown_kernel_is_refused():
+    a = torch.zeros(2, 2, dtype=torch.int8)
+    with pytest.raises(ValueError, match="valid: int_mm, fp32_split, fp64"):
+        int8_matmul(a, a, "onednn")
