@@ -3,8 +3,9 @@
 Each QuantOpr holds `input_quantizers` (one per tensor input; `input_quantizer` is the first),
 `weight_quantizer` (layers only), the resolved scheme name, and `set_quant(w_quant, a_quant)`.
 Forward passes are differentiable through a straight-through estimator. With both weight and
-activation quantized (int8), inference runs the deployed arithmetic: integer accumulation of
-codes, zero-point correction, then one float multiply by input_scale * weight_scale.
+activation quantized (int8), the layer runs the deployed arithmetic in every grad mode: integer
+accumulation of codes, zero-point correction, then one float multiply by input_scale *
+weight_scale (gradients pass straight through the integer accumulation).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxquant.kernels import int8_matmul
+from fxquant.kernels import code_matmul
 
 from .errors import NotQuantizableError
-from .fake_quant import dequantize_codes
+from .fake_quant import dequantize_codes, round_ste
 from .quantizer import (
     DynamicQuantizer,
     IdentityQuantizer,
@@ -134,9 +135,11 @@ class _QWeighted(QuantOpr):
         return aq.current() if isinstance(aq, TimestepQuantizer) and aq.enabled else aq
 
     def _integer_path(self, x: torch.Tensor) -> bool:
-        """True when inference can run the exact int8 x int8 -> int32 arithmetic of the kernel."""
+        """True when the layer runs the exact int8 x int8 -> int32 arithmetic of the kernel it
+        deploys to (in every grad mode: training sees the same values, with straight-through
+        gradients)."""
         wq, aq = self.weight_quantizer, self.active_input_quantizer()
-        if not (wq.enabled and aq.enabled) or torch.is_grad_enabled():
+        if not (wq.enabled and aq.enabled):
             return False
         if not isinstance(wq, StaticQuantizer) or wq.spec.granularity == "group":
             return False
@@ -160,7 +163,7 @@ class _QWeighted(QuantOpr):
         onnxruntime's QLinearConv add in int32)."""
         if self.bias is None:
             return None
-        return torch.round(self.bias.float() / deq)
+        return round_ste(self.bias.float() / deq)
 
 
 class QLinear(_QWeighted):
@@ -178,23 +181,17 @@ class QLinear(_QWeighted):
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.active_input_quantizer()
         codes, sx, zx = self._input_codes(x)
-        k = x.shape[-1]
-        xi = codes.reshape(-1, k).to(torch.int8)
-        wi = self._weight_codes().to(torch.int8)
-        acc = int8_matmul(xi, wi.t())  # int32 [m, n]
-        if zx.numel() == 1 and float(zx) != 0.0:
-            acc = acc - int(zx) * wi.sum(dim=1, dtype=torch.int32)
+        xc = codes.reshape(-1, x.shape[-1])
+        zero = int(zx) if zx.numel() == 1 else 0  # static per-tensor offset; dynamic is symmetric
         wscale = self.weight_quantizer.scale.reshape(-1)
         if isinstance(aq, DynamicQuantizer):
-            y = acc.float() * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
+            acc = code_matmul(xc, self._weight_codes(), zero)  # exact int32 sums, as float32 [m, n]
+            y = acc * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
             if self.bias is not None:
                 y = y + self.bias.float()
         else:
             deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
-            qbias = self.quantized_bias(deq)
-            if qbias is not None:
-                acc = acc + qbias.to(torch.int32)
-            y = acc.float() * deq
+            y = code_matmul(xc, self._weight_codes(), zero, self.quantized_bias(deq)) * deq
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

