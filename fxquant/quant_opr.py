@@ -17,13 +17,8 @@ from fxquant.kernels import code_matmul
 
 from .errors import NotQuantizableError
 from .fake_quant import dequantize_codes, round_ste
-from .quantizer import (
-    DynamicQuantizer,
-    IdentityQuantizer,
-    Quantizer,
-    StaticQuantizer,
-    build_quantizer,
-)
+from .quantizer import DynamicQuantizer, IdentityQuantizer, Quantizer, StaticQuantizer
+from .quantizer_factory import build_quantizer
 from .schemes import Scheme
 from .small_ops import BMM, Add, MatMul
 from .timestep import TimestepQuantizer

@@ -239,13 +239,3 @@ class DynamicQuantizer(Quantizer):
         s = self.spec
         return f"int{s.bits}, {'sym' if s.symmetric else 'asym'}, per-token (dynamic)"
 
-
-def build_quantizer(spec: QuantSpec | None) -> Quantizer:
-    """The quantizer class that serves `spec` (None: stays float)."""
-    if spec is None:
-        return IdentityQuantizer()
-    if spec.timestep_sep is not None:
-        from .timestep import TimestepQuantizer
-
-        return TimestepQuantizer(spec)
-    return DynamicQuantizer(spec) if spec.dynamic else StaticQuantizer(spec)
