@@ -5,16 +5,18 @@ from .ascend_checkpoint import load_ascend, save_ascend
 from .calibration import CalibrationRunner
 from .calibrator import Calibrator
 from .capture import capture
+from .compiler import compile_backend
 from .config import QuantConfig
 from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantError
 from .graph_view import to_networkx
+from .install import apply
 from .quant_opr import QBMM, QAdd, QConv1d, QConv2d, QLinear, QMatMul, QuantOpr
 from .quantizer import DynamicQuantizer, IdentityQuantizer, QuantSpec, StaticQuantizer
 from .schemes import SCHEME_NAMES, Scheme, SchemeOptions, make_scheme
 from .timestep import set_timestep
 
 __all__ = [
-    "SCHEME_NAMES", "CalibrationDataError", "CalibrationRunner", "Calibrator", "QuantConfig",
+    "SCHEME_NAMES", "CalibrationDataError", "apply", "compile_backend", "CalibrationRunner", "Calibrator", "QuantConfig",
     "load_ascend", "save_ascend", "CaptureError", "ConfigError",
     "DynamicQuantizer", "FxquantError", "IdentityQuantizer", "QAdd", "QBMM", "QConv1d", "QConv2d",
     "QLinear", "QMatMul", "QuantOpr", "QuantSpec", "Scheme", "SchemeOptions", "StaticQuantizer",

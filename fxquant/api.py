@@ -11,13 +11,13 @@ from torch import fx
 
 from fxquant.passes import (
     Calibrate,
+    Freeze,
     InsertQuantOprs,
     PassManager,
     QuantizeAttention,
     ResolveSchemes,
     SmoothQuant,
     fold_batchnorm,
-    freeze,
     functional_to_modules,
 )
 
@@ -25,6 +25,7 @@ from .calib_data import check_fits_signature, normalise_calib_data
 from .calibration import WeightOptimizer
 from .capture import capture
 from .errors import CalibrationDataError, ConfigError
+from .install import apply
 from .ir import scheme_decisions
 from .schemes import SchemeOptions, make_scheme
 
@@ -52,7 +53,9 @@ def quantize(
     progress: bool = True,
     dump_dir: str | None = None,
     weight_optimizers: Sequence[WeightOptimizer] = (),
-) -> fx.GraphModule:
+    keep_float_weight: bool = False,
+    inplace: bool = False,
+) -> fx.GraphModule | torch.nn.Module:
     """Quantize `model`; returns a GraphModule called like `model` (same arguments, same output type).
 
     calib_data: `[[input1], [input2], ...]` (an item may be a dict of keyword inputs); optional for
@@ -97,9 +100,11 @@ def quantize(
         InsertQuantOprs(options),
         *attention,
         Calibrate(calib_data, device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers),
-        freeze,
+        Freeze(keep_float_weight),
     ], dump_dir=dump_dir)
     gm = manager(gm)
     gm.meta["fxquant_timings"] = manager.timings
     gm.meta["fxquant_decisions"] = scheme_decisions(gm)
+    if inplace:
+        return apply(model, gm)
     return gm.eval()

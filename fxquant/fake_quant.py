@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 ROUNDING_MODES = ("half_even", "floor_add")
+#: the smallest scale qparams_from_range gives (an all-zero range still gets a usable grid)
+MIN_SCALE = 1e-8
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -29,6 +31,8 @@ def round_ste(x: torch.Tensor, mode: str = "half_even") -> torch.Tensor:
     """Round `x` (any shape, float) with `mode` in ROUNDING_MODES; gradient passes straight through."""
     if mode not in ROUNDING_MODES:
         raise ValueError(f"unknown rounding mode {mode!r}; valid: {', '.join(ROUNDING_MODES)}")
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return torch.round(x) if mode == "half_even" else torch.floor(x + 0.5)  # same values, no autograd node
     return _RoundSTE.apply(x, mode)
 
 
@@ -73,7 +77,7 @@ def qparams_from_range(
     symmetric: bool,
     signed: bool = True,
     pow2_scale: bool = False,
-    eps: float = 1e-8,
+    eps: float = MIN_SCALE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (same shape as lo/hi, float32) that map [lo, hi] onto the code range.
 

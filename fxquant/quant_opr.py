@@ -10,13 +10,17 @@ weight_scale (gradients pass straight through the integer accumulation).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
-from fxquant.kernels import code_matmul
+from fxquant.kernels import code_matmul, code_row_sums
+from fxquant.kernels.weight_only import linear_from_weight, pack_codes, unpack_codes
 
-from .errors import NotQuantizableError
+from .errors import ConfigError, NotQuantizableError
 from .fake_quant import dequantize_codes, round_ste
+from .kernel_choice import is_int8_pair, layer_kernel
 from .quantizer import DynamicQuantizer, IdentityQuantizer, Quantizer, StaticQuantizer
 from .quantizer_factory import build_quantizer
 from .schemes import Scheme
@@ -64,7 +68,12 @@ class QuantOpr(torch.nn.Module):
 
 
 class _QWeighted(QuantOpr):
-    """QuantOpr with a weight [out, in, ...] and optional bias, shared with the float layer."""
+    """QuantOpr with a weight [out, in, ...] and optional bias, shared with the float layer.
+
+    freeze() caches the weight's integer codes (`weight_codes`: int8, weight's shape; 4-bit codes
+    packed two per byte, uint8 [n, k / 2]) and releases the float weight, so that a frozen layer
+    holds only codes, qparams and bias; `weight` then reads as the dequantized weight.
+    """
 
     def __init__(self, layer: torch.nn.Module, scheme: Scheme) -> None:
         super().__init__(scheme)
@@ -73,7 +82,41 @@ class _QWeighted(QuantOpr):
         self.bias = layer.bias
         self.weight_quantizer = build_quantizer(scheme.weight)
         self.register_buffer("weight_codes", None, persistent=False)
+        self.register_buffer("weight_row_sums", None, persistent=False)
         self.codes_fixed = False
+        self.kernel = "simulated"  # what forward runs; freeze() picks the device's kernel
+        self.weight_shape = tuple(layer.weight.shape)
+        self.weight_dtype = layer.weight.dtype
+        self._input_zero: int | None = None  # frozen static per-tensor zero point, as a Python int
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.float_weight_released:
+            return self.quantized_weight()  # the float weight is gone: what it quantized to
+        return super().__getattr__(name)
+
+    @property
+    def float_weight_released(self) -> bool:
+        """True once freeze() dropped the float weight (only codes and qparams remain)."""
+        return "weight" not in self._parameters
+
+    def to_float(self) -> torch.nn.Module:
+        """The float module this QuantOpr stands for: the original layer (weights shared), or once
+        the float weight is released, a copy of its type holding the dequantized weight."""
+        layer = self.__dict__["_float_module"]
+        if not self.float_weight_released:
+            return layer
+        out = copy.copy(layer)
+        out._parameters = dict(layer._parameters)
+        out.weight = torch.nn.Parameter(self.quantized_weight().detach(), requires_grad=False)
+        return out
+
+    def set_quant(self, w_quant: bool = True, a_quant: bool = True) -> QuantOpr:
+        """Turn fake quantization of the weight and of the inputs on or off (the weight stays
+        quantized once freeze() released its float copy)."""
+        if not w_quant and self.float_weight_released:
+            raise ConfigError("this layer's float weight was released at freeze; freeze with "
+                              "keep_float_weight=True (e.g. for fine-tuning) to switch weight quantization off")
+        return super().set_quant(w_quant, a_quant)
 
     def set_weight_codes(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """Fix the weight's integer codes (weight's shape, integer-valued) and optionally its scale
@@ -87,13 +130,13 @@ class _QWeighted(QuantOpr):
         self.codes_fixed = True
 
     def weight_int8(self) -> torch.Tensor:
-        """The deployed int8 codes of the weight, weight's shape."""
-        return self._weight_codes().round().reshape(self.weight.shape).to(torch.int8)
+        """The deployed integer codes of the weight as int8, weight's shape."""
+        return self._weight_codes().round().reshape(self.weight_shape).to(torch.int8)
 
     def calibrate_weight(self) -> None:
         """Observe the weight and set its qparams (kept as they are once set_weight_codes fixed them)."""
         wq = self.weight_quantizer
-        if isinstance(wq, StaticQuantizer) and not self.codes_fixed:
+        if isinstance(wq, StaticQuantizer) and not self.codes_fixed and not self.float_weight_released:
             wq.reset_observer()
             wq.observe(self.weight.detach())
             if wq.spec.clip_search:
@@ -102,27 +145,48 @@ class _QWeighted(QuantOpr):
                 wq.calc_qparams(like=self.weight)
             self.weight_codes = None
 
-    def freeze(self) -> None:
-        """Drop observers and cache the weight's integer codes (int8 storage)."""
+    def freeze(self, keep_float_weight: bool = False) -> None:
+        """Drop observers, cache the weight's integer codes and pick the kernel. Unless
+        keep_float_weight (fine-tuning the float weight), release the float weight."""
         super().freeze()
         wq = self.weight_quantizer
-        if isinstance(wq, StaticQuantizer) and wq.calibrated and not self.codes_fixed:
+        if not (isinstance(wq, StaticQuantizer) and wq.calibrated):
+            return
+        if self.weight_codes is None or (not self.codes_fixed and not self.float_weight_released):
             with torch.no_grad():
-                self.weight_codes = wq.quantize(self.weight)[0].to(torch.int8)
+                codes = wq.quantize(self.weight)[0].reshape(self.weight_shape)
+            self.weight_codes = pack_codes(codes, wq.spec.bits)
+        aq = self.input_quantizer
+        if isinstance(aq, StaticQuantizer) and aq.calibrated and aq.zero_point.numel() == 1:
+            self._input_zero = int(aq.zero_point) - (0 if aq.spec.signed else 128)
+            if self._input_zero:
+                self.weight_row_sums = code_row_sums(self.weight_int8().reshape(self.weight_shape[0], -1))
+        self.kernel = layer_kernel(self, self.weight_codes.device)
+        if not keep_float_weight and not self.float_weight_released:
+            del self._parameters["weight"]
+            self.__dict__["_float_module"] = _released_layer(self.__dict__["_float_module"])
+            self._non_persistent_buffers_set.discard("weight_codes")
 
     def _weight_codes(self) -> torch.Tensor:
-        """Float integer codes of the weight (grouped shape for per-group specs)."""
-        if self.weight_codes is not None and (self.codes_fixed or not torch.is_grad_enabled()):
-            return self.weight_codes.float()
-        return self.weight_quantizer.quantize(self.weight)[0]
+        """Integer codes of the weight (grouped shape [n, k / g, g] for per-group specs): the frozen
+        int8 ones (or fixed ones) as float, else quantized from the float weight."""
+        wq = self.weight_quantizer
+        if self.weight_codes is not None and (self.codes_fixed or self.float_weight_released
+                                              or not torch.is_grad_enabled()):
+            codes = unpack_codes(self.weight_codes, wq.spec.bits, self.weight_shape).float()
+            if wq.spec.granularity == "group":
+                codes = codes.reshape(codes.shape[0], -1, wq.spec.group_size)
+            return codes
+        return wq.quantize(self.weight)[0]
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the deployed model sees it (fake-quantized when enabled), weight's shape."""
         wq = self.weight_quantizer
-        if not wq.enabled:
+        if not wq.enabled and not self.float_weight_released:
             return self.weight
-        scale, zp = wq.broadcast_qparams(self.weight)
-        return dequantize_codes(self._weight_codes(), scale, zp).reshape(self.weight.shape).to(self.weight.dtype)
+        codes = self._weight_codes()
+        scale, zp = wq.broadcast_qparams(codes if wq.spec.granularity != "group" else codes[..., 0])
+        return dequantize_codes(codes, scale, zp).reshape(self.weight_shape).to(self.weight_dtype)
 
     def active_input_quantizer(self) -> Quantizer:
         """The input quantizer now in use (a TimestepQuantizer's one for the current step)."""
@@ -134,23 +198,21 @@ class _QWeighted(QuantOpr):
         deploys to (in every grad mode: training sees the same values, with straight-through
         gradients)."""
         wq, aq = self.weight_quantizer, self.active_input_quantizer()
-        if not (wq.enabled and aq.enabled):
-            return False
-        if not isinstance(wq, StaticQuantizer) or wq.spec.granularity == "group":
-            return False
-        if isinstance(aq, DynamicQuantizer) and not aq.spec.symmetric:
-            return False  # per-token zero points are not folded into the accumulator
-        return (wq.spec.bits == 8 and wq.spec.symmetric and wq.spec.signed and aq.spec.bits == 8
-                and (aq.spec.signed or isinstance(aq, StaticQuantizer))
-                and isinstance(aq, (StaticQuantizer, DynamicQuantizer)))
+        return wq.enabled and aq.enabled and is_int8_pair(wq, aq)
 
-    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(codes, scale, zero point) of x as signed int8 values (uint8 codes shift by -128, as
-        their zero point does: the same arithmetic)."""
-        codes, sx, zx = self.active_input_quantizer().quantize(x)
-        if not self.active_input_quantizer().spec.signed:
-            codes, zx = codes - 128, zx - 128
-        return codes, sx, zx
+        their zero point does: the same arithmetic). The zero point is a Python int: 0 for
+        per-token (symmetric) inputs, the frozen one for static per-tensor inputs."""
+        aq = self.active_input_quantizer()
+        codes, sx, zx = aq.quantize(x)
+        if not aq.spec.signed:
+            codes = codes - 128
+        if isinstance(aq, DynamicQuantizer):
+            return codes, sx, 0
+        if self._input_zero is not None and aq is self.input_quantizer:
+            return codes, sx, self._input_zero
+        return codes, sx, int(zx) - (0 if aq.spec.signed else 128)
 
     def quantized_bias(self, deq: torch.Tensor) -> torch.Tensor | None:
         """Static activations: the bias on the accumulator's grid, round(bias / deq) as float
@@ -159,6 +221,13 @@ class _QWeighted(QuantOpr):
         if self.bias is None:
             return None
         return round_ste(self.bias.float() / deq)
+
+
+def _released_layer(layer: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of `layer` without its weight: the attributes to_float() rebuilds from."""
+    out = copy.copy(layer)
+    out._parameters = {k: v for k, v in layer._parameters.items() if k != "weight"}
+    return out
 
 
 class QLinear(_QWeighted):
@@ -171,22 +240,31 @@ class QLinear(_QWeighted):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._integer_path(x):
             return self._int_forward(x)
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+    def _gemm_weight_codes(self) -> torch.Tensor:
+        """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in
+        use, else float codes that carry gradients to the weight."""
+        if self.weight_codes is not None and (self.codes_fixed or self.float_weight_released
+                                              or not torch.is_grad_enabled()):
+            return self.weight_codes
+        return self._weight_codes()
 
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.active_input_quantizer()
-        codes, sx, zx = self._input_codes(x)
+        codes, sx, zero = self._input_codes(x)
         xc = codes.reshape(-1, x.shape[-1])
-        zero = int(zx) if zx.numel() == 1 else 0  # static per-tensor offset; dynamic is symmetric
         wscale = self.weight_quantizer.scale.reshape(-1)
+        kernel = None if self.kernel == "simulated" else self.kernel
         if isinstance(aq, DynamicQuantizer):
-            acc = code_matmul(xc, self._weight_codes(), zero)  # exact int32 sums, as float32 [m, n]
+            acc = code_matmul(xc, self._gemm_weight_codes(), kernel=kernel)  # exact sums, float32 [m, n]
             y = acc * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
             if self.bias is not None:
                 y = y + self.bias.float()
         else:
             deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
-            y = code_matmul(xc, self._weight_codes(), zero, self.quantized_bias(deq)) * deq
+            y = code_matmul(xc, self._gemm_weight_codes(), zero, self.quantized_bias(deq), kernel,
+                            self.weight_row_sums) * deq
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -11,7 +11,15 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .errors import ConfigError
-from .fake_quant import ROUNDING_MODES, dequantize_codes, qparams_from_range, qrange, quantize_codes
+from .fake_quant import (
+    MIN_SCALE,
+    ROUNDING_MODES,
+    dequantize_codes,
+    qparams_from_range,
+    qrange,
+    quantize_codes,
+    round_ste,
+)
 from .observers import build_observer
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
@@ -229,6 +237,12 @@ class DynamicQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor):
         xf = x.float()
+        s = self.spec
+        if s.symmetric and s.signed and not s.pow2_scale:
+            # qparams_from_range's symmetric branch, in fewer passes: scale = max|x| / qmax
+            scale = torch.clamp(xf.abs().amax(dim=-1, keepdim=True) / float(self.qmax), min=MIN_SCALE)
+            codes = torch.clamp(round_ste(xf / scale, s.rounding), self.qmin, self.qmax)
+            return codes, scale, torch.zeros_like(scale)
         lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)
         scale, zp = qparams_from_range(lo, hi, self.spec.bits, self.spec.symmetric, self.spec.signed,
                                        self.spec.pow2_scale)

@@ -73,41 +73,83 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str | None = None) -> 
     raise ValueError(f"unknown int8_matmul kernel {kernel!r}; valid: {', '.join(KERNELS)}")
 
 
+def codes_matmul(xc: torch.Tensor, wc: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """xc [m, k] @ wc^T ([n, k]) of integer codes (int8, or float holding integers in [-128, 127])
+    -> [m, n] exact sums: int32 where the kernel accumulates in integers (int_mm, k chunks),
+    float32 where every sum is exact in float32 (one chunk of k <= EXACT_FP32_K).
+
+    No round trip through int8 where the kernel computes in float: "fp32_split" multiplies float
+    codes as they are, "int_mm" converts them to int8 once.
+    """
+    kernel = kernel or default_kernel(xc.device)
+    if kernel == "int_mm":
+        a = xc if xc.dtype == torch.int8 else xc.to(torch.int8)
+        b = wc if wc.dtype == torch.int8 else wc.to(torch.int8)
+        try:
+            return torch._int_mm(a, b.t())
+        except RuntimeError:
+            kernel = "fp64"
+    if kernel == "fp32_split":
+        a, b = xc.float(), wc.float()
+        k = a.shape[1]
+        if k <= EXACT_FP32_K:
+            return a @ b.t()
+        out = None
+        for start in range(0, k, EXACT_FP32_K):
+            part = (a[:, start:start + EXACT_FP32_K] @ b[:, start:start + EXACT_FP32_K].t()).to(torch.int32)
+            out = part if out is None else out + part
+        return out
+    if kernel == "fp64":
+        return (xc.double() @ wc.double().t()).to(torch.int32)
+    raise ValueError(f"unknown int8_matmul kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+
+
 class _CodeMatmul(torch.autograd.Function):
     """code_matmul with straight-through gradients: the forward is the exact integer
     accumulation, the backward that of (xc - zx) @ wc^T + qbias in float."""
 
     @staticmethod
-    def forward(ctx, xc, wc, zx, qbias, kernel):  # noqa: D102
+    def forward(ctx, xc, wc, zx, qbias, kernel, wsum):  # noqa: D102
         ctx.save_for_backward(xc, wc)
         ctx.zx = zx
-        return _accumulate(xc, wc, zx, qbias, kernel)
+        return _accumulate(xc, wc, zx, qbias, kernel, wsum)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         xc, wc = ctx.saved_tensors
         grad_qbias = grad.sum(dim=0) if ctx.needs_input_grad[3] else None
-        return grad @ wc, grad.t() @ (xc - ctx.zx), None, grad_qbias, None
+        grad_x = grad @ wc.to(grad.dtype)
+        grad_w = grad.t() @ (xc - ctx.zx) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None, grad_qbias, None, None
 
 
-def _accumulate(xc, wc, zx: int, qbias, kernel: str | None) -> torch.Tensor:
-    acc = int8_matmul(xc.to(torch.int8), wc.to(torch.int8).t(), kernel)
+def code_row_sums(wc: torch.Tensor) -> torch.Tensor:
+    """Row sums of integer codes wc [n, k] (int8 or integer float) as int32 [n]."""
+    return wc.to(torch.int32).sum(dim=1, dtype=torch.int32)
+
+
+def _accumulate(xc, wc, zx: int, qbias, kernel: str | None, wsum) -> torch.Tensor:
+    acc = codes_matmul(xc, wc, kernel)
+    if not zx and qbias is None:
+        return acc.float()
+    acc = acc.to(torch.int32)  # offsets in int32: their sums may pass 2^24
     if zx:
-        acc = acc - zx * wc.to(torch.int32).sum(dim=1)
+        acc = acc - zx * (code_row_sums(wc) if wsum is None else wsum)
     if qbias is not None:
         acc = acc + qbias.to(torch.int32)
     return acc.float()
 
 
 def code_matmul(xc: torch.Tensor, wc: torch.Tensor, zx: int = 0, qbias: torch.Tensor | None = None,
-                kernel: str | None = None) -> torch.Tensor:
-    """(xc - zx) @ wc^T + qbias, accumulated exactly in int32 and returned as float32 [m, n].
+                kernel: str | None = None, wsum: torch.Tensor | None = None) -> torch.Tensor:
+    """(xc - zx) @ wc^T + qbias, accumulated exactly and returned as float32 [m, n].
 
-    xc float [m, k] and wc float [n, k] hold int8 codes (integer-valued, in [-128, 127]); zx is the
-    activation zero point; qbias float [n] an integer-valued bias on the accumulator's grid. With
+    xc [m, k] and wc [n, k] hold int8 codes (int8, or float integers in [-128, 127]); zx is the
+    activation zero point (a Python int); qbias float [n] an integer-valued bias on the
+    accumulator's grid; wsum int32 [n] the row sums of wc when known (saves a pass over wc). With
     gradients enabled the values are the same, and gradients pass straight through to xc, wc and
     qbias, so training sees the deployed arithmetic.
     """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, wc, qbias)):
-        return _CodeMatmul.apply(xc, wc, int(zx), qbias, kernel)
-    return _accumulate(xc, wc, int(zx), qbias, kernel)
+        return _CodeMatmul.apply(xc, wc, int(zx), qbias, kernel, wsum)
+    return _accumulate(xc, wc, int(zx), qbias, kernel, wsum)

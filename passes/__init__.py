@@ -4,7 +4,7 @@ from .awq_scale import AWQScale
 from .calibrate import Calibrate
 from .flex_smooth import FlexSmooth
 from .fold_batchnorm import fold_batchnorm
-from .freeze import freeze
+from .freeze import Freeze, freeze
 from .functional_to_modules import functional_to_modules
 from .insert_quant_oprs import InsertQuantOprs
 from .iter_smooth import IterSmooth
@@ -19,7 +19,7 @@ from .smooth_quant import SmoothQuant
 
 __all__ = [
     "AWQScale", "Calibrate", "FlexSmooth", "InsertQuantOprs", "IterSmooth", "LowerToAscend", "PassManager",
-    "QuantizeAttention", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze", "functional_to_modules", "lint_ir",
+    "Freeze", "QuantizeAttention", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze", "functional_to_modules", "lint_ir",
     "lower_onnx_to_ascend", "lower_to_qdq",
     "quantizable_nodes",
 ]

@@ -1,16 +1,36 @@
-"""Freeze calibrated QuantOprs: observers dropped, qparams kept, weight codes cached as int8."""
+"""Freeze calibrated QuantOprs: observers dropped, qparams kept, weights as integer codes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import fx
 
-from fxquant.quant_opr import QuantOpr
+from fxquant.quant_opr import QuantOpr, _QWeighted
+
+
+@dataclass
+class Freeze:
+    """Pass: QuantOpr.freeze() everywhere, fake quantization left on. Layers keep their weight as
+    int8 (packed int4) codes and run their device's kernel, recorded as node.meta["fxquant_kernel"];
+    keep_float_weight keeps the float weights too (for fine-tuning)."""
+
+    keep_float_weight: bool = False
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        for m in gm.modules():
+            if isinstance(m, _QWeighted):
+                m.freeze(keep_float_weight=self.keep_float_weight)
+            elif isinstance(m, QuantOpr):
+                m.freeze()
+            if isinstance(m, QuantOpr):
+                m.set_quant(True, True)
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), _QWeighted):
+                node.meta["fxquant_kernel"] = module.kernel
+        return gm
 
 
 def freeze(gm: fx.GraphModule) -> fx.GraphModule:
-    """Pass: call QuantOpr.freeze() everywhere and leave fake quantization on."""
-    for m in gm.modules():
-        if isinstance(m, QuantOpr):
-            m.freeze()
-            m.set_quant(True, True)
-    return gm
+    """Pass: Freeze() with its defaults (float weights released)."""
+    return Freeze()(gm)

@@ -137,8 +137,10 @@ def test_round_opt_codes_are_what_is_exported(cnns, digits, tmp_path):
     fixed = {n: m for n, m in cal.model.named_modules() if getattr(m, "codes_fixed", False)}
     assert fixed, "AdaRound kept no layer"
     name, layer = next(iter(fixed.items()))
-    rtn = layer.weight_quantizer.quantize(layer.weight)[0].reshape(layer.weight.shape)
-    assert not torch.equal(layer.weight_int8().float(), rtn)  # learned rounding differs from nearest
+    nearest = Calibrator(cnns["ResNetStyle"], QuantConfig(), calib_data=_calib(digits))
+    nearest.run()  # the same layer rounded to nearest (the frozen model keeps codes, not float weights)
+    rtn = nearest.model.get_submodule(name)
+    assert not torch.equal(layer.weight_int8(), rtn.weight_int8())  # learned rounding differs from nearest
     proto = onnx.load(cal.export_quant_onnx("r", tmp_path, ["x"]))
     inits = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert any(a.shape == tuple(layer.weight.shape) and np.array_equal(a, layer.weight_int8().numpy())

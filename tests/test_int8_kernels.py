@@ -34,3 +34,30 @@ def test_unknown_kernel_is_refused():
     a = torch.zeros(2, 2, dtype=torch.int8)
     with pytest.raises(ValueError, match="valid: int_mm, fp32_split, fp64"):
         int8_matmul(a, a, "onednn")
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8_dynamic"])
+def test_frozen_layer_gives_the_same_values_on_every_kernel(scheme):
+    """A frozen QLinear runs the kernel freeze() picked for this CPU; each other exact kernel gives
+    the same output up to float rounding of the final scaling."""
+    import fxquant
+    from fxquant.kernel_choice import KERNEL_DESCRIPTIONS
+    from fxquant.kernels.int_matmul import KERNELS
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1536, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8))
+    calib = [[torch.randn(4, 1536) * 3] for _ in range(2)]
+    q = fxquant.quantize(model, calib, scheme=scheme, progress=False)
+    layer = q.get_submodule("0")
+    assert layer.kernel == default_kernel(torch.device("cpu")) and layer.kernel in KERNEL_DESCRIPTIONS
+    node = next(n for n in q.graph.nodes if n.target == "0")
+    assert node.meta["fxquant_kernel"] == layer.kernel
+    x = torch.randn(7, 1536) * 3
+    outs = {}
+    with torch.no_grad():
+        for kernel in KERNELS:
+            layer.kernel = kernel
+            outs[kernel] = layer(x)
+    ref = outs["fp64"]
+    for kernel, out in outs.items():
+        assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), kernel

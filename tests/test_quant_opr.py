@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fxquant import QBMM, QAdd, QConv2d, QLinear, QMatMul, make_scheme
+from fxquant.errors import ConfigError
 from fxquant.quantizer import StaticQuantizer
 
 
@@ -74,11 +75,19 @@ def test_weight_only_schemes():
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 16)
     x = torch.randn(5, 256)
-    for scheme, tol in (("w8a16", 0.02), ("w4a16", 0.3)):
+    for scheme, tol, stored in (("w8a16", 0.02, (torch.int8, (16, 256))), ("w4a16", 0.3, (torch.uint8, (16, 128)))):
         q = _calibrate(QLinear(lin, make_scheme(scheme)), x)
-        assert (q(x) - lin(x)).abs().max() < tol
+        before = q(x)
+        assert (before - lin(x)).abs().max() < tol
         q.freeze()
-        assert q.weight_codes.dtype == torch.int8
+        # frozen: compact codes only (4-bit packed two per byte), the float weight released
+        assert (q.weight_codes.dtype, tuple(q.weight_codes.shape)) == stored
+        assert [n for n, _ in q.named_parameters()] == ["bias"] and "weight_codes" in q.state_dict()
+        assert torch.equal(q(x), before)
+        assert torch.equal(q.to_float()(x), before)  # the float layer it stands for: dequantized weight
+        assert lin.weight.shape == (16, 256)  # the caller's float layer keeps its weight
+        with pytest.raises(ConfigError, match="released"):
+            q.set_quant(False, True)
 
 
 @pytest.mark.parametrize("cls,shape_a,shape_b,fn", [

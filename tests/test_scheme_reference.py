@@ -57,9 +57,17 @@ def test_every_qlinear_of_smollm2_computes_the_per_token_formula(smollm2, smollm
 def test_gradients_pass_straight_through_the_integer_accumulation():
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 8)
-    q = fxquant.quantize(torch.nn.Sequential(lin, torch.nn.Linear(8, 2)), example_inputs=[torch.randn(4, 32)],
-                         scheme="w8a8_dynamic", progress=False)
+    model = torch.nn.Sequential(lin, torch.nn.Linear(8, 2))
     x = torch.randn(4, 32, requires_grad=True)
+    # fine-tuning keeps the float weight: gradients reach it through the integer accumulation
+    q = fxquant.quantize(model, example_inputs=[torch.randn(4, 32)], scheme="w8a8_dynamic", progress=False,
+                         keep_float_weight=True)
     q(x).sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
     assert lin.weight.grad is not None and float(lin.weight.grad.abs().sum()) > 0
+    # the default frozen model holds int8 codes only; gradients still reach its inputs, same values
+    frozen = fxquant.quantize(model, example_inputs=[torch.randn(4, 32)], scheme="w8a8_dynamic", progress=False)
+    x2 = x.detach().clone().requires_grad_(True)
+    assert torch.equal(frozen(x2), q(x).detach())
+    frozen(x2).sum().backward()
+    assert torch.allclose(x2.grad, x.grad)

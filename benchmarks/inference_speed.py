@@ -1,0 +1,275 @@
+"""Inference speed and size of frozen quantized models against fp32, in one run (ratios).
+
+Prints the CPU capability and the kernel each scheme runs, then:
+  1. GEMM table: one 576 -> 1536 layer (SmolLM2's MLP) at M = 1, 32, 512, 2048 rows, per scheme,
+     eager and compiled (backend="fxquant"), against fp32 F.linear;
+  2. SmolLM2-135M prefill (1 x 512, 8 x 128): fp32 eager / inductor, each W8A8 scheme eager and
+     compiled with backend="fxquant";
+  3. SmolLM2 decode with a KV cache (greedy, 128 new tokens): fp32 eager, w8a16 / w4a16 eager and
+     compiled;
+  4. perplexity of w8a8_dynamic on GPL-3 (4 x 512): eager grad / eager no_grad / compiled /
+     Ascend checkpoint reload;
+  5. parameter + buffer bytes (unique storages) per scheme;
+  6. MiniLM (w8a8_dynamic, 32 x 128) and the digits CNN (w8a8) against fp32.
+
+    python benchmarks/inference_speed.py [--skip decode minilm cnn] [--repeat 3]
+
+Emulate an AVX2-only CPU on a VNNI machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fxquant
+from fxquant.kernels import default_kernel
+from fxquant.kernels.int_matmul import cpu_has_int8_dot
+from fxquant.real_models import (
+    license_text,
+    load_minilm,
+    load_smollm2,
+    perplexity,
+    text_corpus,
+    token_windows,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+W8A8_SCHEMES = ("w8a8_dynamic", "w8a8")
+GROUP = fxquant.SchemeOptions(group_size=64)  # 128 does not divide SmolLM2's 576
+
+
+def seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of fn() over `repeat` runs after one warm-up, without autograd."""
+    with torch.no_grad():
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def storage_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers, each storage counted once."""
+    seen: dict[int, int] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def compiled(module: torch.nn.Module, backend: str = "fxquant") -> torch.nn.Module:
+    return torch.compile(module, backend=backend, dynamic=False)
+
+
+def table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row) + " |")
+
+
+def quantize_smollm2(model, tok, scheme: str, calib: list[torch.Tensor]):
+    if scheme == "w8a8":
+        return fxquant.quantize(model, [[w] for w in calib], scheme="w8a8", progress=False,
+                                smooth_alpha=0.5)
+    return fxquant.quantize(model, scheme=scheme, example_inputs=[calib[0]], progress=False, options=GROUP)
+
+
+def gemm_table(repeat: int) -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 1536)
+    calib = [[torch.randn(64, 576)] for _ in range(4)]
+    layers = {s: fxquant.quantize(torch.nn.Sequential(lin), calib, scheme=s, disable_last_layer=False,
+                                  progress=False, options=GROUP).get_submodule("0")
+              for s in ("w8a8_dynamic", "w8a8", "w8a16", "w4a16")}
+    rows = []
+    for m in (1, 32, 512, 2048):
+        x = torch.randn(m, 576)
+        base = seconds(lambda x=x: F.linear(x, lin.weight, lin.bias), repeat * 5)
+        row: list[object] = [m, base * 1e3]
+        for layer in layers.values():
+            eager = seconds(lambda x=x, layer=layer: layer(x), repeat * 5)
+            fast = compiled(layer)
+            comp = seconds(lambda x=x, fast=fast: fast(x), repeat * 5)
+            row += [base / eager, base / comp]
+        rows.append(row)
+    header = ["M", "fp32 ms"] + [f"{s} {mode}" for s in layers for mode in ("eager", "compiled")]
+    table("GEMM 576 -> 1536: speed-up over fp32 F.linear (higher is faster)", header, rows)
+    print("\nkernels: " + ", ".join(f"{s}: {layer.kernel}" for s, layer in layers.items()))
+
+
+def prefill_table(model, tok, calib, repeat: int) -> dict[str, torch.nn.Module]:
+    shapes = {"1x512": torch.randint(0, 40000, (1, 512)), "8x128": torch.randint(0, 40000, (8, 128))}
+    models = {"fp32": model}
+    models.update({s: quantize_smollm2(model, tok, s, calib) for s in W8A8_SCHEMES})
+    rows = []
+    for shape, ids in shapes.items():
+        def run(m, ids=ids):
+            return lambda: m(input_ids=ids, use_cache=False)
+        fp32 = seconds(run(model), repeat)
+        torch._dynamo.reset()
+        fp32_compiled = seconds(run(compiled(model, "inductor")), repeat)
+        rows.append([shape, "fp32 eager", fp32 * 1e3, 1.0, fp32_compiled / fp32])
+        rows.append([shape, "fp32 inductor", fp32_compiled * 1e3, fp32 / fp32_compiled, 1.0])
+        for name in W8A8_SCHEMES:
+            eager = seconds(run(models[name]), repeat)
+            torch._dynamo.reset()
+            comp = seconds(run(compiled(models[name])), repeat)
+            rows.append([shape, f"{name} eager", eager * 1e3, fp32 / eager, fp32_compiled / eager])
+            rows.append([shape, f"{name} fxquant", comp * 1e3, fp32 / comp, fp32_compiled / comp])
+    table("SmolLM2 prefill (all logits)", ["shape", "model", "ms", "vs fp32 eager", "vs fp32 inductor"], rows)
+    return models
+
+
+def decode_table(model, tok, calib, new_tokens: int) -> None:
+    prompt = tok("The GNU General Public License is a free, copyleft license for", return_tensors="pt")
+
+    def gen_seconds(m) -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            m.generate(**prompt, max_new_tokens=8, do_sample=False)  # warm-up (and compilation)
+            start = time.perf_counter()
+            out = m.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return time.perf_counter() - start, out
+
+    base, base_tokens = gen_seconds(model)
+    rows = [["fp32 eager", base / new_tokens * 1e3, 1.0, "-"]]
+    for scheme in ("w8a16", "w4a16", "w8a8_dynamic"):
+        for mode in ("eager", "fxquant"):
+            small = copy.deepcopy(model)
+            fxquant.quantize(small, scheme=scheme, example_inputs=[prompt.input_ids], progress=False,
+                             options=GROUP, inplace=True)
+            if mode == "fxquant":
+                torch._dynamo.reset()
+                small.forward = torch.compile(small.forward, backend="fxquant", dynamic=True)
+            t, tokens = gen_seconds(small)
+            agree = float((tokens == base_tokens).float().mean())
+            rows.append([f"{scheme} {mode}", t / new_tokens * 1e3, base / t, f"{agree:.2f}"])
+    table(f"SmolLM2 decode, KV cache, {new_tokens} new tokens (greedy)",
+          ["model", "ms / token", "vs fp32 eager", "tokens = fp32's"], rows)
+
+
+def perplexity_table(model, tok, calib) -> None:
+    windows = token_windows(tok, license_text("GPL-3"), 4, 512)
+    fp32 = perplexity(model, windows)
+    rows = [["fp32", fp32, "-"]]
+    for scheme in W8A8_SCHEMES:
+        q = quantize_smollm2(model, tok, scheme, calib)
+        eager = perplexity(q, windows)
+        with torch.enable_grad():
+            nll, count = 0.0, 0
+            for w in windows:
+                logits = q(input_ids=w).logits[0, :-1]
+                nll += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+                count += w.shape[1] - 1
+        grad = math.exp(nll / count)
+        torch._dynamo.reset()
+        comp = perplexity(compiled(q), windows)
+        with tempfile.TemporaryDirectory() as d:
+            fxquant.save_ascend(q, model, d, default_scheme=scheme)
+            reloaded = fxquant.load_ascend(copy.deepcopy(model), d)
+            ascend = perplexity(reloaded, windows)
+        values = {"eager no_grad": eager, "eager grad": grad, "compiled": comp, "Ascend reload": ascend}
+        spread = (max(values.values()) - min(values.values())) / min(values.values())
+        for k, v in values.items():
+            rows.append([f"{scheme} {k}", v, f"{100 * spread:.3f}%"])
+    table("SmolLM2 perplexity on GPL-3, 4 x 512 tokens", ["model", "perplexity", "spread of the 4 paths"], rows)
+
+
+def size_table(model, models: dict[str, torch.nn.Module], tok, calib) -> None:
+    base = storage_bytes(model)
+    rows = [["fp32", base / 2**20, 1.0]]
+    for scheme in ("w8a8_dynamic", "w8a8", "w8a16", "w4a16"):
+        q = models.get(scheme) or quantize_smollm2(model, tok, scheme, calib)
+        rows.append([scheme, storage_bytes(q) / 2**20, storage_bytes(q) / base])
+    table("SmolLM2 parameter + buffer bytes (unique storages; tied embedding and float lm_head included)",
+          ["model", "MiB", "vs fp32"], rows)
+
+
+def minilm_table(repeat: int) -> None:
+    from fxquant.real_models import encoder_inputs, sentences
+
+    encoder = load_minilm()
+    bert = encoder[0].auto_model.eval()
+    texts = sentences(text_corpus("eval"), 32)
+    batch = encoder_inputs(encoder, texts)
+    batch = {k: F.pad(v, (0, 128 - v.shape[1]))[:, :128] for k, v in batch.items()}
+    q = fxquant.quantize(bert, example_inputs=batch, scheme="w8a8_dynamic", progress=False)
+    base = seconds(lambda: bert(**batch), repeat)
+    rows = [["fp32 eager", base * 1e3, 1.0]]
+    for name, module in (("fp32 inductor", None), ("w8a8_dynamic eager", q), ("w8a8_dynamic fxquant", None)):
+        torch._dynamo.reset()
+        if module is None:
+            module = compiled(bert, "inductor") if name.startswith("fp32") else compiled(q)
+        t = seconds(lambda m=module: m(**batch), repeat)
+        rows.append([name, t * 1e3, base / t])
+    table("MiniLM-L6 encoder, batch 32 x 128", ["model", "ms", "vs fp32 eager"], rows)
+
+
+def cnn_table(repeat: int) -> None:
+    from digits import digits_split, train
+    from models import ResNetStyle
+
+    x_train, y_train, x_test, _ = digits_split()
+    cnn = train(ResNetStyle(), x_train, y_train)
+    calib = [[x_train[i:i + 64]] for i in range(0, 256, 64)]
+    q = fxquant.quantize(cnn, calib, scheme="w8a8", progress=False)
+    x = x_test[:256]
+    base = seconds(lambda: cnn(x), repeat * 5)
+    eager = seconds(lambda: q(x), repeat * 5)
+    torch._dynamo.reset()
+    fast = compiled(q)
+    comp = seconds(lambda: fast(x), repeat * 5)
+    table("digits ResNet-style CNN, batch 256 (w8a8)", ["model", "ms", "vs fp32 eager"],
+          [["fp32 eager", base * 1e3, 1.0], ["w8a8 eager", eager * 1e3, base / eager],
+           ["w8a8 fxquant", comp * 1e3, base / comp]])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["gemm", "prefill", "decode", "ppl", "size", "minilm", "cnn"])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    cpu = torch.device("cpu")
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"int8 dot products (VNNI/AMX): {cpu_has_int8_dot()}, threads {torch.get_num_threads()}")
+    print(f"W8A8 integer kernel: {default_kernel(cpu)}; weight-only: dequant_mm (fused GEMV when compiled)")
+    if "gemm" not in args.skip:
+        gemm_table(args.repeat)
+    model, tok = load_smollm2()
+    calib = token_windows(tok, text_corpus("calib"), 4, 512)
+    models: dict[str, torch.nn.Module] = {}
+    if "prefill" not in args.skip:
+        models = prefill_table(model, tok, calib, args.repeat)
+    if "decode" not in args.skip:
+        decode_table(model, tok, calib, args.new_tokens)
+    if "ppl" not in args.skip:
+        perplexity_table(model, tok, calib)
+    if "size" not in args.skip:
+        size_table(model, models, tok, calib)
+    if "minilm" not in args.skip:
+        minilm_table(args.repeat)
+    if "cnn" not in args.skip:
+        cnn_table(args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The "fxquant" torch.compile backend: fxquant passes on Dynamo's graph, then an inner compiler.
+
+`torch.compile(qmodel, backend="fxquant")` finds it through the `torch_dynamo_backends` entry
+point of the installed package (nothing registers at import). A frozen quantized layer's
+forward is already written in the device's integer kernels (torch._int_mm, exact fp32 GEMMs of
+codes, weight-only GEMVs), so Dynamo's graph holds them as ops; the inner compiler (inductor)
+fuses what surrounds them: per-token quantization, rescaling, bias, norms, activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+log = logging.getLogger(__name__)
+
+#: Dynamo graph targets that are integer GEMMs, by kernel name
+_INT_GEMM_TARGETS = {torch._int_mm: "int_mm", torch.ops.aten._int_mm.default: "int_mm"}
+
+GraphPass = Callable[[fx.GraphModule], fx.GraphModule]
+
+
+def record_kernels(gm: fx.GraphModule) -> fx.GraphModule:
+    """Pass: count the integer GEMMs in a Dynamo graph into gm.meta["fxquant_kernels"]
+    ({kernel name: calls}) and log them."""
+    counts = Counter(_INT_GEMM_TARGETS[n.target] for n in gm.graph.nodes
+                     if n.op == "call_function" and n.target in _INT_GEMM_TARGETS)
+    gm.meta["fxquant_kernels"] = dict(counts)
+    log.info("fxquant backend: graph of %d nodes, integer GEMMs %s", len(gm.graph.nodes), dict(counts) or "none")
+    return gm
+
+
+@dataclass
+class CompileBackend:
+    """A torch.compile backend: `passes` (each GraphModule -> GraphModule) run in order on every
+    graph Dynamo hands over, then `inner` (a registered backend name such as "inductor" or
+    "eager", or a backend callable) compiles the result. The graphs seen are kept in `graphs`."""
+
+    passes: Sequence[GraphPass] = (record_kernels,)
+    inner: str | Callable[..., Any] = "inductor"
+    graphs: list[fx.GraphModule] = field(default_factory=list, repr=False)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        for graph_pass in self.passes:
+            gm = graph_pass(gm)
+        self.graphs.append(gm)
+        inner = self.inner
+        if isinstance(inner, str):
+            from torch._dynamo.backends.registry import lookup_backend
+            inner = lookup_backend(inner)
+        return inner(gm, example_inputs)
+
+
+def compile_backend(passes: Sequence[GraphPass] | None = None,
+                    inner: str | Callable[..., Any] = "inductor") -> CompileBackend:
+    """A backend object for torch.compile(model, backend=compile_backend(...)): `passes` (default:
+    record_kernels) on each Dynamo graph, then `inner`."""
+    return CompileBackend(tuple(passes) if passes is not None else (record_kernels,), inner)
+
+
+def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """The backend registered as "fxquant": compile_backend() with its defaults."""
+    return compile_backend()(gm, example_inputs)

@@ -1,0 +1,49 @@
+"""Which kernel a quantized layer runs: recorded per layer at freeze for the inspection tools."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from fxquant.kernels import default_kernel
+
+from .quantizer import DynamicQuantizer, Quantizer, StaticQuantizer
+
+if TYPE_CHECKING:
+    from .quant_opr import _QWeighted
+
+#: kernel names a layer may record, and what each computes
+KERNEL_DESCRIPTIONS = {
+    "int_mm": "int8 x int8 -> int32 GEMM (torch._int_mm: VNNI / AMX on CPU, CUDA)",
+    "fp32_split": "int8 codes multiplied in fp32, k split so that every partial sum is exact",
+    "fp64": "int8 codes multiplied in fp64 (exact)",
+    "dequant_mm": "int8 / packed int4 weight dequantized, one float GEMM (fused GEMV when compiled)",
+    "float": "float weight and activations",
+    "simulated": "fake-quantized float weight (not frozen yet)",
+}
+
+
+def is_int8_pair(wq: Quantizer, aq: Quantizer) -> bool:
+    """True when weight and input quantizers describe an int8 x int8 GEMM with an int32
+    accumulator: symmetric signed int8 weights per tensor or channel, int8 (or uint8 static)
+    inputs per tensor (static) or per token (dynamic, symmetric)."""
+    if not isinstance(wq, StaticQuantizer) or wq.spec.granularity == "group":
+        return False
+    if isinstance(aq, DynamicQuantizer) and not aq.spec.symmetric:
+        return False  # per-token zero points are not folded into the accumulator
+    return (wq.spec.bits == 8 and wq.spec.symmetric and wq.spec.signed and aq.spec.bits == 8
+            and (aq.spec.signed or isinstance(aq, StaticQuantizer))
+            and isinstance(aq, (StaticQuantizer, DynamicQuantizer)))
+
+
+def layer_kernel(layer: _QWeighted, device: torch.device) -> str:
+    """The KERNEL_DESCRIPTIONS name of what a frozen `layer` runs on `device`."""
+    wq, aq = layer.weight_quantizer, layer.active_input_quantizer()
+    if not wq.enabled:
+        return "float"
+    if aq.enabled and is_int8_pair(wq, aq):
+        if layer.weight_codes is not None and layer.weight_codes.dim() > 2:
+            return "fp32_split" if device.type == "cpu" else "fp64"  # convolutions: exact float accumulation
+        return default_kernel(device)
+    return "dequant_mm"

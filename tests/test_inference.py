@@ -1,0 +1,105 @@
+"""Frozen quantized models for inference: small, installed back into the user's model (generate()
+with a KV cache), and compiled with backend="fxquant" to the same values."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.errors import ConfigError
+from fxquant.kernels import default_kernel
+
+
+def storage_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers of `module`, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def truncated_smollm2(model: torch.nn.Module, layers: int = 2) -> torch.nn.Module:
+    """SmolLM2 with its real weights but only its first `layers` decoder layers (fast to compile)."""
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:layers]
+    small.config.num_hidden_layers = layers
+    return small
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["w8a8_dynamic", "w8a16", "w4a16"])
+def test_frozen_smollm2_holds_codes_not_float_weights(smollm2, smollm2_windows, scheme):
+    model, _ = smollm2
+    x = smollm2_windows[1][0]  # held-out text, 256 tokens
+    q = fxquant.quantize(model, scheme=scheme, example_inputs=[x], progress=False,
+                         options=fxquant.SchemeOptions(group_size=64))  # 128 does not divide 576
+    ratio = storage_bytes(q) / storage_bytes(model)
+    # every Linear but the tied lm_head holds 1 byte (4-bit: half a byte) per weight
+    assert ratio <= {"w8a8_dynamic": 0.45, "w8a16": 0.45, "w4a16": 0.35}[scheme], ratio
+    assert storage_bytes(model) > 500e6  # the float model keeps its weights
+    with torch.no_grad():
+        ref = model(input_ids=x, use_cache=False).logits
+        out = q(input_ids=x, use_cache=False).logits
+    agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    assert agree > {"w8a8_dynamic": 0.8, "w8a16": 0.9, "w4a16": 0.6}[scheme], agree
+
+
+@pytest.mark.slow
+def test_installed_layers_keep_generate_and_compile_to_the_same_tokens(smollm2):
+    model, tok = smollm2
+    small = truncated_smollm2(model)
+    prompt = tok("The GNU General Public License is a free, copyleft license for", return_tensors="pt")
+    graph = fxquant.quantize(small, scheme="w8a8_dynamic", example_inputs=[prompt.input_ids], progress=False)
+    installed = fxquant.quantize(small, scheme="w8a8_dynamic", example_inputs=[prompt.input_ids],
+                                 progress=False, inplace=True)
+    assert installed is small and isinstance(small.model.layers[0].mlp.down_proj, fxquant.QLinear)
+    with torch.no_grad():  # the installed layers compute what the graph computes
+        assert torch.equal(small(**prompt, use_cache=False).logits, graph(input_ids=prompt.input_ids).logits)
+        eager = small.generate(**prompt, max_new_tokens=12, do_sample=False)
+        backend = fxquant.compile_backend()
+        small.forward = torch.compile(small.forward, backend=backend, dynamic=True)
+        compiled = small.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(eager, compiled), (tok.decode(eager[0]), tok.decode(compiled[0]))
+    assert backend.graphs  # Dynamo handed graphs to fxquant's passes
+    if default_kernel(torch.device("cpu")) == "int_mm":
+        assert sum(g.meta["fxquant_kernels"].get("int_mm", 0) for g in backend.graphs) >= 14
+
+
+def test_backend_is_found_by_name_and_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64),
+                                torch.nn.Linear(64, 4))
+    calib = [[torch.randn(8, 64)] for _ in range(4)]
+    for scheme in ("w8a8", "w8a8_dynamic", "w8a16", "w4a16"):
+        q = fxquant.quantize(model, calib, scheme=scheme, progress=False,
+                             options=fxquant.SchemeOptions(group_size=64))
+        torch._dynamo.reset()
+        compiled = torch.compile(q, backend="fxquant")
+        for rows in (1, 16):
+            x = torch.randn(rows, 64)
+            with torch.no_grad():
+                ref, out = q(x), compiled(x)
+            assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (scheme, rows)
+
+
+def test_apply_refuses_graph_rewrites_the_model_has_no_place_for():
+    class AddModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    model = AddModel()
+    q = fxquant.quantize(model, [[torch.randn(4, 16)]], scheme="w8a8", small_op_scheme="w8a8",
+                         disable_last_layer=False, progress=False)
+    with pytest.raises(ConfigError, match="QAdd"):
+        fxquant.apply(model, q)
+    assert isinstance(model.a, torch.nn.Linear)  # nothing installed: all or nothing
