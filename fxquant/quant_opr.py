@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.kernels import code_matmul, code_row_sums
-from fxquant.kernels.weight_only import is_gemv, pack_codes, unpack_codes, weight_only_gemv
+from fxquant.kernels.weight_only import linear_from_weight, pack_codes, unpack_codes
 
 from .errors import ConfigError, NotQuantizableError
 from .fake_quant import dequantize_codes, round_ste
@@ -240,11 +240,7 @@ class QLinear(_QWeighted):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._integer_path(x):
             return self._int_forward(x)
-        if self.kernel == "dequant_mm" and is_gemv(x) and self.float_weight_released:
-            wq = self.weight_quantizer
-            return weight_only_gemv(self.input_quantizer(x), self.weight_codes, wq.spec.bits, self.out_features,
-                                    wq.scale, wq.zero_point, self.bias)
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
     def _gemm_weight_codes(self) -> torch.Tensor:
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in

@@ -2,14 +2,15 @@
 
 4-bit codes are stored two per byte (uint8 [n, k / 2], low nibble first); 8-bit codes as int8.
 Eager, a layer dequantizes its codes and runs one float GEMM. Under torch.compile, inputs with
-few rows (decode: one token per sequence) take the form of a broadcast multiply and a sum over k
-(weight_only_gemv), which inductor fuses into one GEMV that reads the compact codes once, instead
-of writing a float weight and reading it back.
+few rows (decode: one token per sequence) take the form of a broadcast multiply and a sum over k,
+which inductor fuses with the dequantization into one GEMV that reads the compact codes once,
+instead of writing a float weight and reading it back.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 #: inputs with at most this many rows take the fused GEMV form under torch.compile
 GEMV_MAX_ROWS = 8
@@ -37,35 +38,11 @@ def unpack_codes(stored: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
     return torch.stack((low, high), dim=-1).reshape(shape)
 
 
-def is_gemv(x: torch.Tensor) -> bool:
-    """True when x [..., k] should take the fused GEMV form: under torch.compile, at most
-    GEMV_MAX_ROWS rows."""
-    return torch.compiler.is_compiling() and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
-
-
-def weight_only_gemv(x: torch.Tensor, stored: torch.Tensor, bits: int, out_features: int,
-                     scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., k] @ dequantized(stored)^T (+ bias) -> [..., n], written for inductor to fuse into one
-    pass over the stored codes (for inputs of few rows, under torch.compile).
-
-    stored: pack_codes output (int8 [n, k], or uint8 [n, k / 2] for 4 bits); scale, zero: float
-    [n] (per channel) or [n, groups] (per group along k). Each group's sum of x * (code - zero) is
-    scaled once; this differs from dequantize-then-GEMM only by float rounding.
-    """
-    n = out_features
-    scale = scale.reshape(n, -1).to(x.dtype)
-    zero = zero.reshape(n, -1).to(x.dtype)
-    groups = scale.shape[1]
-    lead = x.shape[:-1]
-    if bits == 8:
-        codes = stored.reshape(n, groups, -1).to(x.dtype) - zero[..., None]      # [n, G, g]
-        xg = x.reshape(*lead, 1, groups, codes.shape[-1])                          # [..., 1, G, g]
-        partial = (xg * codes).sum(-1)                                             # [..., n, G]
-    else:
-        half = stored.reshape(n, groups, -1)                                       # [n, G, g / 2]
-        low = (half & 15).to(x.dtype) - 8 - zero[..., None]
-        high = (half >> 4).to(x.dtype) - 8 - zero[..., None]
-        pairs = x.reshape(*lead, 1, groups, half.shape[-1], 2)                     # even / odd columns
-        partial = (pairs[..., 0] * low + pairs[..., 1] * high).sum(-1)
-    y = (partial * scale).sum(-1)
-    return y if bias is None else y + bias
+def linear_from_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x [..., k], weight [n, k], bias [n]) -> [..., n]; under torch.compile, for inputs of
+    at most GEMV_MAX_ROWS rows, as a multiply-and-sum that inductor fuses with the ops that made
+    `weight` (e.g. dequantizing int8 codes). The two forms differ only by float summation order."""
+    if torch.compiler.is_compiling() and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
+        y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
