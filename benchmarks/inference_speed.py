@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from fxquant.real_models import (
     load_minilm,
     load_smollm2,
     perplexity,
+    storage_bytes,
     text_corpus,
     token_windows,
 )
@@ -61,14 +61,6 @@ def seconds(fn: Callable[[], object], repeat: int) -> float:
             fn()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def storage_bytes(module: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers, each storage counted once."""
-    seen: dict[int, int] = {}
-    for t in [*module.parameters(), *module.buffers()]:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def compiled(module: torch.nn.Module, backend: str = "fxquant") -> torch.nn.Module:
@@ -172,13 +164,7 @@ def perplexity_table(model, tok, calib) -> None:
     for scheme in W8A8_SCHEMES:
         q = quantize_smollm2(model, tok, scheme, calib)
         eager = perplexity(q, windows)
-        with torch.enable_grad():
-            nll, count = 0.0, 0
-            for w in windows:
-                logits = q(input_ids=w).logits[0, :-1]
-                nll += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
-                count += w.shape[1] - 1
-        grad = math.exp(nll / count)
+        grad = perplexity(q, windows, grad=True)
         torch._dynamo.reset()
         comp = perplexity(compiled(q), windows)
         with tempfile.TemporaryDirectory() as d:

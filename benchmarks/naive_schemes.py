@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 
 import torch
 
@@ -36,17 +35,6 @@ from fxquant.real_models import (
 )
 
 MODELS = {"smollm2": load_smollm2, "gemma3": load_gemma3}
-
-
-def perplexity_with_grad(model, windows: list[torch.Tensor]) -> float:
-    """perplexity() with autograd recording (the training-mode arithmetic of a quantized model)."""
-    nll, count = 0.0, 0
-    with torch.enable_grad():
-        for w in windows:
-            logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
-            count += w.shape[1] - 1
-    return math.exp(nll / count)
 
 
 def reference_w8a8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,7 +110,7 @@ def measure(name: str, n_eval: int, seeds: int) -> tuple[dict[str, float], dict[
             q = fxquant.quantize(m, calib, scheme, progress=False)
             add(f"fxquant {scheme} (no_grad)", q)
             if scheme == "w8a8_dynamic" and seed == 0:
-                add(f"fxquant {scheme} (grad)", q, perplexity_with_grad)
+                add(f"fxquant {scheme} (grad)", q, lambda m, w: perplexity(m, w, grad=True))
             del q
             peer = torchao_model(m, scheme)
             if isinstance(peer, str):

@@ -105,8 +105,7 @@ class _QWeighted(QuantOpr):
         layer = self.__dict__["_float_module"]
         if not self.float_weight_released:
             return layer
-        out = copy.copy(layer)
-        out._parameters = dict(layer._parameters)
+        out = _released_layer(layer)
         out.weight = torch.nn.Parameter(self.quantized_weight().detach(), requires_grad=False)
         return out
 
@@ -167,12 +166,17 @@ class _QWeighted(QuantOpr):
             self.__dict__["_float_module"] = _released_layer(self.__dict__["_float_module"])
             self._non_persistent_buffers_set.discard("weight_codes")
 
+    def _stored_codes_in_use(self) -> bool:
+        """True when forward reads the stored integer codes (frozen, fixed, or released float
+        weight), not codes quantized afresh from the float weight."""
+        return self.weight_codes is not None and (self.codes_fixed or self.float_weight_released
+                                                  or not torch.is_grad_enabled())
+
     def _weight_codes(self) -> torch.Tensor:
         """Integer codes of the weight (grouped shape [n, k / g, g] for per-group specs): the frozen
         int8 ones (or fixed ones) as float, else quantized from the float weight."""
         wq = self.weight_quantizer
-        if self.weight_codes is not None and (self.codes_fixed or self.float_weight_released
-                                              or not torch.is_grad_enabled()):
+        if self._stored_codes_in_use():
             codes = unpack_codes(self.weight_codes, wq.spec.bits, self.weight_shape).float()
             if wq.spec.granularity == "group":
                 codes = codes.reshape(codes.shape[0], -1, wq.spec.group_size)
@@ -245,10 +249,7 @@ class QLinear(_QWeighted):
     def _gemm_weight_codes(self) -> torch.Tensor:
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in
         use, else float codes that carry gradients to the weight."""
-        if self.weight_codes is not None and (self.codes_fixed or self.float_weight_released
-                                              or not torch.is_grad_enabled()):
-            return self.weight_codes
-        return self._weight_codes()
+        return self.weight_codes if self._stored_codes_in_use() else self._weight_codes()
 
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.active_input_quantizer()

@@ -144,12 +144,21 @@ def sentences(text: str, n: int, min_words: int = 6, max_words: int = 40) -> lis
     return out
 
 
-@torch.no_grad()
-def perplexity(model, windows: list[torch.Tensor]) -> float:
-    """exp(mean next-token cross-entropy) of a causal LM over windows of token ids [1, L]."""
+def perplexity(model, windows: list[torch.Tensor], grad: bool = False) -> float:
+    """exp(mean next-token cross-entropy) of a causal LM over windows of token ids [1, L]; grad
+    runs the model with autograd recording (the arithmetic a fine-tuning step sees)."""
     nll, count = 0.0, 0
-    for w in windows:
-        logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
-        count += w.shape[1] - 1
+    with torch.set_grad_enabled(grad):
+        for w in windows:
+            logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+            count += w.shape[1] - 1
     return math.exp(nll / count)
+
+
+def storage_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers of `module`, each storage counted once (tied weights too)."""
+    seen: dict[int, int] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -11,17 +11,7 @@ import torch
 import fxquant
 from fxquant.errors import ConfigError
 from fxquant.kernels import default_kernel
-
-
-def storage_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the parameters and buffers of `module`, each storage counted once."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-    return total
+from fxquant.real_models import storage_bytes
 
 
 def truncated_smollm2(model: torch.nn.Module, layers: int = 2) -> torch.nn.Module:
