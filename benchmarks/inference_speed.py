@@ -40,10 +40,10 @@ from fxquant.real_models import (
     load_minilm,
     load_smollm2,
     perplexity,
-    storage_bytes,
     text_corpus,
     token_windows,
 )
+from fxquant.resources import storage_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 

@@ -8,7 +8,7 @@ from .capture import capture
 from .compiler import compile_backend
 from .config import QuantConfig
 from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantError
-from .graph_view import to_networkx
+from .inspection import compare, draw_graph, inspect, report, to_networkx
 from .install import apply
 from .quant_opr import QBMM, QAdd, QConv1d, QConv2d, QLinear, QMatMul, QuantOpr
 from .quantizer import DynamicQuantizer, IdentityQuantizer, QuantSpec, StaticQuantizer
@@ -20,6 +20,6 @@ __all__ = [
     "load_ascend", "save_ascend", "CaptureError", "ConfigError",
     "DynamicQuantizer", "FxquantError", "IdentityQuantizer", "QAdd", "QBMM", "QConv1d", "QConv2d",
     "QLinear", "QMatMul", "QuantOpr", "QuantSpec", "Scheme", "SchemeOptions", "StaticQuantizer",
-    "capture", "make_scheme", "quantize", "set_timestep", "to_networkx",
+    "capture", "compare", "draw_graph", "inspect", "report", "make_scheme", "quantize", "set_timestep", "to_networkx",
 ]
 __version__ = "0.1.0"

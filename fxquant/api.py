@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from .capture import capture
 from .errors import CalibrationDataError, ConfigError
 from .install import apply
 from .ir import scheme_decisions
+from .resources import peak_rss_bytes, storage_bytes
 from .schemes import SchemeOptions, make_scheme
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ def quantize(
     weight_optimizers: Sequence[WeightOptimizer] = (),
     keep_float_weight: bool = False,
     inplace: bool = False,
+    measure_layers: bool = False,
 ) -> fx.GraphModule | torch.nn.Module:
     """Quantize `model`; returns a GraphModule called like `model` (same arguments, same output type).
 
@@ -67,6 +70,10 @@ def quantize(
     suppression: an outlier-suppression pass run instead (SmoothQuant, IterSmooth, FlexSmooth,
     AWQScale, ...). weight_optimizers: per-layer weight rounding run during calibration
     (fxquant.keep_acc: GPTQWeights, AdaRound, ...). attention_quant: fa3, per-head int8 Q/K/V of every sdpa (QuantizeAttention).
+    measure_layers: record each quantized layer's output error and input statistics on calib_data
+    (one more quantized run per layer) for fxquant.inspect and fxquant.report.
+    The result's gm.meta holds fxquant_timings (pass, seconds), fxquant_decisions,
+    fxquant_float_bytes (the float model's parameters and buffers) and fxquant_peak_rss_bytes.
     Raises ConfigError, CalibrationDataError or CaptureError with the reason.
     """
     make_scheme(scheme, options)
@@ -86,7 +93,10 @@ def quantize(
         raise ConfigError(f"smooth_alpha={smooth_alpha} needs calib_data and a value in [0, 1]")
     if smooth_alpha is not None and suppression is not None:
         raise ConfigError("pass either smooth_alpha or suppression, not both")
+    float_bytes = storage_bytes(model)
+    start = time.perf_counter()
     gm = capture(model, example_args, example_kwargs)
+    capture_seconds = time.perf_counter() - start
     if smooth_alpha is not None:
         suppression = SmoothQuant(calib_data, alpha=smooth_alpha)
     smooth = [suppression] if suppression is not None else []
@@ -99,12 +109,15 @@ def quantize(
         *smooth,
         InsertQuantOprs(options),
         *attention,
-        Calibrate(calib_data, device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers),
+        Calibrate(calib_data, device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers,
+                  measure_layers=measure_layers),
         Freeze(keep_float_weight),
     ], dump_dir=dump_dir)
     gm = manager(gm)
-    gm.meta["fxquant_timings"] = manager.timings
+    gm.meta["fxquant_timings"] = [("capture", capture_seconds), *manager.timings]
     gm.meta["fxquant_decisions"] = scheme_decisions(gm)
+    gm.meta["fxquant_float_bytes"] = float_bytes
+    gm.meta["fxquant_peak_rss_bytes"] = peak_rss_bytes()
     if inplace:
         return apply(model, gm)
     return gm.eval()

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .calib_data import CalibBatch, check_finite, normalise_calib_data
 from .errors import CalibrationDataError, FxquantError
 from .ir import bind_inputs, fxq_meta, get_attr_path
+from .layer_metrics import ErrorStats, TensorStats
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
 from .storage import ActivationStorage
@@ -38,17 +39,20 @@ class CalibrationRunner:
 
     def __init__(self, model: fx.GraphModule, calib_data: Any = None,
                  input_overrides: dict[str, list[torch.Tensor]] | None = None,
-                 measure_sensitivity: bool = False, pr: float = 1.0, seed: int = 0,
+                 measure_layers: bool = False, pr: float = 1.0, seed: int = 0,
                  weight_optimizers: Sequence[WeightOptimizer] = ()) -> None:
         """input_overrides: {layer name: tensors} observed instead of that layer's stored inputs
-        (msModelSlim's all_tensors). measure_sensitivity: record each QuantOpr's output
-        noise-to-signal ratio in node.meta["fxquant"]["sensitivity"]. pr: with asym, the
+        (msModelSlim's all_tensors). measure_layers: record in each QuantOpr's
+        node.meta["fxquant"] its output error on its calibration inputs ("sensitivity": the
+        noise-to-signal ratio; "error": sqnr_db and rel_error) and its first input's statistics
+        ("input_stats": min, max, absmax, std, outlier_ratio); costs one more quantized run of
+        each QuantOpr. pr: with asym, the
         probability that an element of a stored quantized output is the quantized value rather
         than the float one (QDrop-style mixing; 1.0 = fully quantized). weight_optimizers: called
         as f(layer, inputs, float_outputs) after each weighted layer is calibrated (keep_acc)."""
         self.model = model
         self.input_overrides = dict(input_overrides or {})
-        self.measure_sensitivity = measure_sensitivity
+        self.measure_layers = measure_layers
         if not 0.0 <= pr <= 1.0:
             raise FxquantError(f"pr must be in [0, 1], got {pr}")
         self.pr = pr
@@ -126,8 +130,8 @@ class CalibrationRunner:
                 outs = [self._run(node, self.storage, b, device) for b in range(n_batches)]
                 if isinstance(module, _QWeighted) and self.weight_optimizers and first_call:
                     self._optimize_weight(node, module, self.qstorage if asym else self.storage, outs)
-                if isinstance(module, QuantOpr) and self.measure_sensitivity:
-                    fxq_meta(node)["sensitivity"] = self._sensitivity(node, module, outs, device)
+                if isinstance(module, QuantOpr) and self.measure_layers:
+                    self._measure(node, module, self.qstorage if asym else self.storage, outs, device)
                 self.storage.set(node, outs)
                 if asym:
                     self.qstorage.set(node, self._quantized_outputs(node, module, outs, device,
@@ -196,18 +200,28 @@ class CalibrationRunner:
         return torch.where(keep.to(quant.device), quant, flt)
 
     @torch.no_grad()
-    def _sensitivity(self, node: fx.Node, module: QuantOpr, outs: list[Any], device: torch.device) -> float:
-        """sum ||Q(node)(x) - node(x)||^2 / sum ||node(x)||^2 over the batches, on float inputs."""
+    def _measure(self, node: fx.Node, module: QuantOpr, store: ActivationStorage, outs: list[Any],
+                 device: torch.device) -> None:
+        """Record the QuantOpr's output error (quantized vs float, both on the float storage's
+        inputs) and its first input's statistics (from `store`) in node.meta["fxquant"]."""
+        error = ErrorStats()
         module.set_quant(True, True)
         try:
-            err = ref = 0.0
             for b, out in enumerate(outs):
-                q = self._run(node, self.storage, b, device)
-                err += float(((q.float() - out.float().to(q.device)) ** 2).sum())
-                ref += float((out.float() ** 2).sum())
+                error.add(self._run(node, self.storage, b, device), out)
         finally:
             module.set_quant(False, False)
-        return err / max(ref, 1e-30)
+        stats = TensorStats()
+        first = next((a for a in node.args if isinstance(a, fx.Node)), None)
+        if first is not None and first.op != "get_attr":
+            for value in store.get(first):
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    stats.add(value)
+        meta = fxq_meta(node)
+        meta["sensitivity"] = error.noise_to_signal
+        meta["error"] = error.as_dict()
+        if stats.count:
+            meta["input_stats"] = stats.as_dict()
 
     def _calibrate_inputs(self, node: fx.Node, module: QuantOpr, store: ActivationStorage,
                           first_call: bool = True) -> None:

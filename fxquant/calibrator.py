@@ -120,7 +120,7 @@ class Calibrator:
             raise ConfigError("keep_acc, amp_num and w_method='gptq' need calibration inputs: pass calib_data, "
                               "or input_shape for synthetic ones")
         calibrate = Calibrate(self.calib_data, device=self.device, asym=has_data and cfg.pr > 0, pr=cfg.pr,
-                              input_overrides=self.all_tensors, measure_sensitivity=has_data and n > 0,
+                              input_overrides=self.all_tensors, measure_layers=has_data and n > 0,
                               weight_optimizers=self._weight_optimizers(), progress=self.progress)
         gm = PassManager([calibrate])(gm)
         rollback: list[str] = []

@@ -154,11 +154,3 @@ def perplexity(model, windows: list[torch.Tensor], grad: bool = False) -> float:
             nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
             count += w.shape[1] - 1
     return math.exp(nll / count)
-
-
-def storage_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the parameters and buffers of `module`, each storage counted once (tied weights too)."""
-    seen: dict[int, int] = {}
-    for t in [*module.parameters(), *module.buffers()]:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())

@@ -28,7 +28,11 @@ def needs_activation_data(gm: fx.GraphModule) -> list[str]:
 @dataclass
 class Calibrate:
     """Pass: run CalibrationRunner over `calib_data` (or, with no static activations, only
-    calibrate weights, which needs no data). Leaves every QuantOpr with set_quant(True, True)."""
+    calibrate weights, which needs no data). Leaves every QuantOpr with set_quant(True, True).
+
+    measure_layers: also record each QuantOpr's output error and input statistics in
+    node.meta["fxquant"] (see CalibrationRunner), for fxquant.inspect and fxquant.report; runs
+    the calibration runner even for weight-only and dynamic schemes when calib_data is given."""
 
     calib_data: Any = None
     device: str | torch.device = "cpu"
@@ -36,14 +40,14 @@ class Calibrate:
     offload: bool = True
     progress: bool = True
     input_overrides: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    measure_sensitivity: bool = False
+    measure_layers: bool = False
     pr: float = 1.0
     weight_optimizers: Sequence[WeightOptimizer] = ()
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         gm.eval()  # calibrate what inference runs: no dropout, BatchNorm on running statistics
         static = needs_activation_data(gm)
-        wants_runner = static or self.measure_sensitivity or self.weight_optimizers  # asym only matters for static inputs
+        wants_runner = static or self.measure_layers or self.weight_optimizers  # asym only matters for static inputs
         if self.calib_data is None and static:
             missing = [n for n in static if n not in self.input_overrides]
             if missing:
@@ -53,7 +57,7 @@ class Calibrate:
             self._calibrate_from_overrides(gm)
         elif wants_runner and self.calib_data is not None:
             runner = CalibrationRunner(gm, self.calib_data, input_overrides=self.input_overrides,
-                                       measure_sensitivity=self.measure_sensitivity, pr=self.pr,
+                                       measure_layers=self.measure_layers, pr=self.pr,
                                        weight_optimizers=self.weight_optimizers)
             runner.layerwise_calibration(self.device, asym=self.asym, w_quant=True, a_quant=True,
                                          offload=self.offload, progress=self.progress)

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 from fxquant.calib_data import normalise_calib_data
 from fxquant.errors import ConfigError, FxquantError
 from fxquant.ir import SDPA_TARGETS, fxq_meta, get_attr_path, module_of
+from fxquant.layer_metrics import TensorStats
 
 from .pass_manager import replace_submodule
 
@@ -60,17 +61,20 @@ class ChannelScale(torch.nn.Module):
 
 @dataclass
 class ChannelStats:
-    """Per input channel of one activation X [..., k], over every calibration sample (float32 [k])."""
+    """Per input channel of one activation X [..., k], over every calibration sample (float32 [k]);
+    `whole` holds the statistics of all of X's elements (for the outlier ratio max|x| / std)."""
 
     lo: torch.Tensor
     hi: torch.Tensor
+    whole: TensorStats = field(default_factory=TensorStats)
 
     @property
     def absmax(self) -> torch.Tensor:
         return torch.maximum(self.lo.abs(), self.hi.abs())
 
     def merge(self, other: ChannelStats) -> ChannelStats:
-        return ChannelStats(torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi))
+        return ChannelStats(torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi),
+                            self.whole.merge(other.whole))
 
 
 @torch.no_grad()
@@ -82,6 +86,7 @@ def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) -> 
         def hook(mod, args, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             new = ChannelStats(x.amin(dim=0), x.amax(dim=0))
+            new.whole.add(x)
             stats[name] = new if name not in stats else stats[name].merge(new)
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
     try:
@@ -148,8 +153,9 @@ class SmoothQuant:
 
     Runs after ResolveSchemes: layers resolved float (and `skip`) are left alone.
     calib_data: samples to measure activations on. alpha / beta: the exponents. Subclasses choose
-    scales differently by overriding `choose_scales` (IterSmooth, FlexSmooth, AWQScale). Records
-    node.meta["fxquant"]["smooth"] = fold kind for each smoothed layer; `folded` maps layer -> kind,
+    scales differently by overriding `choose_scales` (IterSmooth, FlexSmooth, AWQScale). Records in
+    node.meta["fxquant"] of each smoothed layer: "smooth" (fold kind), "smooth_scale" (s [k]) and
+    "input_stats_before_smoothing" (TensorStats.as_dict of X); `folded` maps layer -> kind,
     `scales` group name -> the s [k] folded.
     """
 
@@ -187,9 +193,13 @@ class SmoothQuant:
             s = g.tie(chosen[g.name])
             self.scales[g.name] = s
             g.apply(s)
+            before_stats = g.stats(stats).whole.as_dict()
             for n, m in zip(g.members, mods):
                 replace_submodule(gm, n.target, _scaled_linear(m, cols=s))
-                fxq_meta(n)["smooth"] = g.kind
+                meta = fxq_meta(n)
+                meta["smooth"] = g.kind
+                meta["smooth_scale"] = s.detach().float().cpu()  # the layer's input is now X / s
+                meta["input_stats_before_smoothing"] = before_stats
                 self.folded[n.target] = g.kind
         gm.recompile()
         with torch.no_grad():
@@ -252,8 +262,7 @@ class SmoothQuant:
         for a in x.args:
             lin = module_of(gm, a)
             if isinstance(lin, torch.nn.Linear) and len(a.users) == 1 and lin.out_features == k:
-                return SmoothGroup(x, members, "linear", lambda s, a=a: replace_submodule(
-                    gm, a.target, _scaled_linear(module_of(gm, a), rows=1.0 / s)))
+                return SmoothGroup(x, members, "linear", lambda s, a=a: _scale_rows(gm, a, 1.0 / s))
         return None
 
     def _attention_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node],
@@ -291,8 +300,7 @@ class SmoothQuant:
             return per_kv.repeat_interleave(rep, dim=0).reshape(-1)
 
         def apply(s: torch.Tensor) -> None:
-            rows = 1.0 / s.reshape(n_kv, rep, head_dim)[:, 0, :].reshape(-1)
-            replace_submodule(gm, v_node.target, _scaled_linear(module_of(gm, v_node), rows=rows))
+            _scale_rows(gm, v_node, 1.0 / s.reshape(n_kv, rep, head_dim)[:, 0, :].reshape(-1))
         return SmoothGroup(x, members, "attention", apply, tie)
 
     def _runtime_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> SmoothGroup | None:
@@ -330,6 +338,14 @@ def _is_layout(node: fx.Node) -> bool:
         dim = node.args[1] if len(node.args) > 1 else 0
         return val is not None and dim not in (-1, val.dim() - 1)
     return True
+
+
+def _scale_rows(gm: fx.GraphModule, node: fx.Node, rows: torch.Tensor) -> None:
+    """Replace the Linear `node` calls by one whose output channel i is multiplied by rows[i], and
+    record rows [n] in node.meta["fxquant"]["smooth_output_scale"] (the layer's output is now
+    rows * its float output)."""
+    replace_submodule(gm, node.target, _scaled_linear(module_of(gm, node), rows=rows))
+    fxq_meta(node)["smooth_output_scale"] = rows.detach().float().cpu()
 
 
 def _scaled_linear(lin: torch.nn.Linear, cols: torch.Tensor | None = None,

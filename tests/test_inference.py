@@ -11,7 +11,7 @@ import torch
 import fxquant
 from fxquant.errors import ConfigError
 from fxquant.kernels import default_kernel
-from fxquant.real_models import storage_bytes
+from fxquant.resources import storage_bytes
 
 
 def truncated_smollm2(model: torch.nn.Module, layers: int = 2) -> torch.nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import networkx as nx
 from torch import fx
 
-from .ir import module_of
+from fxquant.ir import module_of
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
