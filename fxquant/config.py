@@ -167,6 +167,16 @@ class QuantConfig:
             raise ConfigError(f"act_method {m!r} is not supported; valid: {', '.join(ACT_METHODS)}, top_<k>")
         return m
 
+    @classmethod
+    def for_scheme(cls, scheme: str, **fields: Any) -> QuantConfig:
+        """The QuantConfig whose bit widths select `scheme`, weights per output channel
+        (mm_tensor=False), other fields as given."""
+        by_scheme = {s: key for key, s in BIT_SCHEMES.items()}
+        if scheme not in by_scheme:
+            raise ConfigError(f"QuantConfig has no bit widths for scheme {scheme!r}; valid: {', '.join(by_scheme)}")
+        w_bit, a_bit, dynamic = by_scheme[scheme]
+        return cls(**{"w_bit": w_bit, "a_bit": a_bit, "is_dynamic": dynamic, "mm_tensor": False, **fields})
+
     @property
     def scheme(self) -> str:
         """The default scheme these bit widths select."""

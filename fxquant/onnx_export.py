@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from .errors import ConfigError, FxquantError
+from .safetensors_io import PUBLISHED_MODE
 from .tracing import TRACE_LOCK
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def write_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         onnx.save(model, tmp)
+        os.chmod(tmp, PUBLISHED_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,6 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from .errors import FxquantError
 
+#: permissions of a written artifact (temporary files start owner-only)
+PUBLISHED_MODE = 0o644
+
 
 class AtomicFolderWriter:
     """Collects files for `folder`, writing each to a temporary name; `commit()` renames them all.
@@ -48,6 +51,7 @@ class AtomicFolderWriter:
 
     def commit(self) -> None:
         for tmp, final in self._pending:
+            os.chmod(tmp, PUBLISHED_MODE)
             os.replace(tmp, final)
         for path in self._obsolete:
             path.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from .config import (
     W8A8QuantConfig,
     W8A8TimeStepProcessorConfig,
     W8A8TimeStepQuantConfig,
+    session_from_dict,
 )
 from .runner import run
 
@@ -21,4 +22,5 @@ __all__ = [
     "FA3ProcessorConfig", "M3ProcessorConfig", "M4ProcessorConfig", "M6Config", "M6ProcessorConfig",
     "SaveProcessorConfig", "SessionConfig", "W8A8DynamicProcessorConfig", "W8A8DynamicQuantConfig",
     "W8A8ProcessorConfig", "W8A8QuantConfig", "W8A8TimeStepProcessorConfig", "W8A8TimeStepQuantConfig", "run",
+    "session_from_dict",
 ]

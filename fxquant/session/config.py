@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional  # noqa: UP035  (the seed's annotations)
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..ascend_checkpoint import SAVE_TYPES
+from ..errors import ConfigError
 from ..keep_acc.w_method import W_METHODS
 
 ACT_METHODS = ("minmax", "histogram", "mixed")
@@ -210,3 +211,36 @@ class SessionConfig(_Strict):
     def quant_processor(self) -> str:
         """The one quantization processor's name."""
         return next(n for n in QUANT_PROCESSORS if n in self.processor_cfg_map)
+
+
+def session_from_dict(data: Any) -> SessionConfig:
+    """A SessionConfig from plain data (e.g. YAML): {"processors": {name: {field: value}}, "device":
+    ...}; `processor_cfg_map` is accepted for "processors". Each processor's fields are validated by
+    its config class; an unknown processor or key raises ConfigError naming it and the valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a session config is a mapping with 'processors' (and 'device'), got {type(data).__name__}")
+    allowed = {"processors", "processor_cfg_map", "device"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown session key(s) {unknown}; valid: {', '.join(sorted(allowed))}")
+    procs = data.get("processors", data.get("processor_cfg_map"))
+    if not isinstance(procs, dict) or not procs:
+        raise ConfigError("a session config needs 'processors': {name: {its fields}}; names: " + ", ".join(PROCESSORS))
+    built = {}
+    for name, fields in procs.items():
+        if name not in PROCESSORS:
+            raise ConfigError(f"unknown processor {name!r}; valid: {', '.join(PROCESSORS)}")
+        try:
+            built[name] = PROCESSORS[name](**(fields or {}))
+        except ValidationError as exc:
+            raise ConfigError(f"processor {name!r}: {_first_error(exc)}") from None
+    try:
+        return SessionConfig(processor_cfg_map=built, device=data.get("device", "cpu"))
+    except ValidationError as exc:
+        raise ConfigError(f"session config: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    return f"{where}: {err.get('msg', 'invalid')}"
