@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,7 +92,13 @@ def inspect_ascend(folder: str | os.PathLike) -> SavedModelTable:
         row.input_scale = _scalar(tensors.get(f"{name}.input_scale"))
         row.input_offset = _scalar(tensors.get(f"{name}.input_offset"))
         rows.append(row)
+    rows.sort(key=lambda r: _natural_key(r.name))
     return SavedModelTable(str(folder), "ascend", rows)
+
+
+def _natural_key(name: str) -> list[Any]:
+    """'model.layers.10.x' after 'model.layers.9.x': numbers compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def inspect_onnx(path: str | os.PathLike) -> SavedModelTable:
