@@ -47,6 +47,7 @@ class QuantSpec:
     clip_search: bool = False  # weights: shrink each row's range to minimise squared error
     offset_in_rounding: bool = False  # round(x/s + zp) (Ascend) instead of round(x/s) + zp (ONNX)
     timestep_sep: int | None = None  # activations of diffusion steps: dynamic before it, static from it
+    qat: str | None = None  # "mom" / "tqt": linger's power-of-two quantizers that learn in training mode
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -55,6 +56,8 @@ class QuantSpec:
             raise ConfigError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
         if self.rounding not in ROUNDING_MODES:
             raise ConfigError(f"unknown rounding {self.rounding!r}; valid: {', '.join(ROUNDING_MODES)}")
+        if self.qat is not None and self.qat not in ("mom", "tqt"):
+            raise ConfigError(f"unknown qat method {self.qat!r}; valid: mom, tqt")
         if self.granularity == "group" and self.group_size < 1:
             raise ConfigError(f"group_size must be >= 1, got {self.group_size}")
 

@@ -11,7 +11,7 @@ from torch import fx
 from fxquant.errors import ConfigError, NotQuantizableError
 from fxquant.ir import fxq_meta, module_of
 from fxquant.quant_opr import QUANT_OPR_FOR, QuantOpr, to_quant_opr
-from fxquant.schemes import SchemeOptions, make_scheme
+from fxquant.schemes import Scheme, SchemeOptions, make_scheme
 
 from .pass_manager import replace_submodule
 
@@ -23,10 +23,12 @@ class InsertQuantOprs:
     Weights are shared with the float modules, not copied. Quantizers start disabled.
     require_any: a graph left with no QuantOpr at all is a ConfigError that lists why each
     layer stayed float (a quantization that quantizes nothing is a mistake, not a result).
+    schemes: {name: Scheme} used instead of make_scheme for those names (e.g. linger's).
     """
 
     options: SchemeOptions = field(default_factory=SchemeOptions)
     require_any: bool = True
+    schemes: dict[str, Scheme] = field(default_factory=dict)  # named schemes a front end built itself
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         bad_groups: list[str] = []
@@ -36,7 +38,8 @@ class InsertQuantOprs:
             if type(module) not in QUANT_OPR_FOR:
                 continue
             meta = fxq_meta(node)
-            scheme = make_scheme(meta.get("scheme", "float"), self.options)
+            name = meta.get("scheme", "float")
+            scheme = self.schemes[name] if name in self.schemes else make_scheme(name, self.options)
             if scheme.is_float:
                 continue
             if (self.options.conv_w_per_channel and isinstance(module, torch.nn.modules.conv._ConvNd)

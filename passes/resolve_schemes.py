@@ -50,11 +50,13 @@ class ResolveSchemes:
     disable_last_layer: bool = True
     small_op_scheme: str = "float"
     strict_names: bool = True
+    custom_schemes: Sequence[str] = ()  # scheme names a front end builds itself (InsertQuantOprs.schemes)
     decisions: dict[str, tuple[str, str]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        check_scheme_name(self.default)
-        check_scheme_name(self.small_op_scheme)
+        for name in (self.default, self.small_op_scheme):
+            if name not in self.custom_schemes:
+                check_scheme_name(name)
         for label in ("disable_names", "rollback_names", "disabled_submodules"):
             self._check_name_list(label, getattr(self, label))
         if self.mix_cfg is not None and not isinstance(self.mix_cfg, Mapping):
@@ -65,7 +67,8 @@ class ResolveSchemes:
             if not isinstance(key, str):
                 raise ConfigError(f"mix_cfg keys must be layer names or patterns (str), got {key!r}")
             try:
-                check_scheme_name(value)
+                if value not in self.custom_schemes:
+                    check_scheme_name(value)
             except ConfigError as exc:
                 raise ConfigError(f"mix_cfg[{key!r}]: {exc}") from None
 

@@ -1,0 +1,225 @@
+"""Issue 12: the linger front end (seed 001) on real data: init, calibration, QAT, constrain, YAML."""
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from fxquant import QuantOpr, linger
+from fxquant.errors import ConfigError
+from fxquant.onnx_export import to_onnx_model
+from fxquant.passes import lower_to_qdq
+from fxquant.pow2_quantizer import LearnedPow2Quantizer, MomentumPow2Quantizer
+
+from digits import accuracy, train
+from models import MobileNetStyle, ResNetStyle
+
+SEED_YAML = """\
+clamp_info:
+    clamp_activation_value: 8
+    clamp_bias_value: null
+    clamp_factor_value: 7
+    clamp_weight_value: null
+device: cpu
+dtype: torch.float32
+open_quant: true
+platform: venusA
+quant_info:
+    a_calibrate_name: top_10
+    a_strategy: RANGE_MEAN
+    activate_bits: 8
+    activation_type: none
+    bias_bits: 32
+    is_perchannel: false
+    is_symmetry: true
+    qat_method: MOM
+    round_mode: floor_add
+    w_calibrate_name: abs_max
+    w_strategy: RANGE_MEAN
+    weight_bits: 8
+quant_method: NATIVE
+seed: 42
+"""
+
+
+@pytest.fixture(scope="module")
+def resnet(digits):
+    torch.manual_seed(0)
+    return train(ResNetStyle(), digits[0], digits[1], epochs=4)
+
+
+@pytest.fixture(scope="module")
+def mobilenet(digits):
+    torch.manual_seed(0)
+    return train(MobileNetStyle(), digits[0], digits[1], epochs=12)
+
+
+def _fine_tune(model, digits, epochs=1, lr=1e-4):
+    xtr, ytr = digits[0], digits[1]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def test_the_seed_flow_verbatim(resnet, digits, tmp_path):
+    """init with the seed's YAML, load_state_dict, `with calibration(): model(x)`, then training."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(SEED_YAML)
+    torch.save(resnet.state_dict(), tmp_path / "pre_train.pt")
+    torch.save(digits[0][:256], tmp_path / "calibrate_input.pt")
+
+    model = ResNetStyle()
+    model = linger.init(model, config_file=str(cfg))
+    model.load_state_dict(torch.load(tmp_path / "pre_train.pt"))
+    with linger.calibration():
+        model(torch.load(tmp_path / "calibrate_input.pt"))
+    # then quantization-aware training
+    before = accuracy(model.eval(), digits[2], digits[3])
+    _fine_tune(model, digits, epochs=1)
+    assert abs(before - accuracy(resnet, digits[2], digits[3])) <= 1.0  # 8-bit PTQ within 1 point
+    assert accuracy(model, digits[2], digits[3]) >= before - 1.0
+    n_q = sum(isinstance(m, QuantOpr) for m in model.modules())
+    assert n_q == 13  # 9 convs, the fc and the 3 residual adds made modules at calibration
+    assert linger.config_of(model).platform == "venusA"
+
+
+def test_pow2_quantizer_matches_lingers_formula():
+    """One tensor through a calibrated MOM quantizer against the formula, written here."""
+    x = torch.randn(1000) * 3.0
+    spec = linger.linger_scheme(linger.LingerConfig()).activation
+    q = MomentumPow2Quantizer(spec.with_(observer="minmax", observer_kwargs={}))
+    q.observe(x)
+    q.calc_qparams()
+    q.enabled = True
+    q.eval()
+    amax = float(x.abs().max())
+    n = min(max(math.floor(7 - math.log2(amax) + 0.5), 0), 23)
+    expected = torch.clamp(torch.floor(x * 2.0**n + 0.5), -128, 127) / 2.0**n
+    assert torch.equal(q(x), expected)
+    assert float(q.scale) == 2.0**-n
+
+
+def test_qat_mom_and_tqt_learn_and_recover_the_4bit_drop(mobilenet, digits):
+    fp32 = accuracy(mobilenet, digits[2], digits[3])
+    results = {}
+    for method in ("MOM", "TQT"):
+        cfg = linger.LingerConfig(quant_info=linger.QuantInfo(weight_bits=4, qat_method=method))
+        q = linger.init(mobilenet, config=cfg).eval()
+        with linger.calibration():
+            q(digits[0][:256])
+        ptq = accuracy(q, digits[2], digits[3])
+        quantizers = [m for m in q.modules() if isinstance(m, (MomentumPow2Quantizer, LearnedPow2Quantizer))]
+        assert quantizers and all(type(m).__name__ == ("MomentumPow2Quantizer" if method == "MOM"
+                                                        else "LearnedPow2Quantizer") for m in quantizers)
+        state = {id(m): (m.running_max.clone() if method == "MOM" else m.log2_threshold.detach().clone())
+                 for m in quantizers}
+        q(digits[2][:64])  # eval mode: nothing moves
+        assert all(torch.equal(state[id(m)], m.running_max if method == "MOM" else m.log2_threshold.detach())
+                   for m in quantizers)
+        _fine_tune(q, digits, epochs=1)
+        moved = [not torch.equal(state[id(m)], m.running_max if method == "MOM" else m.log2_threshold.detach())
+                 for m in quantizers]
+        assert sum(moved) > len(moved) // 2  # MOM: running max follows the data; TQT: thresholds train
+        results[method] = (ptq, accuracy(q, digits[2], digits[3]))
+    for ptq, qat in results.values():
+        assert ptq < fp32 - 0.5  # 4-bit weights per tensor cost accuracy...
+        assert qat >= ptq + 0.5 * (fp32 - ptq)  # ...and QAT recovers at least half of it
+
+
+def test_yaml_round_trip_is_bit_exact(resnet, digits, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(SEED_YAML.replace("weight_bits: 8", "weight_bits: 4").replace("qat_method: MOM", "qat_method: TQT"))
+    a = linger.init(resnet, config_file=str(cfg)).eval()
+    linger.config_save_to_yaml(str(tmp_path / "saved.yaml"), a)
+    b = linger.init(resnet, config_file=str(tmp_path / "saved.yaml")).eval()
+    assert linger.config_of(a) == linger.config_of(b)
+    for m in (a, b):
+        with linger.calibration():
+            m(digits[0][:256])
+    x = digits[2][:128]
+    assert torch.equal(a(x), b(x))
+
+
+def test_disable_module_and_submodel(resnet):
+    q = linger.init(resnet, disable_module=(nn.Linear,), disable_submodel=("layers.2*",))
+    kinds = {n: type(m).__name__ for n, m in q.named_modules()}
+    assert kinds["fc"] == "Linear" and kinds["layers.2.conv1"] == "Conv2d" and kinds["layers.2.down.0"] == "Conv2d"
+    assert kinds["layers.1.conv1"] == "QConv2d"
+
+
+def test_constrain_clamps_and_hands_over_to_init(resnet, digits):
+    c = linger.constrain(resnet)
+    assert list(c.state_dict()) == list(resnet.state_dict())
+    conv = c.layers[0].conv1
+    w = conv.clamped_weight()
+    assert float(w.abs().max()) <= 7 * float(conv.weight.abs().mean()) + 1e-6
+    assert float(c.stem[0](digits[0][:8]).abs().max()) <= 8.0
+    assert type(resnet.layers[0].conv1) is nn.Conv2d  # the user's model is untouched
+    q = linger.init(c)
+    assert type(q.get_submodule("layers.0.conv1").__dict__["_float_module"]) is nn.Conv2d
+    with linger.calibration():
+        q.eval()(digits[0][:256])
+    assert accuracy(q, digits[2], digits[3]) > 90
+
+
+def test_onnx_of_the_prepared_model_runs_in_onnxruntime(resnet, digits, tmp_path):
+    q = linger.init(resnet).eval()
+    with linger.calibration():
+        q(digits[0][:256])
+    x = digits[2][:256]
+    proto = to_onnx_model(lower_to_qdq(q), (x,), {}, ["x"])
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = q(x).numpy()
+    assert np.mean(out.argmax(1) == ref.argmax(1)) >= 0.99
+
+
+@pytest.mark.parametrize("case", ["unknown key", "platform", "weight_bits", "submodel", "module type",
+                                  "empty calibration", "forward before calibration", "calibrated twice"])
+def test_bad_input_is_a_clear_error(case, resnet, digits, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    yaml_text = {
+        "unknown key": SEED_YAML.replace("seed: 42", "seed: 42\nlearning_rate: 0.1"),
+        "platform": SEED_YAML.replace("platform: venusA", "platform: venus"),
+        "weight_bits": SEED_YAML.replace("weight_bits: 8", "weight_bits: 5"),
+    }.get(case, SEED_YAML)
+    cfg.write_text(yaml_text)
+    expected = {
+        "unknown key": "unknown linger config key learning_rate; valid keys: clamp_info, device",
+        "platform": "platform: 'venus' is not supported; valid: arcs, mars, venusA",
+        "weight_bits": "quant_info.weight_bits: 5 is not supported; valid: 4, 8",
+        "submodel": "disable_submodel entry 'classifier*' names no module of ResNetStyle",
+        "module type": "disable_module takes module types such as (nn.LSTM, nn.Linear); got 'Linear'",
+        "empty calibration": "calibration() ran no forward of a model prepared by fxquant.linger.init",
+        "forward before calibration": "has not been calibrated: call it once inside",
+        "calibrated twice": "already calibrated: linger calibrates on one round of input",
+    }[case]
+    with pytest.raises(ConfigError) as err:
+        if case == "submodel":
+            linger.init(resnet, str(cfg), disable_submodel=("classifier*",))
+        elif case == "module type":
+            linger.init(resnet, str(cfg), disable_module=("Linear",))
+        else:
+            q = linger.init(resnet, str(cfg)).eval()
+            if case == "empty calibration":
+                with linger.calibration():
+                    pass
+            elif case == "forward before calibration":
+                q(digits[2][:4])
+            elif case == "calibrated twice":
+                with linger.calibration():
+                    q(digits[0][:64])
+                    q(digits[0][64:128])
+    assert expected in str(err.value)
