@@ -226,6 +226,19 @@ class _QWeighted(QuantOpr):
             return None
         return round_ste(self.bias.float() / deq)
 
+    def bias_on_grid(self) -> torch.Tensor | None:
+        """The bias [n] as the deployed int32 accumulator adds it, round(b / (sx * sw)) * sx * sw,
+        where input and weight have static per-tensor / per-channel scales (e.g. linger's 4-bit
+        weights with 8-bit activations, which run the float path); else the float bias."""
+        aq, wq = self.active_input_quantizer(), self.weight_quantizer
+        static = (isinstance(aq, StaticQuantizer) and aq.enabled and aq.calibrated and aq.scale.numel() == 1
+                  and isinstance(wq, StaticQuantizer) and wq.enabled and wq.calibrated
+                  and wq.spec.granularity != "group")
+        if self.bias is None or not static:
+            return self.bias
+        deq = (aq.scale * wq.scale).reshape(-1)
+        return (self.quantized_bias(deq) * deq).to(self.bias.dtype)
+
 
 def _released_layer(layer: torch.nn.Module) -> torch.nn.Module:
     """A shallow copy of `layer` without its weight: the attributes to_float() rebuilds from."""
@@ -244,7 +257,7 @@ class QLinear(_QWeighted):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._integer_path(x):
             return self._int_forward(x)
-        return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
 
     def _gemm_weight_codes(self) -> torch.Tensor:
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in
@@ -299,7 +312,7 @@ class _QConvNd(_QWeighted):
             if qbias is not None:
                 acc = acc + qbias.to(dt).reshape(shape)
             return (acc.float() * deq.reshape(shape)).to(x.dtype)
-        return self._conv(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self._conv(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
 
 
 class QConv1d(_QConvNd):

@@ -23,7 +23,7 @@ A_CALIBRATE = ("top_10", "abs_max")
 W_CALIBRATE = ("abs_max", "top_10")
 STRATEGIES = ("RANGE_MEAN",)
 QAT_METHODS = ("MOM", "TQT")
-ACTIVATION_TYPES = ("none", "Relu")
+ACTIVATION_TYPES = ("none",)
 #: convolution limits of the NPUs (linger checks them when it wraps a convolution)
 CONV_LIMITS = {"kernel_size": (1, 12), "padding": (0, 11), "stride": (1, 2, 4)}
 
@@ -84,7 +84,10 @@ class QuantInfo:
         _check_choice("quant_info.bias_bits", self.bias_bits, (32,))
         _check_choice("quant_info.qat_method", self.qat_method, QAT_METHODS)
         _check_choice("quant_info.round_mode", self.round_mode, ("floor_add",))
-        _check_choice("quant_info.activation_type", self.activation_type, ACTIVATION_TYPES)
+        if self.activation_type not in ACTIVATION_TYPES:
+            raise ConfigError(f"quant_info.activation_type: {self.activation_type!r} is not supported (linger's "
+                              "fused-activation ranges are not modelled: fxquant quantizes each layer's input, "
+                              "after its activation); valid: none")
         if self.is_perchannel is not False:
             raise ConfigError("quant_info.is_perchannel: only false is supported (linger has no per-channel "
                               "quantization either); valid: false")
