@@ -26,19 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 1e-4) -> float:
-    """Adam over (x, y) for `epochs`; returns the seconds it took."""
+    """Adam over (x, y) for `epochs` (tests/digits.train); returns the seconds it took."""
+    from digits import train
+
     start = time.perf_counter()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
+    train(model, x, y, epochs=epochs, lr=lr)
     return time.perf_counter() - start
 
 

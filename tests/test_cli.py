@@ -115,3 +115,20 @@ def test_bad_input_is_one_line_and_exit_code_2(case, texts, tmp_path):
     err = [line for line in run.stderr.splitlines() if line.startswith("fxquant")]
     assert len(err) == 1 and expected in err[0], run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_model_may_be_a_gguf_file_or_a_hugging_face_folder(smollm2, texts, tmp_path):
+    from fxquant.real_models import smollm2_gguf
+
+    _, evals = texts
+    model, tok = smollm2
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    figures = []
+    for spec in (smollm2_gguf(), folder):
+        run = fxq("--quiet", "eval", spec, "--ppl", evals, "--samples", 1, "--seq-len", 64)
+        assert run.returncode == 0, run.stderr
+        figures.append(float(re.search(r"perplexity ([\d.]+)", run.stdout).group(1)))
+    expected = perplexity(model, token_windows(tok, license_text("GPL-3"), 1, 64))
+    assert figures == pytest.approx([expected, expected], rel=1e-4)

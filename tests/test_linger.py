@@ -58,18 +58,7 @@ def mobilenet(digits):
 
 
 def _fine_tune(model, digits, epochs=1, lr=1e-4):
-    xtr, ytr = digits[0], digits[1]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(xtr), generator=g)
-        for i in range(0, len(xtr), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
-    return model.eval()
+    return train(model, digits[0], digits[1], epochs=epochs, lr=lr)
 
 
 def test_the_seed_flow_verbatim(resnet, digits, tmp_path):
@@ -127,7 +116,7 @@ def test_qat_mom_and_tqt_learn_and_recover_the_4bit_drop(mobilenet, digits):
         q(digits[2][:64])  # eval mode: nothing moves
         assert all(torch.equal(state[id(m)], m.running_max if method == "MOM" else m.log2_threshold.detach())
                    for m in quantizers)
-        _fine_tune(q, digits, epochs=1)
+        _fine_tune(q, digits, epochs=2)
         moved = [not torch.equal(state[id(m)], m.running_max if method == "MOM" else m.log2_threshold.detach())
                  for m in quantizers]
         assert sum(moved) > len(moved) // 2  # MOM: running max follows the data; TQT: thresholds train
