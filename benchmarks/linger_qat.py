@@ -1,6 +1,7 @@
-"""linger front end on the digits CNNs: PTQ at 8 and 4 bits, QAT with MOM and TQT, constrain.
+"""linger front end on digits models: PTQ at 8 and 4 bits, QAT with MOM and TQT, constrain.
 
-Models trained here on scikit-learn's digits (8x8 images); top-1 on the held-out 30%. Protocol:
+Models trained here on scikit-learn's digits (8x8 images): two CNNs, and 2-layer LSTM / GRU
+classifiers reading the image row by row; top-1 on the held-out 30%. Protocol:
 calibrate on 256 training images in one round (linger's); QAT: Adam lr 1e-4, batch 64, on the
 training set; constrain: the float model fine-tuned with clamp_info's clamps for the same epochs
 before init, against the same fine-tuning without clamps.
@@ -54,12 +55,16 @@ def main() -> None:
     calib = xtr[:256]
     print("\n| model | fp32 | PTQ w8a8 | PTQ w4a8 | QAT-MOM w4a8 | QAT-TQT w4a8 | QAT epochs | MOM s | TQT s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for cls, epochs in ((ResNetStyle, 4), (MobileNetStyle, 12)):
+    from test_linger import RowRNN
+
+    models = (("ResNetStyle", ResNetStyle, 4), ("MobileNetStyle", MobileNetStyle, 12),
+              ("RowLSTM (2 x 32)", lambda: RowRNN(nn.LSTM), 15), ("RowGRU (2 x 32)", lambda: RowRNN(nn.GRU), 15))
+    for label, make, epochs in models:
         torch.manual_seed(0)
-        model = train(cls(), xtr, ytr, epochs=epochs)
+        model = train(make(), xtr, ytr, epochs=epochs)
         fp32 = accuracy(model, xte, yte)
         ptq8 = accuracy(calibrated(model, linger.LingerConfig(), calib), xte, yte)
-        row = [cls.__name__, fp32, ptq8]
+        row = [label, fp32, ptq8]
         seconds = []
         for method in ("MOM", "TQT"):
             cfg = linger.LingerConfig(quant_info=linger.QuantInfo(weight_bits=4, qat_method=method))

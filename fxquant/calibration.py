@@ -127,6 +127,8 @@ class CalibrationRunner:
                                            first_call)
                     if isinstance(module, _QWeighted) and first_call:
                         module.calibrate_weight()
+                    if first_call:
+                        self._calibrate_internal(node, module, self.qstorage if asym else self.storage)
                 outs = [self._run(node, self.storage, b, device) for b in range(n_batches)]
                 if isinstance(module, _QWeighted) and self.weight_optimizers and first_call:
                     self._optimize_weight(node, module, self.qstorage if asym else self.storage, outs)
@@ -164,6 +166,12 @@ class CalibrationRunner:
             stack.extend(node.all_input_nodes)
         run.update(n for n in self.model.graph.nodes if n.op == "placeholder")
         return run
+
+    def _calibrate_internal(self, node: fx.Node, module: QuantOpr, store: ActivationStorage) -> None:
+        """module.calibrate_from_inputs with the stored values of the node's first input."""
+        first = next((a for a in node.args if isinstance(a, fx.Node)), None)
+        if first is not None and first.op != "get_attr":
+            module.calibrate_from_inputs(list(store.get(first)))
 
     def _optimize_weight(self, node: fx.Node, module: _QWeighted, store: ActivationStorage,
                          outs: list[Any]) -> None:

@@ -21,7 +21,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import guards
 from .errors import CaptureError, ConfigError
 from .ir import bind_inputs, get_attr_path
-from .quant_opr import QUANTIZABLE_LAYERS, QuantOpr
+from .quant_opr import QuantOpr
+from .quant_opr_table import QUANTIZABLE_LAYERS
 from .tracing import TRACE_LOCK
 
 log = logging.getLogger(__name__)

@@ -7,12 +7,15 @@ ONNX file carries int8 initializers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.nn.functional as F
 
 from .errors import ConfigError
 from .quant_opr import QAttentionInput, QLinear, QuantOpr, _QBinary, _QConvNd, _QWeighted
+from .quant_rnn import _QRecurrent, run_recurrent
 from .quantizer import IdentityQuantizer, Quantizer, StaticQuantizer
 
 _qd = torch.ops.quantized_decomposed
@@ -130,8 +133,45 @@ class QDQBinary(torch.nn.Module):
         return self.op(self.input_qdqs[0](x), self.input_qdqs[1](y))
 
 
+class QDQRecurrent(torch.nn.Module):
+    """An LSTM / GRU unrolled over time (fxquant.quant_rnn.run_recurrent) with QDQ on the input,
+    hidden and cell states and int8 weights; the sequence length is fixed at export."""
+
+    def __init__(self, qopr: _QRecurrent, name: str) -> None:
+        super().__init__()
+        rnn = qopr.rnn
+        self.kind = qopr.kind
+        self.batch_first, self.bidirectional = rnn.batch_first, rnn.bidirectional
+        self.num_layers, self.hidden_size, self.dropout = rnn.num_layers, rnn.hidden_size, rnn.dropout
+        self.input_qdq = _input_qdq(qopr.input_quantizer, f"{name} input")
+        self.hidden_qdq = _input_qdq(qopr.hidden_quantizer, f"{name} hidden state")
+        self.cell_qdq = _input_qdq(qopr.cell_quantizer, f"{name} cell state")
+        self.weight_scales: dict[str, float] = {}
+        self.grids = {n: tuple(None if v is None else float(v) for v in qopr._grid(n)) for n in qopr.weight_names}
+        for n in qopr.weight_names:
+            wq = qopr.weight_quantizers[n]
+            if not isinstance(wq, StaticQuantizer) or wq.spec.bits != 8 or wq.scale.numel() != 1:
+                raise ConfigError(f"{name}.{n}: ONNX QDQ export of recurrent layers covers int8 per-tensor "
+                                  f"weights, not {wq.extra_repr()}")
+            codes, _, _ = wq.quantize(getattr(qopr, n).detach())
+            self.register_buffer(n, codes.reshape(getattr(qopr, n).shape).to(torch.int8))
+            self.weight_scales[n] = float(wq.scale)
+        for n, p in rnn.named_parameters(recurse=False):
+            if n.startswith("bias_"):
+                self.register_buffer(n, p.detach().float().clone())
+
+    def _weight(self, n: str) -> torch.Tensor:
+        return _qd.dequantize_per_tensor(getattr(self, n), self.weight_scales[n], 0, -128, 127, torch.int8)
+
+    def forward(self, x: torch.Tensor, hx: Any = None) -> Any:
+        return run_recurrent(self.kind, self, x, hx, self.input_qdq, self.hidden_qdq, self.cell_qdq,
+                             self._weight, self.grids.__getitem__)
+
+
 def to_qdq_module(qopr: QuantOpr, name: str) -> torch.nn.Module:
     """The export module of one calibrated QuantOpr."""
+    if isinstance(qopr, _QRecurrent):
+        return QDQRecurrent(qopr, name)
     if isinstance(qopr, QLinear):
         return QDQLinear(qopr, name)
     if isinstance(qopr, _QConvNd):

@@ -24,7 +24,6 @@ from .kernel_choice import is_int8_pair, layer_kernel
 from .quantizer import DynamicQuantizer, IdentityQuantizer, Quantizer, StaticQuantizer
 from .quantizer_factory import build_quantizer
 from .schemes import Scheme
-from .small_ops import BMM, Add, MatMul
 from .timestep import TimestepQuantizer
 
 
@@ -56,6 +55,11 @@ class QuantOpr(torch.nn.Module):
     def to_float(self) -> torch.nn.Module:
         """The float module this QuantOpr stands for (weights shared)."""
         return self.__dict__["_float_module"]
+
+    def calibrate_from_inputs(self, inputs: list) -> None:
+        """Set qparams that depend on more than the inputs' ranges, from the stored values of the
+        first input (one per calibration batch); the runner calls it once per module. Nothing
+        here; recurrent layers observe their hidden and cell states."""
 
     def freeze(self) -> None:
         """Drop observers, keep qparams."""
@@ -356,30 +360,6 @@ class QMatMul(_QBinary):
 
 
 #: float module type -> QuantOpr type
-QUANT_OPR_FOR = {
-    torch.nn.Linear: QLinear,
-    torch.nn.Conv1d: QConv1d,
-    torch.nn.Conv2d: QConv2d,
-    Add: QAdd,
-    BMM: QBMM,
-    MatMul: QMatMul,
-}
-QUANTIZABLE_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
-
-
-def to_quant_opr(module: torch.nn.Module, scheme: Scheme) -> QuantOpr:
-    """The QuantOpr that replaces `module` under `scheme` (weights shared, not copied)."""
-    cls = QUANT_OPR_FOR.get(type(module))
-    if cls is None:
-        raise TypeError(f"no QuantOpr for {type(module).__name__}; supported: "
-                        + ", ".join(t.__name__ for t in QUANT_OPR_FOR))
-    if cls in (QAdd, QBMM, QMatMul):
-        qopr = cls(scheme)
-        qopr.__dict__["_float_module"] = module
-        return qopr
-    return cls(module, scheme)
-
-
 class QAttentionInput(QuantOpr):
     """fa3: per-head static int8 quantization of one attention input, q / k / v [b, heads, s, d].
 

@@ -10,7 +10,8 @@ from torch import fx
 
 from fxquant.errors import ConfigError, NotQuantizableError
 from fxquant.ir import fxq_meta, module_of
-from fxquant.quant_opr import QUANT_OPR_FOR, QuantOpr, to_quant_opr
+from fxquant.quant_opr import QuantOpr
+from fxquant.quant_opr_table import QUANT_OPR_FOR, to_quant_opr
 from fxquant.schemes import Scheme, SchemeOptions, make_scheme
 
 from .pass_manager import replace_submodule

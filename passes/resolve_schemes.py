@@ -19,16 +19,17 @@ from torch import fx
 
 from fxquant.errors import ConfigError
 from fxquant.ir import fxq_meta, module_of
-from fxquant.quant_opr import QUANTIZABLE_LAYERS
+from fxquant.quant_opr_table import QUANTIZABLE_LAYERS
 from fxquant.schemes import check_scheme_name
 from fxquant.small_ops import SMALL_OP_TYPES
 
 log = logging.getLogger(__name__)
 
 
-def quantizable_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """call_module nodes of Linear/Conv layers, in topological order."""
-    return [n for n in gm.graph.nodes if isinstance(module_of(gm, n), QUANTIZABLE_LAYERS)]
+def quantizable_nodes(gm: fx.GraphModule, extra_types: tuple[type, ...] = ()) -> list[fx.Node]:
+    """call_module nodes of Linear/Conv layers (and of `extra_types`), in topological order."""
+    types = QUANTIZABLE_LAYERS + tuple(extra_types)
+    return [n for n in gm.graph.nodes if isinstance(module_of(gm, n), types)]
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ResolveSchemes:
     small_op_scheme: str = "float"
     strict_names: bool = True
     custom_schemes: Sequence[str] = ()  # scheme names a front end builds itself (InsertQuantOprs.schemes)
+    extra_layer_types: tuple[type, ...] = ()  # layers quantized beyond Linear/Conv (linger: LSTM, GRU)
     decisions: dict[str, tuple[str, str]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -73,7 +75,7 @@ class ResolveSchemes:
                 raise ConfigError(f"mix_cfg[{key!r}]: {exc}") from None
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
-        layers = quantizable_nodes(gm)
+        layers = quantizable_nodes(gm, self.extra_layer_types)
         names = [n.target for n in layers]
         self._check_names(names)
         first = names[0] if names else None

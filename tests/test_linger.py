@@ -212,3 +212,85 @@ def test_bad_input_is_a_clear_error(case, resnet, digits, tmp_path):
                     q(digits[0][:64])
                     q(digits[0][64:128])
     assert expected in str(err.value)
+
+
+class RowRNN(nn.Module):
+    """Digits read row by row: 8 steps of 8 pixels -> a 2-layer LSTM / GRU -> Linear on the last step."""
+
+    def __init__(self, cell=nn.LSTM):
+        super().__init__()
+        self.rnn = cell(8, 32, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.reshape(-1, 8, 8))
+        return self.fc(out[:, -1])
+
+
+def _q(v, step):
+    """linger's fake quantization, written out: clamp(floor(v / step + 1/2), -128, 127) * step."""
+    return np.clip(np.floor(v / step + 0.5), -128, 127) * step
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_one_recurrent_step_against_the_formula(cell):
+    torch.manual_seed(0)
+    rnn = cell(4, 3)
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    q = linger.init(Wrap()).eval()
+    with linger.calibration():
+        q(torch.randn(6, 5, 4))
+    qr = q.rnn
+    x = torch.randn(1, 1, 4)
+    with torch.no_grad():
+        out = q(x)[0, 0].double().numpy()
+    s_x, s_h = float(qr.input_quantizer.scale), float(qr.hidden_quantizer.scale)
+    s_ih, s_hh = (float(qr.weight_quantizers[n].scale) for n in ("weight_ih_l0", "weight_hh_l0"))
+    W_ih, W_hh = (_q(getattr(rnn, n).detach().double().numpy(), s) for n, s in
+                  (("weight_ih_l0", s_ih), ("weight_hh_l0", s_hh)))
+    b_ih = np.round(rnn.bias_ih_l0.detach().double().numpy() / (s_x * s_ih)) * s_x * s_ih
+    b_hh = np.round(rnn.bias_hh_l0.detach().double().numpy() / (s_h * s_hh)) * s_h * s_hh
+    xq = _q(x[0, 0].double().numpy(), s_x)
+    a = W_ih @ xq + b_ih
+    b = W_hh @ np.zeros(3) + b_hh  # h0 = 0
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    if cell is nn.LSTM:
+        s_c = float(qr.cell_quantizer.scale)
+        i, f, g, o = np.split(a + b, 4)
+        c = _q(sig(f) * 0.0 + sig(i) * np.tanh(g), s_c)
+        h = _q(sig(o) * np.tanh(c), s_h)
+    else:
+        ar, az, an = np.split(a, 3)
+        br, bz, bn = np.split(b, 3)
+        r, z = sig(ar + br), sig(az + bz)
+        h = _q((1 - z) * np.tanh(an + r * bn) + z * 0.0, s_h)
+    np.testing.assert_allclose(out, h, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_recurrent_classifier_ptq_and_onnx(cell, digits):
+    torch.manual_seed(0)
+    model = train(RowRNN(cell), digits[0], digits[1], epochs=15)
+    q = linger.init(model).eval()
+    assert type(q.rnn).__name__ == f"Q{cell.__name__}"
+    with linger.calibration():
+        q(digits[0][:256])
+    fp32, ptq = accuracy(model, digits[2], digits[3]), accuracy(q, digits[2], digits[3])
+    assert abs(fp32 - ptq) <= 1.0, (fp32, ptq)
+    x = digits[2][:256]
+    proto = to_onnx_model(lower_to_qdq(q), (x,), {}, ["x"])
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = q(x).numpy()
+    assert np.mean(out.argmax(1) == ref.argmax(1)) >= 0.99
+    kept = linger.init(model, disable_module=(cell,))
+    assert type(kept.rnn) is cell

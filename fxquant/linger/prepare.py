@@ -26,10 +26,11 @@ from fxquant.errors import ConfigError
 from fxquant.ir import bind_inputs
 from fxquant.passes import Calibrate, InsertQuantOprs, ResolveSchemes, functional_to_modules
 from fxquant.quant_opr import QuantOpr
+from fxquant.quant_opr_table import RECURRENT_LAYERS
 from fxquant.quantizer import QuantSpec
 from fxquant.schemes import Scheme, SchemeOptions
 
-from .config import CONV_LIMITS, LingerConfig
+from .config import CONV_LIMITS, ClampInfo, LingerConfig
 from .constrain import strip_constraints
 from .selection import check_disable_module, check_disable_submodel, is_disabled, load_config
 
@@ -92,7 +93,8 @@ def init(model: torch.nn.Module, config_file: str | None = None, disable_module:
     scheme = linger_scheme(cfg)
     gm = capture(model)
     resolve = ResolveSchemes(default=scheme.name, disabled_types=types, disabled_submodules=patterns,
-                             disable_last_layer=False, small_op_scheme=scheme.name, custom_schemes=(scheme.name,))
+                             disable_last_layer=False, small_op_scheme=scheme.name, custom_schemes=(scheme.name,),
+                             extra_layer_types=RECURRENT_LAYERS)
     gm = resolve(gm)
     gm = InsertQuantOprs(SchemeOptions(conv_w_per_channel=False), schemes={scheme.name: scheme})(gm)
     gm.meta[META_CONFIG] = cfg
@@ -179,7 +181,8 @@ def _calibrate(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
     gm.recompile()
     ResolveSchemes(default=scheme.name, disabled_types=state["disabled_types"],
                    disabled_submodules=state["disabled_submodules"], disable_last_layer=False,
-                   small_op_scheme=scheme.name, custom_schemes=(scheme.name,))(gm)
+                   small_op_scheme=scheme.name, custom_schemes=(scheme.name,),
+                             extra_layer_types=RECURRENT_LAYERS)(gm)
     InsertQuantOprs(SchemeOptions(conv_w_per_channel=False), schemes={scheme.name: scheme})(gm)
     gm.to(cfg.device)
     Calibrate([{p.target: v for p, v in bound.items()}], device=cfg.device, progress=False)(gm)
@@ -193,9 +196,15 @@ def _clamp_weights(gm: fx.GraphModule, cfg: LingerConfig) -> None:
     +-clamp_weight_value, else to +-clamp_factor_value * mean|W|."""
     ci = cfg.clamp_info
     for m in gm.modules():
-        w = getattr(m, "weight", None) if isinstance(m, QuantOpr) else None
-        if not isinstance(w, torch.Tensor):
+        if not isinstance(m, QuantOpr):
             continue
+        for name in getattr(m, "weight_names", ["weight"]):
+            _clamp_weight(getattr(m, name, None), ci)
+
+
+def _clamp_weight(w: torch.Tensor | None, ci: ClampInfo) -> None:
+    """Clamp one weight in place (no-op for None)."""
+    if isinstance(w, torch.Tensor):
         bound = ci.clamp_weight_value if ci.clamp_weight_value is not None else (
             float(w.abs().mean()) * ci.clamp_factor_value if ci.clamp_factor_value is not None else None)
         if bound is not None:
