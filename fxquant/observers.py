@@ -137,6 +137,35 @@ class TopKObserver(Observer):
         return -kth, kth
 
 
+@register_observer("w_like")
+class PowerOfTwoSearchObserver(Observer):
+    """linger's `w_like`: the power-of-two step 2^i (i in -10..9) whose symmetric quantization
+    (round, clamp) has the least squared error over everything seen, per channel; the range is
+    +-step * 2^(bits-1), so that a power-of-two quantizer picks that step. Streams: one error sum
+    per candidate and channel."""
+
+    EXPONENTS = tuple(range(-10, 10))
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.errors: torch.Tensor | None = None  # [C, len(EXPONENTS)]
+
+    def _update(self, x: torch.Tensor) -> None:
+        qmin, qmax = qrange(self.bits, True)
+        errs = []
+        for e in self.EXPONENTS:
+            step = 2.0 ** e
+            errs.append(((x - torch.clamp(torch.round(x / step), qmin, qmax) * step) ** 2).sum(dim=1))
+        new = torch.stack(errs, dim=1).double()
+        self.errors = new if self.errors is None else self.errors + new
+
+    def _calc_range(self):
+        best = self.errors.argmin(dim=1)
+        step = torch.exp2(torch.tensor(self.EXPONENTS, dtype=torch.float32)[best])
+        threshold = step * 2.0 ** (self.bits - 1)
+        return -threshold, threshold
+
+
 @register_observer("sigma")
 class SigmaObserver(Observer):
     """Range mean +- k * std per channel from running sums (msModelSlim's `sigma`), clipped to min/max."""

@@ -294,3 +294,20 @@ def test_recurrent_classifier_ptq_and_onnx(cell, digits):
     assert np.mean(out.argmax(1) == ref.argmax(1)) >= 0.99
     kept = linger.init(model, disable_module=(cell,))
     assert type(kept.rnn) is cell
+
+
+def test_w_like_picks_the_power_of_two_step_of_least_error(resnet, digits):
+    cfg = linger.LingerConfig(quant_info=linger.QuantInfo(w_calibrate_name="w_like"))
+    q = linger.init(resnet, config=cfg).eval()
+    with linger.calibration():
+        q(digits[0][:256])
+    for name in ("stem.0", "layers.1.conv2", "fc"):
+        layer = q.get_submodule(name)
+        w = layer.weight.detach()
+
+        def err(e, w=w):
+            return float(((w - torch.clamp(torch.round(w / 2.0**e), -128, 127) * 2.0**e) ** 2).sum())
+
+        best = min(range(-10, 10), key=err)  # linger's search, written out
+        assert float(layer.weight_quantizer.scale) == 2.0**best
+    assert accuracy(q, digits[2], digits[3]) >= accuracy(resnet, digits[2], digits[3]) - 1.0

@@ -19,8 +19,8 @@ from fxquant.errors import ConfigError
 
 PLATFORMS = ("arcs", "mars", "venusA")
 QUANT_METHODS = ("NATIVE", "CUDA", "ONNX")
-A_CALIBRATE = ("top_10", "abs_max")
-W_CALIBRATE = ("abs_max", "top_10")
+A_CALIBRATE = ("top_10", "abs_max", "w_like")
+W_CALIBRATE = ("abs_max", "top_10", "w_like")
 STRATEGIES = ("RANGE_MEAN",)
 QAT_METHODS = ("MOM", "TQT")
 ACTIVATION_TYPES = ("none",)

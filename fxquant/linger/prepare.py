@@ -59,7 +59,7 @@ def linger_scheme(cfg: LingerConfig) -> Scheme:
     qat = qi.qat_method.lower()
 
     def observer(name: str) -> tuple[str, dict]:
-        return ("top_k", {"k": 10}) if name == "top_10" else ("minmax", {})
+        return {"top_10": ("top_k", {"k": 10}), "w_like": ("w_like", {})}.get(name, ("minmax", {}))
 
     w_obs, w_kw = observer(qi.w_calibrate_name)
     a_obs, a_kw = observer(qi.a_calibrate_name)
