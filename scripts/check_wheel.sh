@@ -25,10 +25,12 @@ import fxquant
 checkout = Path(sys.argv[1]).resolve()
 where = Path(fxquant.__file__).resolve()
 assert checkout not in where.parents, f"fxquant imported from the checkout ({where}), not the wheel"
-names = sorted(m.name for m in pkgutil.walk_packages(fxquant.__path__, "fxquant."))
+# `python -m` entry points run when imported: their package is imported instead
+names = sorted(m.name for m in pkgutil.walk_packages(fxquant.__path__, "fxquant.") if not m.name.endswith(".__main__"))
 for name in names:
     importlib.import_module(name)
-for sub in ("fxquant.passes", "fxquant.kernels", "fxquant.session", "fxquant.keep_acc"):
+for sub in ("fxquant.passes", "fxquant.kernels", "fxquant.session", "fxquant.keep_acc", "fxquant.cli",
+            "fxquant.inspection", "fxquant.linger"):
     assert sub in names, f"{sub} missing from the wheel"
 print(f"wheel OK: imported {len(names) + 1} modules from {where.parent}")
 PY
