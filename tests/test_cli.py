@@ -122,8 +122,11 @@ def test_model_may_be_a_gguf_file_or_a_hugging_face_folder(smollm2, texts, tmp_p
 
     _, evals = texts
     model, tok = smollm2
-    folder = tmp_path / "hf"
-    model.save_pretrained(folder)
+    from safetensors.torch import save_model
+
+    folder = tmp_path / "hf"  # a Hugging Face folder, written by hand (save_pretrained refuses GGUF-loaded models)
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
     tok.save_pretrained(folder)
     figures = []
     for spec in (smollm2_gguf(), folder):
