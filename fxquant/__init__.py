@@ -5,7 +5,7 @@ from .ascend_checkpoint import load_ascend, save_ascend
 from .calibration import CalibrationRunner
 from .calibrator import Calibrator
 from .capture import capture
-from .compiler import compile_backend
+from .compiler import compile_backend, quantizing_backend
 from .config import QuantConfig
 from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantError
 from .inspection import compare, draw_graph, inspect, report, to_networkx
@@ -20,6 +20,6 @@ __all__ = [
     "load_ascend", "save_ascend", "CaptureError", "ConfigError",
     "DynamicQuantizer", "FxquantError", "IdentityQuantizer", "QAdd", "QBMM", "QConv1d", "QConv2d",
     "QLinear", "QMatMul", "QuantOpr", "QuantSpec", "Scheme", "SchemeOptions", "StaticQuantizer",
-    "capture", "compare", "draw_graph", "inspect", "report", "make_scheme", "quantize", "set_timestep", "to_networkx",
+    "capture", "compare", "draw_graph", "inspect", "report", "make_scheme", "quantize", "quantizing_backend", "set_timestep", "to_networkx",
 ]
 __version__ = "0.1.0"

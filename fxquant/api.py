@@ -34,6 +34,38 @@ from .schemes import SchemeOptions, make_scheme
 log = logging.getLogger(__name__)
 
 
+def quantization_passes(
+    resolve: ResolveSchemes,
+    options: SchemeOptions,
+    calib_data: Any,
+    *,
+    suppression: Callable[[fx.GraphModule], fx.GraphModule] | None = None,
+    attention_quant: bool = False,
+    device: str | torch.device = "cpu",
+    asym: bool = False,
+    progress: bool = True,
+    weight_optimizers: Sequence[WeightOptimizer] = (),
+    measure_layers: bool = False,
+    keep_float_weight: bool = False,
+) -> list[Callable[[fx.GraphModule], fx.GraphModule]]:
+    """The passes fxquant.quantize runs on a captured graph, in order (the arguments are quantize's):
+    fold BatchNorm, small ops to modules, resolve schemes, suppression, insert QuantOprs, attention
+    quantization, calibrate, freeze."""
+    smooth = [suppression] if suppression is not None else []
+    attention = [QuantizeAttention(options.act_method)] if attention_quant else []
+    return [
+        fold_batchnorm,
+        functional_to_modules,
+        resolve,
+        *smooth,
+        InsertQuantOprs(options),
+        *attention,
+        Calibrate(calib_data, device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers,
+                  measure_layers=measure_layers),
+        Freeze(keep_float_weight),
+    ]
+
+
 def quantize(
     model: torch.nn.Module,
     calib_data: Any = None,
@@ -99,20 +131,10 @@ def quantize(
     capture_seconds = time.perf_counter() - start
     if smooth_alpha is not None:
         suppression = SmoothQuant(calib_data, alpha=smooth_alpha)
-    smooth = [suppression] if suppression is not None else []
-    options = options or SchemeOptions()
-    attention = [QuantizeAttention(options.act_method)] if attention_quant else []
-    manager = PassManager([
-        fold_batchnorm,
-        functional_to_modules,
-        resolve,
-        *smooth,
-        InsertQuantOprs(options),
-        *attention,
-        Calibrate(calib_data, device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers,
-                  measure_layers=measure_layers),
-        Freeze(keep_float_weight),
-    ], dump_dir=dump_dir)
+    manager = PassManager(quantization_passes(
+        resolve, options or SchemeOptions(), calib_data, suppression=suppression, attention_quant=attention_quant,
+        device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers,
+        measure_layers=measure_layers, keep_float_weight=keep_float_weight), dump_dir=dump_dir)
     gm = manager(gm)
     gm.meta["fxquant_timings"] = [("capture", capture_seconds), *manager.timings]
     gm.meta["fxquant_decisions"] = scheme_decisions(gm)

@@ -38,7 +38,9 @@ class ResolveSchemes:
 
     disabled_submodules: fnmatchcase patterns over names ("classifier*" matches the module and
     everything under it, linger's disable_submodel). small_op_scheme: scheme of add/bmm/matmul
-    modules unless mix_cfg names them exactly.
+    modules unless mix_cfg names them exactly. model_layers: the names of all the model's layers in
+    execution order, for a graph that holds only some of them (torch.compile graph breaks): first /
+    last layer and disable_names are then judged against the whole model.
     """
 
     default: str = "w8a8"
@@ -53,6 +55,7 @@ class ResolveSchemes:
     strict_names: bool = True
     custom_schemes: Sequence[str] = ()  # scheme names a front end builds itself (InsertQuantOprs.schemes)
     extra_layer_types: tuple[type, ...] = ()  # layers quantized beyond Linear/Conv (linger: LSTM, GRU)
+    model_layers: Sequence[str] = ()  # every layer of the model in order, when the graph holds part of it
     decisions: dict[str, tuple[str, str]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -77,9 +80,10 @@ class ResolveSchemes:
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         layers = quantizable_nodes(gm, self.extra_layer_types)
         names = [n.target for n in layers]
-        self._check_names(names)
-        first = names[0] if names else None
-        last = names[-1] if names else None
+        model_names = list(self.model_layers) or names  # first / last layer and name checks: the whole model's
+        self._check_names(model_names)
+        first = model_names[0] if model_names else None
+        last = model_names[-1] if model_names else None
         self.decisions = {}
         for node in layers:
             scheme, reason = self._decide(node.target, module_of(gm, node), first, last)
@@ -91,7 +95,7 @@ class ResolveSchemes:
                 else:
                     self._record(node, self.small_op_scheme, "small_op_scheme")
         for pattern in self.mix_cfg:
-            if not any(fnmatchcase(n, pattern) for n in names):
+            if not any(fnmatchcase(n, pattern) for n in model_names):
                 log.warning("mix_cfg entry %r matches no quantizable layer", pattern)
         return gm
 

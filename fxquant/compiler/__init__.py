@@ -1,5 +1,8 @@
-"""torch.compile integration: the "fxquant" backend for quantized models."""
+"""torch.compile integration: the "fxquant" backend for quantized models, and a backend that
+quantizes the float model it compiles."""
 
 from .backend import CompileBackend, compile_backend, fxquant_backend, record_kernels
+from .quantizing_backend import QuantizingBackend, quantizing_backend
 
-__all__ = ["CompileBackend", "compile_backend", "fxquant_backend", "record_kernels"]
+__all__ = ["CompileBackend", "QuantizingBackend", "compile_backend", "fxquant_backend", "quantizing_backend",
+           "record_kernels"]
