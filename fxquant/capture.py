@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -38,7 +39,29 @@ _PASSTHROUGH_ATTRS = ("config", "generation_config", "main_input_name")
 
 
 class QuantLeafTracer(fx.Tracer):
-    """fx.Tracer that keeps torch.nn modules (quantizable layers included) as leaves."""
+    """fx.Tracer that keeps torch.nn modules (quantizable layers included) as leaves.
+
+    fx patches `nn.Module.__call__` and `__getattr__` process-wide while it traces; this tracer
+    answers those patched calls only in the thread that traces, so that models running in other
+    threads (calibration, inference) meanwhile see plain module calls, not proxies.
+    """
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._tracing_thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def _other_thread(self) -> bool:
+        return threading.get_ident() != getattr(self, "_tracing_thread", None)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if self._other_thread():
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._other_thread():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return isinstance(m, QUANTIZABLE_LAYERS) or super().is_leaf_module(m, qualname)

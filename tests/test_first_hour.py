@@ -345,6 +345,42 @@ def test_two_calibrators_in_two_threads(mlp, digits):
     assert torch.equal(results[0], results[1])
 
 
+class _PausesWhileTraced(nn.Module):
+    """A block that holds its trace open until told to go on (to overlap a trace with a forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.tracing, self.go_on = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            self.tracing.set()
+            assert self.go_on.wait(30)
+        return self.fc(x).relu()
+
+
+def test_a_model_runs_in_one_thread_while_another_traces(mlp, digits):
+    """fx patches nn.Module.__call__ process-wide while tracing: other threads must not see proxies."""
+    traced = _PausesWhileTraced()
+    q = fxquant.quantize(mlp, _calib(digits, 64), "w8a8", progress=False)
+    x = digits[2][:16]
+    with torch.no_grad():
+        expected = q(x)
+    worker = threading.Thread(target=fxquant.capture, args=(traced, (torch.randn(2, 8),)))
+    worker.start()
+    try:
+        assert traced.tracing.wait(30)
+        with torch.no_grad():
+            during = q(x)  # a float model too: plain modules go through the patched __call__
+            float_during = mlp(x)
+    finally:
+        traced.go_on.set()
+        worker.join()
+    assert torch.equal(during, expected)
+    assert torch.equal(float_during, mlp(x))
+
+
 def test_to_networkx_mirrors_the_graph(mlp, digits):
     """Item 18: networkx is a used dependency: the IR as a DiGraph with each node's decision."""
     import networkx as nx
