@@ -9,7 +9,10 @@ perplexity unchanged) moves SmolLM2's w8a8_dynamic increase between +3.3% and +4
 method runs on several such realizations and the table gives mean, spread and range. fxquant's w8a8_dynamic is also
 evaluated with gradients enabled (realization 0): it runs the same integer arithmetic.
 
-    python benchmarks/naive_schemes.py [--models smollm2 gemma3] [--eval 14] [--seeds 5]
+    python benchmarks/naive_schemes.py [--models smollm2 gemma3 qwen2] [--eval 14] [--seeds 5]
+
+Models: SmolLM2-135M (Llama), Gemma 3 270M (Gemma3), Qwen2.5-Coder 1.5B (Qwen2: q/k/v biases,
+tied embeddings; about 15 minutes per realization on 2 cores, so `--models qwen2 --seeds 2`).
 
 torchao is optional: `pip install -c <(echo torch==2.13.0) torchao`; its rows are skipped
 (with a note) where it does not import.
@@ -28,13 +31,14 @@ from fxquant.kernels.int_matmul import KERNELS, cpu_has_int8_dot
 from fxquant.real_models import (
     license_text,
     load_gemma3,
+    load_qwen25_coder,
     load_smollm2,
     perplexity,
     text_corpus,
     token_windows,
 )
 
-MODELS = {"smollm2": load_smollm2, "gemma3": load_gemma3}
+MODELS = {"smollm2": load_smollm2, "gemma3": load_gemma3, "qwen2": load_qwen25_coder}
 
 
 def reference_w8a8_dynamic(model: torch.nn.Module) -> torch.nn.Module:

