@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.kernels import code_matmul, code_row_sums
-from fxquant.kernels.weight_only import linear_from_weight, pack_codes, unpack_codes
+from fxquant.kernels.weight_only import (
+    GEMV_MAX_ROWS,
+    codes_gemv,
+    linear_from_weight,
+    pack_codes,
+    unpack_codes,
+)
 
 from .errors import ConfigError, NotQuantizableError
 from .fake_quant import dequantize_codes, round_ste
@@ -261,7 +267,19 @@ class QLinear(_QWeighted):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._integer_path(x):
             return self._int_forward(x)
+        if self._fused_gemv(x):
+            wq = self.weight_quantizer
+            return codes_gemv(x, self.weight_codes, wq.scale.reshape(-1), self.bias)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
+
+    def _fused_gemv(self, x: torch.Tensor) -> bool:
+        """True for weight-only layers with stored symmetric per-channel int8 codes, under
+        torch.compile, on inputs of at most GEMV_MAX_ROWS rows (decode): codes_gemv."""
+        wq, spec = self.weight_quantizer, self.weight_quantizer.spec
+        return (torch.compiler.is_compiling() and not self.input_quantizer.enabled and wq.enabled
+                and self._stored_codes_in_use() and spec.symmetric and spec.bits == 8
+                and spec.granularity == "channel" and spec.axis == 0
+                and x.numel() <= GEMV_MAX_ROWS * x.shape[-1])
 
     def _gemm_weight_codes(self) -> torch.Tensor:
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in

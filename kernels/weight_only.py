@@ -4,7 +4,10 @@
 Eager, a layer dequantizes its codes and runs one float GEMM. Under torch.compile, inputs with
 few rows (decode: one token per sequence) take the form of a broadcast multiply and a sum over k,
 which inductor fuses with the dequantization into one GEMV that reads the compact codes once,
-instead of writing a float weight and reading it back.
+instead of writing a float weight and reading it back (`codes_gemv` for per-channel int8 codes:
+the scale applied once to each sum). Inductor's CPU code for the 4-bit and per-group forms is
+10-100x slower than an fp32 GEMV (nibble unpacking and group-scale gathers do not vectorize), so
+4-bit layers stay a float GEMM of the dequantized weight.
 """
 
 from __future__ import annotations
@@ -46,3 +49,12 @@ def linear_from_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def codes_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., k] @ (codes * scale[:, None])^T + bias -> [..., n] from symmetric int8 codes [n, k]
+    with one scale per output channel [n]: the multiply-and-sum over the stored codes that inductor
+    fuses into one GEMV reading one byte per weight, scaled once per output. Equal to F.linear of
+    the dequantized weight up to float rounding."""
+    y = (x.unsqueeze(-2) * codes.to(x.dtype)).sum(-1) * scale.to(x.dtype)
+    return y if bias is None else y + bias

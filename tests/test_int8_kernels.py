@@ -61,3 +61,34 @@ def test_frozen_layer_gives_the_same_values_on_every_kernel(scheme):
     ref = outs["fp64"]
     for kernel, out in outs.items():
         assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), kernel
+
+
+def test_codes_gemv_is_the_linear_of_the_dequantized_weight():
+    """The fused weight-only decode form over int8 codes [n, k] and per-channel scales [n]."""
+    from fxquant.kernels.weight_only import codes_gemv
+
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (96, 200), generator=gen, dtype=torch.int8)
+    scale, bias = torch.rand(96, generator=gen) / 100, torch.randn(96, generator=gen)
+    x = torch.randn(2, 3, 200, generator=gen)
+    expected = torch.nn.functional.linear(x, codes.float() * scale[:, None], bias)
+    torch.testing.assert_close(codes_gemv(x, codes, scale, bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_w8a16_decode_takes_the_fused_gemv_and_matches_eager(monkeypatch):
+    import fxquant
+    from fxquant.quant_opr import QLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    layer = fxquant.quantize(torch.nn.Sequential(lin), [[torch.randn(8, 64)]], scheme="w8a16",
+                             disable_last_layer=False, progress=False).get_submodule("0")
+    calls = []
+    fused = QLinear._fused_gemv
+    x = torch.randn(1, 64)
+    monkeypatch.setattr(QLinear, "_fused_gemv", lambda self, x: calls.append(fused(self, x)) or calls[-1])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, compiled = layer(x), torch.compile(layer, backend="eager")(x)
+    assert calls == [False, True]  # eager: the dequantized GEMM; compiled: the fused GEMV
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
