@@ -21,9 +21,11 @@ torchao is optional: `pip install -c <(echo torch==2.13.0) torchao`; its rows ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 
 import fxquant
 from fxquant.kernels import int_matmul
@@ -41,23 +43,36 @@ from fxquant.real_models import (
 MODELS = {"smollm2": load_smollm2, "gemma3": load_gemma3, "qwen2": load_qwen25_coder}
 
 
-def reference_w8a8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
-    """Per-token symmetric int8 activations (amax / 127), per-row symmetric int8 weights, written
-    from the formula with no fxquant code; every Linear but lm_head."""
-    ref = copy.deepcopy(model)
-    for name, lin in ref.named_modules():
-        if not isinstance(lin, torch.nn.Linear) or name == "lm_head":
-            continue
-        scale = lin.weight.detach().abs().amax(dim=1, keepdim=True) / 127
-        lin.weight.data = torch.round(lin.weight.detach() / scale).clamp(-127, 127) * scale
+def symmetric_rows(t: torch.Tensor, half_range: float, lo: int) -> torch.Tensor:
+    """t fake-quantized per row of its last dimension: scale amax / half_range, codes in [lo, 127]."""
+    s = (t.abs().amax(dim=-1, keepdim=True) / half_range).clamp(min=1e-8)
+    return torch.round(t / s).clamp(lo, 127) * s
 
-        def per_token(_, args):
-            x = args[0]
-            s = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-8)
-            return (torch.round(x / s).clamp(-127, 127) * s,)
 
-        lin.register_forward_pre_hook(per_token)
-    return ref
+#: the two int8 grids of the same scheme: fxquant's (and Ascend's dynamic quant: amax / 127, codes
+#: [-127, 127]) and torchao's (amax / 127.5, codes [-128, 127], the largest positive value clipped)
+GRIDS = {"amax/127": (127.0, -127), "amax/127.5": (127.5, -128)}
+
+
+@contextlib.contextmanager
+def reference_w8a8_dynamic(model: torch.nn.Module, grid: str = "amax/127", activations: bool = True):
+    """Within the block, every Linear of `model` but lm_head computes per-token symmetric int8
+    activations (unless not `activations`: w8a16) times per-row symmetric int8 weights on `grid`,
+    written from the formula with no fxquant code. Weights are quantized at each call, so no copy
+    of the model is held."""
+    half_range, lo = GRIDS[grid]
+
+    def quantized_linear(lin, args, out):
+        x = symmetric_rows(args[0], half_range, lo) if activations else args[0]
+        return F.linear(x, symmetric_rows(lin.weight.detach(), half_range, lo), lin.bias)
+
+    handles = [lin.register_forward_hook(quantized_linear) for name, lin in model.named_modules()
+               if isinstance(lin, torch.nn.Linear) and name != "lm_head"]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def torchao_model(model: torch.nn.Module, scheme: str) -> torch.nn.Module | str:
@@ -76,24 +91,29 @@ def torchao_model(model: torch.nn.Module, scheme: str) -> torch.nn.Module | str:
     return peer
 
 
-def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """A copy whose norm weights are multiplied by (1 + 1e-6 N(0, 1)) (seed 0: the model itself).
+@contextlib.contextmanager
+def perturbed(model: torch.nn.Module, seed: int):
+    """Within the block, the model's norm weights are multiplied by (1 + 1e-6 N(0, 1)) (seed 0:
+    unchanged); they are restored after it (in place: no copy of a large model is held).
 
     fp32 perplexity does not move (< 1e-4 %), but per-token int8 rounding is discontinuous, so each
     seed is another equally valid realization of the quantization noise: the spread over seeds is
     the noise band against which methods are compared."""
-    if seed == 0:
-        return model
     gen = torch.Generator().manual_seed(seed)
-    copy_ = copy.deepcopy(model)
+    saved = {name: p.detach().clone() for name, p in model.named_parameters() if "norm" in name}
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in copy_.named_parameters():
-            if "norm" in name:
-                p.mul_(1 + 1e-6 * torch.randn(p.shape, generator=gen))
-    return copy_
+        for name in saved if seed else ():
+            params[name].mul_(1 + 1e-6 * torch.randn(params[name].shape, generator=gen))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
 
 
-def measure(name: str, n_eval: int, seeds: int) -> tuple[dict[str, float], dict[tuple[str, str], list]]:
+def measure(name: str, n_eval: int, seeds: int, torchao_grid: bool = False) -> tuple[dict[str, float], dict[tuple[str, str], list]]:
     """fp32 perplexity per text, and {(method, text): [perplexity increase in % per seed]}."""
     model, tok = MODELS[name]()
     texts = {"GPL-3": token_windows(tok, license_text("GPL-3"), n_eval, 512),
@@ -108,20 +128,29 @@ def measure(name: str, n_eval: int, seeds: int) -> tuple[dict[str, float], dict[
         print(f"  {name} seed {seed}: {method}: " + ", ".join(
             f"{t} {results[(method, t)][-1]:+.2f}%" for t in texts), flush=True)
 
+    # autograd keeps every layer's activations of a window: past 1e9 parameters that outgrows this
+    # machine's 24 GB (the grad path's values equal no_grad's bit for bit: tests/test_scheme_reference.py)
+    grad_row = sum(p.numel() for p in model.parameters()) < 1e9
     for seed in range(seeds):
-        m = perturbed(model, seed)
-        for scheme in ("w8a16", "w8a8_dynamic"):
-            q = fxquant.quantize(m, calib, scheme, progress=False)
-            add(f"fxquant {scheme} (no_grad)", q)
-            if scheme == "w8a8_dynamic" and seed == 0:
-                add(f"fxquant {scheme} (grad)", q, lambda m, w: perplexity(m, w, grad=True))
-            del q
-            peer = torchao_model(m, scheme)
-            if isinstance(peer, str):
-                print(f"  {name}: {peer}")
-            else:
-                add(f"torchao {scheme}", peer)
-        add("reference w8a8_dynamic", reference_w8a8_dynamic(m))
+        with perturbed(model, seed) as m:
+            for scheme in ("w8a16", "w8a8_dynamic"):
+                q = fxquant.quantize(m, calib, scheme, progress=False)
+                add(f"fxquant {scheme} (no_grad)", q)
+                if scheme == "w8a8_dynamic" and seed == 0 and grad_row:
+                    add(f"fxquant {scheme} (grad)", q, lambda m, w: perplexity(m, w, grad=True))
+                del q
+                peer = torchao_model(m, scheme)
+                if isinstance(peer, str):
+                    print(f"  {name}: {peer}")
+                else:
+                    add(f"torchao {scheme}", peer)
+                del peer
+            with reference_w8a8_dynamic(m) as ref:
+                add("reference w8a8_dynamic", ref)
+            if torchao_grid:
+                for scheme, acts in (("w8a16", False), ("w8a8_dynamic", True)):
+                    with reference_w8a8_dynamic(m, "amax/127.5", activations=acts) as ref:
+                        add(f"reference {scheme}, torchao's grid", ref)
     return base, results
 
 
@@ -133,6 +162,8 @@ def main() -> None:
     parser.add_argument("--kernel", choices=KERNELS, default=None,
                         help="force fxquant's int8 GEMM (e.g. int_mm under ONEDNN_MAX_CPU_ISA=AVX2 shows "
                              "the saturating kernel fxquant used before it dispatched by CPU)")
+    parser.add_argument("--torchao-grid", action="store_true",
+                        help="also the reference on torchao's int8 grid (amax / 127.5, codes [-128, 127])")
     args = parser.parse_args()
     if args.kernel:
         int_matmul.default_kernel = lambda device: args.kernel  # this process only
@@ -140,7 +171,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, int8 dot products (VNNI/AMX): {cpu_has_int8_dot()}, "
           f"int8 GEMM kernel: {int_matmul.default_kernel(torch.device('cpu'))}")
-    tables = {name: measure(name, args.eval, args.seeds) for name in args.models}
+    tables = {name: measure(name, args.eval, args.seeds, args.torchao_grid) for name in args.models}
     print(f"\nperplexity increase vs fp32 in %: mean +- std over {args.seeds} noise realizations "
           f"[min, max]; {args.eval} x 512 held-out tokens per text")
     print("| model | quantization | GPL-3 | python docs |")

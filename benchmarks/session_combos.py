@@ -6,7 +6,9 @@ perplexity on the disjoint "eval" split (32 x 512 tokens), one process per combi
 
 A combination is processor names joined by "+": one of w8a8 / w8a8_dynamic, optionally one of
 m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, fa3 (with w8a8_dynamic), and gptq (the quant
-config's w_method="gptq"; otherwise weights are rounded to nearest).
+config's w_method="gptq"; otherwise weights are rounded to nearest). 4-bit weights: w4a16/g<group>
+optionally +awq (activation-aware scale search on the scheme's own grid) and +gptq (per-group GPTQ),
+through fxquant.quantize.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from _rss import peak_rss_mb
 
 ALL = ["w8a8", "m3+w8a8", "m4+w8a8", "m6=0.85,0.15+w8a8", "m6+w8a8",
        "w8a8_dynamic", "m3+w8a8_dynamic", "m4+w8a8_dynamic", "m6=0.4,0.6+w8a8_dynamic", "m6+w8a8_dynamic",
-       "m4+w8a8_dynamic+fa3", "w8a8+gptq", "m6=0.85,0.15+w8a8+gptq", "m6+w8a8+gptq", "m6+w8a8_dynamic+gptq"]
+       "m4+w8a8_dynamic+fa3", "w8a8+gptq", "m6=0.85,0.15+w8a8+gptq", "m6+w8a8+gptq", "m6+w8a8_dynamic+gptq",
+       "w4a16/g64", "w4a16/g64+gptq", "w4a16/g64+awq", "w4a16/g64+awq+gptq"]
 
 
 def session_for(combo: str, calib: list):
@@ -53,6 +56,24 @@ def session_for(combo: str, calib: list):
     return s.SessionConfig(processor_cfg_map=procs, calib_data=calib)
 
 
+def quantize_w4a16(model, combo: str, calib: list):
+    """w4a16 has no session processor (seed 002 has W8A8 ones): fxquant.quantize with the group
+    size after "/g", AWQ scale search ("awq") and per-group GPTQ rounding ("gptq")."""
+    import fxquant
+    from fxquant.keep_acc import GPTQWeights
+    from fxquant.passes import AWQScale
+    from fxquant.schemes import SchemeOptions
+
+    parts = combo.split("+")
+    group = int(parts[0].partition("/g")[2] or 128)
+    unknown = set(parts[1:]) - {"awq", "gptq"}
+    if unknown:
+        raise SystemExit(f"unknown w4a16 option(s) {sorted(unknown)} in {combo!r}; valid: awq, gptq")
+    return fxquant.quantize(model, calib, "w4a16", options=SchemeOptions(group_size=group), progress=False,
+                            suppression=AWQScale(calib) if "awq" in parts else None,
+                            weight_optimizers=[GPTQWeights()] if "gptq" in parts else [])
+
+
 def run_one(combo: str, n_calib: int, n_eval: int) -> dict:
     import torch
 
@@ -66,7 +87,10 @@ def run_one(combo: str, n_calib: int, n_eval: int) -> dict:
     if combo != "fp32":
         calib = [{"input_ids": w, "use_cache": False} for w in token_windows(tok, text_corpus("calib"), n_calib, 512)]
         start = time.perf_counter()
-        model = session.run(model, session_for(combo, calib), progress=False)
+        if combo.startswith("w4a16"):
+            model = quantize_w4a16(model, combo, calib)
+        else:
+            model = session.run(model, session_for(combo, calib), progress=False)
         calib_s = time.perf_counter() - start
     return {"combo": combo, "ppl": perplexity(model, evals), "calib_s": calib_s, "peak_rss_mb": peak_rss_mb()}
 

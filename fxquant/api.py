@@ -129,6 +129,7 @@ def quantize(
     start = time.perf_counter()
     gm = capture(model, example_args, example_kwargs)
     capture_seconds = time.perf_counter() - start
+    gm.meta["fxquant_scheme_options"] = options or SchemeOptions()  # for passes that simulate the schemes
     if smooth_alpha is not None:
         suppression = SmoothQuant(calib_data, alpha=smooth_alpha)
     manager = PassManager(quantization_passes(

@@ -129,13 +129,15 @@ class _QWeighted(QuantOpr):
 
     def set_weight_codes(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """Fix the weight's integer codes (weight's shape, integer-valued) and optionally its scale
-        (the weight quantizer's scale shape), e.g. learned rounding; calibration keeps them."""
+        (the weight quantizer's scale shape), e.g. learned rounding or GPTQ; calibration keeps
+        them. 4-bit codes are stored packed, as freeze() stores them."""
         wq = self.weight_quantizer
-        if not isinstance(wq, StaticQuantizer) or wq.spec.granularity == "group":
-            raise TypeError("fixed weight codes need a per-tensor or per-channel static weight quantizer")
+        if not isinstance(wq, StaticQuantizer):
+            raise TypeError("fixed weight codes need a static weight quantizer")
         if scale is not None:
             wq.scale = scale.to(wq.scale)
-        self.weight_codes = torch.clamp(codes.round(), wq.qmin, wq.qmax).to(torch.int8)
+        codes = torch.clamp(codes.round(), wq.qmin, wq.qmax).reshape(self.weight_shape)
+        self.weight_codes = pack_codes(codes, wq.spec.bits)
         self.codes_fixed = True
 
     def weight_int8(self) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +14,8 @@ from torch import fx
 from fxquant.calib_data import normalise_calib_data
 from fxquant.ir import fxq_meta
 from fxquant.quant_proxy import fake_quant_act, fake_quant_weight
+from fxquant.quantizer import QuantSpec, StaticQuantizer
+from fxquant.schemes import SCHEME_NAMES, SchemeOptions, make_scheme
 
 from .flex_smooth import ACTIVATION_MODES
 from .smooth_quant import ChannelStats, SmoothGroup, SmoothQuant
@@ -43,25 +45,50 @@ def sample_inputs(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], m
     return {t: torch.cat(v) for t, v in rows.items()}
 
 
+def group_weight_quantizer(spec: QuantSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    """w [n, k] -> w fake-quantized by round to nearest on its own range under `spec`, the
+    per-group (w4a16) weight spec the layer will get."""
+    def fake_quant(w: torch.Tensor) -> torch.Tensor:
+        q = StaticQuantizer(spec.with_(clip_search=False))
+        q.observe(w)
+        q.calc_qparams(like=w)
+        q.enabled = True
+        return q(w)
+    return fake_quant
+
+
 @dataclass
 class AWQScale(SmoothQuant):
     """Pass (m3): per group, s = mean|X|^alpha (normalised to geometric mean 1), alpha in `grid`
-    chosen to minimise the group's simulated int8 output error sum_i ||Q(X/s) Q(W_i s)^T - X W_i^T||^2
-    on up to `max_rows` sampled input rows. `chosen` records {group name: alpha}."""
+    chosen to minimise the group's simulated output error sum_i ||Q(X/s) Q(W_i s)^T - X W_i^T||^2
+    on up to `max_rows` sampled input rows. Q of the weights is per-channel int8, or for
+    per-group schemes (w4a16: AWQ proper) the scheme's own grid under `options` (None: the
+    SchemeOptions fxquant.quantize recorded in gm.meta["fxquant_scheme_options"]). `chosen` records
+    {group name: alpha}."""
 
     grid: Sequence[float] = tuple(i / 10 for i in range(11))
     max_rows: int = 2048
+    options: SchemeOptions | None = None
     chosen: dict[str, float] = field(default_factory=dict, init=False)
+
+    def _weight_fake_quant(self, scheme: str | None, options: SchemeOptions | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        spec = make_scheme(scheme, options).weight if scheme in SCHEME_NAMES else None
+        if spec is not None and spec.granularity == "group":
+            return group_weight_quantizer(spec)
+        return fake_quant_weight
 
     @torch.no_grad()
     def choose_scales(self, gm: fx.GraphModule, groups: list[SmoothGroup],
                       stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
+        options = self.options or gm.meta.get("fxquant_scheme_options")
         xs = sample_inputs(gm, self.calib_data, [g.members[0].target for g in groups], self.max_rows)
         out = {}
         for g in groups:
             x = xs[g.members[0].target]
             st = g.stats(stats)
-            mode = ACTIVATION_MODES.get(fxq_meta(g.members[0]).get("scheme"), "none")
+            scheme = fxq_meta(g.members[0]).get("scheme")
+            mode = ACTIVATION_MODES.get(scheme, "none")
+            quant_weight = self._weight_fake_quant(scheme, options)
             weights = [w.detach() for w in g.weights(gm)]
             refs = [F.linear(x, w.float()) for w in weights]
             mean = x.abs().mean(dim=0).clamp(min=1e-5)
@@ -70,7 +97,7 @@ class AWQScale(SmoothQuant):
                 s = g.tie(mean.pow(a))
                 s = s / (s.max() * s.min()).sqrt()
                 xq = fake_quant_act(x / s, mode, (st.lo / s).min(), (st.hi / s).max())
-                err = sum(float(((F.linear(xq, fake_quant_weight(w.float() * s)) - r) ** 2).sum())
+                err = sum(float(((F.linear(xq, quant_weight(w.float() * s)) - r) ** 2).sum())
                           for w, r in zip(weights, refs))
                 if err < best_err:
                     best, best_err = (a, s), err

@@ -100,8 +100,7 @@ def test_config_errors(smollm2):
         QuantConfig(pr=1.5)
     with pytest.raises(ConfigError, match="unknown w_method 'hqq'; valid: minmax, gptq"):
         QuantConfig(w_method="hqq")
-    with pytest.raises(ConfigError, match="w_method='gptq' needs per-tensor or per-channel int8 weights; scheme 'w4a16'"):
-        QuantConfig(w_bit=4, a_bit=16, w_method="gptq")
+    assert QuantConfig(w_bit=4, a_bit=16, w_method="gptq").w_method == "gptq"  # per-group GPTQ
     with pytest.raises(ConfigError, match=r"mix_cfg\['\*down\*'\]: unknown quantization scheme 'int4'; valid:"):
         Calibrator(smollm2[0], QuantConfig(), mix_cfg={"*down*": "int4"})
     try:

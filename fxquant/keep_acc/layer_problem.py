@@ -66,20 +66,37 @@ class LayerProblem:
         return m._conv(x, weight, m.bias)
 
     def weight_scale(self) -> torch.Tensor:
-        """The weight scale broadcast against the weight: [n, 1, ...] or []."""
+        """The weight scale broadcast against the weight: [n, 1, ...] or [] (per-group: [n, k/g, 1],
+        against the weight grouped as [n, k/g, g])."""
         wq = self.weight_quantizer
-        return wq.broadcast_qparams(self.module.weight)[0]
+        return wq.broadcast_qparams(self._grouped(self.module.weight)[..., 0]
+                                    if self.grouped else self.module.weight)[0]
+
+    @property
+    def grouped(self) -> bool:
+        """True for per-group weights (w4a16): qparams per run of group_size input columns."""
+        return self.weight_quantizer.spec.granularity == "group"
+
+    def _grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped [n, k] tensor as [n, k/g, g] for per-group weights, else t."""
+        return t.reshape(t.shape[0], -1, self.weight_quantizer.spec.group_size) if self.grouped else t
 
     def dequantized_weight(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """scale * codes (symmetric weights), the weight's shape."""
-        return codes * (self.weight_scale() if scale is None else scale)
+        """(codes - zero_point) * scale, the weight's shape; codes the weight's shape."""
+        wq = self.weight_quantizer
+        s = self.weight_scale() if scale is None else scale
+        zp = wq.zero_point.unsqueeze(-1) if self.grouped else torch.zeros(())  # non-group: symmetric
+        deq = dequantize_codes(self._grouped(codes), s, zp)
+        return deq.reshape(self.module.weight.shape)
 
     def rtn_codes(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Round-to-nearest codes of the float weight, the weight's shape."""
         wq = self.weight_quantizer
+        w = self.module.weight.detach().float()
+        if self.grouped:
+            return wq.quantize(w)[0].reshape(w.shape)
         s = self.weight_scale() if scale is None else scale
-        return quantize_codes(self.module.weight.detach().float(), s, torch.zeros(()), wq.qmin, wq.qmax,
-                              wq.spec.rounding)
+        return quantize_codes(w, s, torch.zeros(()), wq.qmin, wq.qmax, wq.spec.rounding)
 
     def error(self, out: torch.Tensor) -> float:
         """Squared error of `out` against the float targets, summed."""
@@ -135,13 +152,18 @@ def input_columns(prob: LayerProblem, max_cols: int, seed: int) -> tuple[torch.T
     return cols, outs
 
 
-def supports(module: torch.nn.Module) -> bool:
-    """True for layers the keepers handle: Linear/Conv with static symmetric per-tensor/channel weights."""
+def supports(module: torch.nn.Module, groups: bool = False) -> bool:
+    """True for layers the keepers handle: Linear/Conv with static symmetric per-tensor/channel
+    weights, and with `groups` (keepers that handle them, e.g. GPTQ) Linear with per-group weights
+    of either symmetry."""
     if not isinstance(module, (QLinear, _QConvNd)):
         return False
     wq = module.weight_quantizer
-    return (isinstance(wq, StaticQuantizer) and wq.calibrated and wq.spec.symmetric and wq.spec.signed
-            and wq.spec.granularity in ("tensor", "channel"))
+    if not (isinstance(wq, StaticQuantizer) and wq.calibrated and wq.spec.signed):
+        return False
+    if wq.spec.granularity == "group":
+        return groups and isinstance(module, QLinear)
+    return wq.spec.symmetric and wq.spec.granularity in ("tensor", "channel")
 
 
 @dataclass
@@ -151,6 +173,7 @@ class CodeKeeper:
     `solve`, and keeps the result only if it lowers the layer's output error."""
 
     name: ClassVar[str] = ""
+    handles_groups: ClassVar[bool] = False  # True: also per-group weights (w4a16)
     max_rows: int = field(default=4096, kw_only=True)
     seed: int = field(default=0, kw_only=True)
 
@@ -159,7 +182,7 @@ class CodeKeeper:
         raise NotImplementedError
 
     def __call__(self, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        if not supports(module):
+        if not supports(module, groups=self.handles_groups):
             return
         prob = LayerProblem.gather(module, inputs, targets, max_rows=self.max_rows, seed=self.seed)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""w_method: how weights are rounded onto their int8 grid ("minmax": round to nearest; "gptq")."""
+"""w_method: how weights are rounded onto their integer grid ("minmax": round to nearest; "gptq")."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from fxquant.errors import ConfigError
 from .gptq import GPTQWeights
 
 W_METHODS = ("minmax", "gptq")
-#: schemes whose weights GPTQ can round (per-tensor / per-channel int8, not w4a16's groups)
-GPTQ_SCHEMES = ("w8a8", "w8a8_dynamic", "w8a8_timestep", "w8a16")
+#: schemes whose weights GPTQ can round (per-tensor / per-channel int8, w4a16's per-group int4)
+GPTQ_SCHEMES = ("w8a8", "w8a8_dynamic", "w8a8_timestep", "w8a16", "w4a16")
 
 
 def check_w_method(w_method: str, scheme: str | None = None) -> str:
@@ -17,7 +17,7 @@ def check_w_method(w_method: str, scheme: str | None = None) -> str:
     if w_method not in W_METHODS:
         raise ConfigError(f"unknown w_method {w_method!r}; valid: {', '.join(W_METHODS)}")
     if w_method == "gptq" and scheme is not None and scheme not in GPTQ_SCHEMES:
-        raise ConfigError(f"w_method='gptq' needs per-tensor or per-channel int8 weights; scheme {scheme!r} "
+        raise ConfigError(f"w_method='gptq' needs static integer weights; scheme {scheme!r} "
                           f"is not one of {', '.join(GPTQ_SCHEMES)}")
     return w_method
 

@@ -1,0 +1,157 @@
+"""Peers side by side: SmolLM2-135M through torchao, llm-compressor and optimum-quanto next to
+fxquant's rows, under the protocol of session_combos.py (calibration on the "calib" split, 16 x 512
+tokens; perplexity on the disjoint "eval" split, 32 x 512 tokens; one process per row; calibration
+wall time and whole-process peak RSS, VmHWM). Every peer quantizes every Linear but lm_head.
+
+    python benchmarks/peers.py [--rows ...] [--python .venv-peers/bin/python] [--calib 16] [--eval 32]
+
+The peers are optional and never a test dependency. They need other transformers pins than
+fxquant's test environment (llm-compressor 0.14 wants transformers <= 5.17), so they live in their
+own virtual environment, torch pinned to 2.13.0: `bash scripts/peers_env.sh` makes .venv-peers,
+which --python defaults to when it exists. A row whose library does not import prints why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _rss import peak_rss_mb
+
+ROOT = Path(__file__).resolve().parent.parent
+FXQUANT_ROWS = ["fxquant w8a8_dynamic", "fxquant m6+w8a8_dynamic", "fxquant w4a16/g64",
+                "fxquant w4a16/g64+awq+gptq"]
+PEER_ROWS = ["torchao w8a8_dynamic", "torchao w8a16", "torchao w4a16/g64",
+             "llmcompressor w8a8_dynamic", "llmcompressor smoothquant+gptq w8a8_dynamic",
+             "llmcompressor gptq w4a16/g64", "llmcompressor awq w4a16/g64",
+             "quanto w8a16", "quanto w4a16/g64"]
+
+
+def torchao_row(model, scheme: str, calib: list, tok) -> None:
+    import torch
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        quantize_,
+    )
+    from torchao.quantization.granularity import PerGroup
+
+    config = {"w8a8_dynamic": Int8DynamicActivationInt8WeightConfig(), "w8a16": Int8WeightOnlyConfig(),
+              "w4a16/g64": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))}[scheme]
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
+
+
+def llmcompressor_row(model, recipe_name: str, calib: list, tok) -> None:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    w4g64 = {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}}}
+    recipes = {
+        "w8a8_dynamic": [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])],
+        "smoothquant+gptq w8a8_dynamic": [SmoothQuantModifier(smoothing_strength=0.8),
+                                          GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])],
+        "gptq w4a16/g64": [GPTQModifier(config_groups=w4g64, ignore=["lm_head"])],
+        "awq w4a16/g64": [AWQModifier(config_groups=w4g64, ignore=["lm_head"])],
+    }
+    # oneshot re-reads the config from model.name_or_path and refuses "quantized" models: ours was
+    # dequantized to fp32 from a GGUF file, so point it at a folder holding the config without that tag
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder = tempfile.mkdtemp(prefix="peers-config-")
+    model.config.save_pretrained(folder)
+    model.config._name_or_path = folder
+    data = Dataset.from_dict({"input_ids": [w[0].tolist() for w in calib],
+                              "attention_mask": [[1] * w.shape[1] for w in calib]})
+    oneshot(model=model, processor=tok, dataset=data, recipe=recipes[recipe_name],
+            num_calibration_samples=len(calib), max_seq_length=calib[0].shape[1])
+
+
+def quanto_row(model, scheme: str, calib: list, tok) -> None:
+    from optimum.quanto import freeze, qint4, qint8, quantize
+
+    weights = {"w8a16": qint8, "w4a16/g64": qint4}[scheme]
+    quantize(model, weights=weights, exclude=["lm_head"])
+    freeze(model)
+
+
+def fxquant_row(model, combo: str, calib: list):
+    from session_combos import quantize_w4a16, session_for
+
+    from fxquant import session
+
+    if combo.startswith("w4a16"):
+        return quantize_w4a16(model, combo, [[w] for w in calib])
+    calib_items = [{"input_ids": w, "use_cache": False} for w in calib]
+    return session.run(model, session_for(combo, calib_items), progress=False)
+
+
+def run_one(row: str, n_calib: int, n_eval: int) -> dict:
+    import torch
+
+    from fxquant.real_models import load_smollm2, perplexity, text_corpus, token_windows
+
+    torch.manual_seed(0)
+    model, tok = load_smollm2()
+    evals = token_windows(tok, text_corpus("eval"), n_eval, 512)
+    calib = token_windows(tok, text_corpus("calib"), n_calib, 512)
+    tool, _, what = row.partition(" ")
+    start = time.perf_counter()
+    if tool == "fxquant":
+        model = fxquant_row(model, what, calib)
+    elif tool != "fp32":
+        {"torchao": torchao_row, "llmcompressor": llmcompressor_row, "quanto": quanto_row}[tool](model, what, calib, tok)
+    calib_s = time.perf_counter() - start if tool != "fp32" else 0.0
+    return {"row": row, "ppl": perplexity(model, evals), "calib_s": calib_s, "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", default=FXQUANT_ROWS + PEER_ROWS)
+    peers_python = ROOT / ".venv-peers" / "bin" / "python"
+    ap.add_argument("--python", default=str(peers_python) if peers_python.exists() else sys.executable,
+                    help="interpreter that has the peers installed (default: .venv-peers when present)")
+    ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
+    ap.add_argument("--eval", type=int, default=32, help="evaluation windows of 512 tokens")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.calib, args.eval)))
+        return
+    import torch
+
+    print(f"SmolLM2-135M, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens; CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; interpreter {args.python}")
+    rows = []
+    for row in ["fp32"] + args.rows:
+        cmd = [args.python, __file__, "--one", row, "--calib", str(args.calib), "--eval", str(args.eval)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            reason = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"  {row}: failed ({reason})", file=sys.stderr)
+            rows.append({"row": row, "error": reason})
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  done {row}", file=sys.stderr)
+    base = rows[0]["ppl"]
+    print("| tool and configuration | perplexity | vs fp32 | calibration s | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['row']} | failed: {r['error'][:80]} | | | |")
+            continue
+        print(f"| {r['row']} | {r['ppl']:.3f} | {100.0 * (r['ppl'] / base - 1.0):+.2f}% | "
+              f"{r['calib_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
