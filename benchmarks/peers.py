@@ -24,12 +24,11 @@ from pathlib import Path
 from _rss import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
-FXQUANT_ROWS = ["fxquant w8a8_dynamic", "fxquant m6+w8a8_dynamic", "fxquant w4a16/g64",
-                "fxquant w4a16/g64+awq+gptq"]
-PEER_ROWS = ["torchao w8a8_dynamic", "torchao w8a16", "torchao w4a16/g64",
-             "llmcompressor w8a8_dynamic", "llmcompressor smoothquant+gptq w8a8_dynamic",
-             "llmcompressor gptq w4a16/g64", "llmcompressor awq w4a16/g64",
-             "quanto w8a16", "quanto w4a16/g64"]
+#: 4-bit weight rows first, then 8-bit ones
+ROWS = ["fxquant w4a16/g64", "fxquant w4a16/g64+gptq", "fxquant w4a16/g64+awq+gptq", "torchao w4a16/g64",
+        "quanto w4a16/g64", "llmcompressor gptq w4a16/g64", "llmcompressor awq w4a16/g64",
+        "fxquant w8a8_dynamic", "torchao w8a8_dynamic", "llmcompressor w8a8_dynamic",
+        "fxquant m6+w8a8_dynamic", "llmcompressor smoothquant+gptq w8a8_dynamic", "torchao w8a16", "quanto w8a16"]
 
 
 def torchao_row(model, scheme: str, calib: list, tok) -> None:
@@ -116,7 +115,7 @@ def run_one(row: str, n_calib: int, n_eval: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", nargs="+", default=FXQUANT_ROWS + PEER_ROWS)
+    ap.add_argument("--rows", nargs="+", default=ROWS)
     peers_python = ROOT / ".venv-peers" / "bin" / "python"
     ap.add_argument("--python", default=str(peers_python) if peers_python.exists() else sys.executable,
                     help="interpreter that has the peers installed (default: .venv-peers when present)")
@@ -141,7 +140,8 @@ def main() -> None:
             rows.append({"row": row, "error": reason})
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  done {row}", file=sys.stderr)
+        print(f"  {row}: perplexity {rows[-1]['ppl']:.3f}, calibration {rows[-1]['calib_s']:.1f} s, "
+              f"peak RSS {rows[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
     base = rows[0]["ppl"]
     print("| tool and configuration | perplexity | vs fp32 | calibration s | peak RSS MB |")
     print("|---|---|---|---|---|")
