@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _rows import add_protocol_arguments, print_table, run_rows
 from _rss import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,9 +119,7 @@ def main() -> None:
     peers_python = ROOT / ".venv-peers" / "bin" / "python"
     ap.add_argument("--python", default=str(peers_python) if peers_python.exists() else sys.executable,
                     help="interpreter that has the peers installed (default: .venv-peers when present)")
-    ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
-    ap.add_argument("--eval", type=int, default=32, help="evaluation windows of 512 tokens")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    add_protocol_arguments(ap)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.calib, args.eval)))
@@ -130,27 +128,7 @@ def main() -> None:
 
     print(f"SmolLM2-135M, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens; CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; interpreter {args.python}")
-    rows = []
-    for row in ["fp32"] + args.rows:
-        cmd = [args.python, __file__, "--one", row, "--calib", str(args.calib), "--eval", str(args.eval)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            reason = (out.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"  {row}: failed ({reason})", file=sys.stderr)
-            rows.append({"row": row, "error": reason})
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  {row}: perplexity {rows[-1]['ppl']:.3f}, calibration {rows[-1]['calib_s']:.1f} s, "
-              f"peak RSS {rows[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-    base = rows[0]["ppl"]
-    print("| tool and configuration | perplexity | vs fp32 | calibration s | peak RSS MB |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['row']} | failed: {r['error'][:80]} | | | |")
-            continue
-        print(f"| {r['row']} | {r['ppl']:.3f} | {100.0 * (r['ppl'] / base - 1.0):+.2f}% | "
-              f"{r['calib_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    print_table("tool and configuration", run_rows(args.python, __file__, ["fp32"] + args.rows, args))
 
 
 if __name__ == "__main__":

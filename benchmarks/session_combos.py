@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
+from _rows import add_protocol_arguments, print_table, run_rows
 from _rss import peak_rss_mb
 
 ALL = ["w8a8", "m3+w8a8", "m4+w8a8", "m6=0.85,0.15+w8a8", "m6+w8a8",
@@ -92,32 +92,20 @@ def run_one(combo: str, n_calib: int, n_eval: int) -> dict:
         else:
             model = session.run(model, session_for(combo, calib), progress=False)
         calib_s = time.perf_counter() - start
-    return {"combo": combo, "ppl": perplexity(model, evals), "calib_s": calib_s, "peak_rss_mb": peak_rss_mb()}
+    return {"row": combo, "ppl": perplexity(model, evals), "calib_s": calib_s, "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--combos", nargs="+", default=ALL)
-    ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
-    ap.add_argument("--eval", type=int, default=32, help="evaluation windows of 512 tokens")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    add_protocol_arguments(ap)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.calib, args.eval)))
         return
-    rows = []
-    for combo in ["fp32"] + args.combos:
-        cmd = [sys.executable, __file__, "--one", combo, "--calib", str(args.calib), "--eval", str(args.eval)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  done {combo}", file=sys.stderr)
-    base = rows[0]["ppl"]
+    rows = run_rows(sys.executable, __file__, ["fp32"] + args.combos, args)
     print(f"SmolLM2-135M sessions, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens")
-    print("| processors | perplexity | vs fp32 | calibration s | peak RSS MB |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['combo']} | {r['ppl']:.3f} | {100.0 * (r['ppl'] / base - 1.0):+.2f}% | "
-              f"{r['calib_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    print_table("processors", rows)
 
 
 if __name__ == "__main__":

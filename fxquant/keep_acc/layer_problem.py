@@ -69,8 +69,7 @@ class LayerProblem:
         """The weight scale broadcast against the weight: [n, 1, ...] or [] (per-group: [n, k/g, 1],
         against the weight grouped as [n, k/g, g])."""
         wq = self.weight_quantizer
-        return wq.broadcast_qparams(self._grouped(self.module.weight)[..., 0]
-                                    if self.grouped else self.module.weight)[0]
+        return wq.scale.unsqueeze(-1) if self.grouped else wq.broadcast_qparams(self.module.weight)[0]
 
     @property
     def grouped(self) -> bool:
