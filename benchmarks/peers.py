@@ -84,14 +84,9 @@ def quanto_row(model, scheme: str, calib: list, tok) -> None:
 
 
 def fxquant_row(model, combo: str, calib: list):
-    from session_combos import quantize_w4a16, session_for
+    from session_combos import quantize_combo
 
-    from fxquant import session
-
-    if combo.startswith("w4a16"):
-        return quantize_w4a16(model, combo, [[w] for w in calib])
-    calib_items = [{"input_ids": w, "use_cache": False} for w in calib]
-    return session.run(model, session_for(combo, calib_items), progress=False)
+    return quantize_combo(model, combo, [{"input_ids": w, "use_cache": False} for w in calib])
 
 
 def run_one(row: str, n_calib: int, n_eval: int) -> dict:

@@ -8,7 +8,8 @@ A combination is processor names joined by "+": one of w8a8 / w8a8_dynamic, opti
 m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, fa3 (with w8a8_dynamic), and gptq (the quant
 config's w_method="gptq"; otherwise weights are rounded to nearest). 4-bit weights: w4a16/g<group>
 optionally +awq (activation-aware scale search on the scheme's own grid) and +gptq (per-group GPTQ),
-through fxquant.quantize.
+through fxquant.quantize. Rows quantize in place (`inplace=True`: the model becomes the quantized
+one, as torchao and llm-compressor do it), which is what the peak RSS column measures.
 """
 
 from __future__ import annotations
@@ -71,13 +72,23 @@ def quantize_w4a16(model, combo: str, calib: list):
         raise SystemExit(f"unknown w4a16 option(s) {sorted(unknown)} in {combo!r}; valid: awq, gptq")
     return fxquant.quantize(model, calib, "w4a16", options=SchemeOptions(group_size=group), progress=False,
                             suppression=AWQScale(calib) if "awq" in parts else None,
-                            weight_optimizers=[GPTQWeights()] if "gptq" in parts else [])
+                            weight_optimizers=[GPTQWeights()] if "gptq" in parts else [], inplace=True)
+
+
+def quantize_combo(model, combo: str, calib: list):
+    """`model` quantized as `combo` says, in place as the peers quantize (the model is handed over:
+    smoothing folds into its weights, no float copy), except with fa3, whose attention inputs need
+    the GraphModule."""
+    from fxquant import session
+
+    if combo.startswith("w4a16"):
+        return quantize_w4a16(model, combo, calib)
+    return session.run(model, session_for(combo, calib), progress=False, inplace="fa3" not in combo.split("+"))
 
 
 def run_one(combo: str, n_calib: int, n_eval: int) -> dict:
     import torch
 
-    from fxquant import session
     from fxquant.real_models import load_smollm2, perplexity, text_corpus, token_windows
 
     torch.manual_seed(0)
@@ -87,10 +98,7 @@ def run_one(combo: str, n_calib: int, n_eval: int) -> dict:
     if combo != "fp32":
         calib = [{"input_ids": w, "use_cache": False} for w in token_windows(tok, text_corpus("calib"), n_calib, 512)]
         start = time.perf_counter()
-        if combo.startswith("w4a16"):
-            model = quantize_w4a16(model, combo, calib)
-        else:
-            model = session.run(model, session_for(combo, calib), progress=False)
+        model = quantize_combo(model, combo, calib)
         calib_s = time.perf_counter() - start
     return {"row": combo, "ppl": perplexity(model, evals), "calib_s": calib_s, "peak_rss_mb": peak_rss_mb()}
 

@@ -89,6 +89,7 @@ def quantize(
     weight_optimizers: Sequence[WeightOptimizer] = (),
     keep_float_weight: bool = False,
     inplace: bool = False,
+    consume_model: bool = False,
     measure_layers: bool = False,
 ) -> fx.GraphModule | torch.nn.Module:
     """Quantize `model`; returns a GraphModule called like `model` (same arguments, same output type).
@@ -104,6 +105,11 @@ def quantize(
     (fxquant.keep_acc: GPTQWeights, AdaRound, ...). attention_quant: fa3, per-head int8 Q/K/V of every sdpa (QuantizeAttention).
     measure_layers: record each quantized layer's output error and input statistics on calib_data
     (one more quantized run per layer) for fxquant.inspect and fxquant.report.
+    consume_model: the model is handed over: smoothing folds change its weights in place rather
+    than copying them (one float copy of the smoothed layers less at the peak), so it no longer
+    computes the float model. inplace: consume the model and install the quantized layers into it
+    (fxquant.apply); returns `model`. Refused up front with attention_quant or quantized small
+    ops, which have no place in the model.
     The result's gm.meta holds fxquant_timings (pass, seconds), fxquant_decisions,
     fxquant_float_bytes (the float model's parameters and buffers) and fxquant_peak_rss_bytes.
     Raises ConfigError, CalibrationDataError or CaptureError with the reason.
@@ -125,11 +131,16 @@ def quantize(
         raise ConfigError(f"smooth_alpha={smooth_alpha} needs calib_data and a value in [0, 1]")
     if smooth_alpha is not None and suppression is not None:
         raise ConfigError("pass either smooth_alpha or suppression, not both")
+    if inplace and (attention_quant or small_op_scheme != "float"):
+        raise ConfigError("inplace=True installs the quantized layers into the model, which has no place for "
+                          f"{'fa3 attention inputs' if attention_quant else 'quantized small ops'}; "
+                          "use inplace=False and the returned GraphModule")
     float_bytes = storage_bytes(model)
     start = time.perf_counter()
     gm = capture(model, example_args, example_kwargs)
     capture_seconds = time.perf_counter() - start
     gm.meta["fxquant_scheme_options"] = options or SchemeOptions()  # for passes that simulate the schemes
+    gm.meta["fxquant_consumes_model"] = consume_model or inplace  # passes may change the model's tensors
     if smooth_alpha is not None:
         suppression = SmoothQuant(calib_data, alpha=smooth_alpha)
     manager = PassManager(quantization_passes(

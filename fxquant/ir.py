@@ -72,6 +72,13 @@ def bind_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict
     return bound
 
 
+def replace_submodule(gm: fx.GraphModule, target: str, module: torch.nn.Module) -> None:
+    """Install `module` at dotted `target` inside gm (parents must exist)."""
+    parent_name, _, leaf = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, leaf, module)
+
+
 def get_attr_path(root: torch.nn.Module, target: str) -> Any:
     """root.<a>.<b>.<c> for target 'a.b.c', raising AttributeError with the full path."""
     obj: Any = root

@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from torch import fx
 
 from fxquant.errors import GraphLintError
+from fxquant.ir import replace_submodule
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Pass", "PassManager", "lint_ir", "pass_name", "replace_submodule"]
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
@@ -69,10 +71,3 @@ class PassManager:
 
     def __repr__(self) -> str:
         return f"PassManager([{', '.join(pass_name(p) for p in self.passes)}])"
-
-
-def replace_submodule(gm: fx.GraphModule, target: str, module: torch.nn.Module) -> None:
-    """Install `module` at dotted `target` inside gm (parents must exist)."""
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, leaf, module)

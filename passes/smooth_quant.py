@@ -14,14 +14,20 @@ while moving activation outliers into the weights. 1/s is folded into what produ
 
 and only when X feeds nothing but the group. Where no fold exists the group is skipped, or, with
 `runtime_scale=True`, a ChannelScale module divides X at run time. Weights are replaced, never
-modified in place, so the user's model is untouched. After folding, the pass checks on the first
+modified in place, so the user's model is untouched (but see below). After folding, the pass checks on the first
 calibration sample that the float outputs did not change.
+
+When the graph's meta has "fxquant_consumes_model" (fxquant.quantize(..., inplace=True): the model
+becomes the quantized one), the folds change the model's weights in place instead of copying them
+(tied tensors are still copied), which saves a float copy of every smoothed layer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import operator
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,15 +85,23 @@ class ChannelStats:
 
 @torch.no_grad()
 def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) -> dict[str, ChannelStats]:
-    """{linear name: per-channel min / max of its input} over every calibration sample."""
+    """{linear name: per-channel min / max of its input} over every calibration sample.
+
+    The per-channel buffers are allocated before the first sample and updated in place: a small
+    tensor allocated between a forward's large temporaries would pin the heap pages around it
+    (about 400 MB of resident memory on SmolLM2).
+    """
     stats: dict[str, ChannelStats] = {}
+    for name in targets:
+        k = gm.get_submodule(name).in_features
+        stats[name] = ChannelStats(torch.full((k,), math.inf), torch.full((k,), -math.inf))
     handles = []
     for name in targets:
-        def hook(mod, args, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            new = ChannelStats(x.amin(dim=0), x.amax(dim=0))
-            new.whole.add(x)
-            stats[name] = new if name not in stats else stats[name].merge(new)
+        def hook(mod, args, st=stats[name]):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            torch.minimum(st.lo, x.amin(dim=0).float(), out=st.lo)
+            torch.maximum(st.hi, x.amax(dim=0).float(), out=st.hi)
+            st.whole.add(x)
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
     try:
         for args, kwargs in normalise_calib_data(calib_data):
@@ -95,7 +109,7 @@ def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) -> 
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return {name: st for name, st in stats.items() if st.whole.count}  # layers the samples reached
 
 
 def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -167,6 +181,7 @@ class SmoothQuant:
     check_tolerance: float = 1e-3
     folded: dict[str, str] = field(default_factory=dict, init=False)
     scales: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _mutable: set[int] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta"):
@@ -181,12 +196,14 @@ class SmoothQuant:
                 for g in groups}
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        # fxquant.quantize(..., inplace=True) hands the model over: fold into its tensors in place
+        self._mutable = mutable_storages(gm) if gm.meta.get("fxquant_consumes_model") else set()
         groups = self.find_groups(gm)
         stats = input_stats(gm, self.calib_data, [n.target for g in groups for n in g.members])
+        chosen = self.choose_scales(gm, groups, stats)  # leaves the weights as they are
         first = normalise_calib_data(self.calib_data)[0]
         with torch.no_grad():
             before = gm(*first[0], **first[1])
-        chosen = self.choose_scales(gm, groups, stats)
         self.folded, self.scales = {}, {}
         for g in groups:
             mods = [module_of(gm, n) for n in g.members]
@@ -195,7 +212,7 @@ class SmoothQuant:
             g.apply(s)
             before_stats = g.stats(stats).whole.as_dict()
             for n, m in zip(g.members, mods):
-                replace_submodule(gm, n.target, _scaled_linear(m, cols=s))
+                replace_submodule(gm, n.target, _scaled_linear(m, self._mutable, cols=s))
                 meta = fxq_meta(n)
                 meta["smooth"] = g.kind
                 meta["smooth_scale"] = s.detach().float().cpu()  # the layer's input is now X / s
@@ -234,21 +251,22 @@ class SmoothQuant:
                 if isinstance(a, fx.Node) and a.op == "get_attr":
                     t = get_attr_path(gm, a.target)
                     if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == k:
-                        return SmoothGroup(x, members, "norm", lambda s, a=a: _divide_attr(gm, a.target, s))
+                        return SmoothGroup(x, members, "norm", lambda s, a=a: _divide_attr(gm, a.target, s, self._mutable))
         if x.op == "call_function" and x.target in (aten.layer_norm.default, torch.nn.functional.layer_norm):
             w, b = (list(x.args) + [None, None, None])[2:4]
             if isinstance(w, fx.Node) and w.op == "get_attr":
                 def apply(s: torch.Tensor) -> None:
-                    _divide_attr(gm, w.target, s)
+                    _divide_attr(gm, w.target, s, self._mutable)
                     if isinstance(b, fx.Node) and b.op == "get_attr":
-                        _divide_attr(gm, b.target, s)
+                        _divide_attr(gm, b.target, s, self._mutable)
                 return SmoothGroup(x, members, "norm", apply)
         ln = module_of(gm, x)
         if isinstance(ln, torch.nn.LayerNorm) and ln.elementwise_affine:
             def apply_module(s: torch.Tensor) -> None:
                 new = torch.nn.LayerNorm(ln.normalized_shape, ln.eps, dtype=ln.weight.dtype)
-                new.weight = torch.nn.Parameter(ln.weight.detach() / s)
-                new.bias = torch.nn.Parameter(ln.bias.detach() / s) if ln.bias is not None else None
+                new.weight = torch.nn.Parameter(_divided(ln.weight, s, self._mutable), requires_grad=False)
+                new.bias = (torch.nn.Parameter(_divided(ln.bias, s, self._mutable), requires_grad=False)
+                            if ln.bias is not None else None)
                 replace_submodule(gm, x.target, new)
             return SmoothGroup(x, members, "norm", apply_module)
         return None
@@ -262,7 +280,7 @@ class SmoothQuant:
         for a in x.args:
             lin = module_of(gm, a)
             if isinstance(lin, torch.nn.Linear) and len(a.users) == 1 and lin.out_features == k:
-                return SmoothGroup(x, members, "linear", lambda s, a=a: _scale_rows(gm, a, 1.0 / s))
+                return SmoothGroup(x, members, "linear", lambda s, a=a: _scale_rows(gm, a, 1.0 / s, self._mutable))
         return None
 
     def _attention_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node],
@@ -300,7 +318,7 @@ class SmoothQuant:
             return per_kv.repeat_interleave(rep, dim=0).reshape(-1)
 
         def apply(s: torch.Tensor) -> None:
-            _scale_rows(gm, v_node, 1.0 / s.reshape(n_kv, rep, head_dim)[:, 0, :].reshape(-1))
+            _scale_rows(gm, v_node, 1.0 / s.reshape(n_kv, rep, head_dim)[:, 0, :].reshape(-1), self._mutable)
         return SmoothGroup(x, members, "attention", apply, tie)
 
     def _runtime_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> SmoothGroup | None:
@@ -340,35 +358,59 @@ def _is_layout(node: fx.Node) -> bool:
     return True
 
 
-def _scale_rows(gm: fx.GraphModule, node: fx.Node, rows: torch.Tensor) -> None:
-    """Replace the Linear `node` calls by one whose output channel i is multiplied by rows[i], and
-    record rows [n] in node.meta["fxquant"]["smooth_output_scale"] (the layer's output is now
-    rows * its float output)."""
-    replace_submodule(gm, node.target, _scaled_linear(module_of(gm, node), rows=rows))
+def mutable_storages(gm: fx.GraphModule) -> set[int]:
+    """data_ptrs of gm's parameters and buffers that no other parameter or buffer shares (tied
+    weights excluded): the tensors a fold may change in place."""
+    counts = Counter(t.data_ptr() for _, t in [*gm.named_parameters(remove_duplicate=False),
+                                               *gm.named_buffers(remove_duplicate=False)])
+    return {ptr for ptr, n in counts.items() if n == 1}
+
+
+def _divided(t: torch.Tensor, s: torch.Tensor, mutable: set[int]) -> torch.Tensor:
+    """t / s: in place when t's storage is in `mutable`, else a new tensor."""
+    t = t.detach()
+    with torch.no_grad():
+        return t.div_(s.to(t.dtype)) if t.data_ptr() in mutable else t / s
+
+
+def _scale_rows(gm: fx.GraphModule, node: fx.Node, rows: torch.Tensor, mutable: set[int]) -> None:
+    """Make the Linear `node` calls compute output channel i times rows[i], and record rows [n] in
+    node.meta["fxquant"]["smooth_output_scale"] (the layer's output is now rows * its float output)."""
+    replace_submodule(gm, node.target, _scaled_linear(module_of(gm, node), mutable, rows=rows))
     fxq_meta(node)["smooth_output_scale"] = rows.detach().float().cpu()
 
 
-def _scaled_linear(lin: torch.nn.Linear, cols: torch.Tensor | None = None,
+def _scaled_linear(lin: torch.nn.Linear, mutable: set[int], cols: torch.Tensor | None = None,
                    rows: torch.Tensor | None = None) -> torch.nn.Linear:
-    """A new Linear with W[:, j] * cols[j] and/or W[i, :] * rows[i] (bias * rows)."""
+    """lin with W[:, j] * cols[j] and/or W[i, :] * rows[i] (bias * rows): lin itself, changed in
+    place, when its weight (and bias) storages are in `mutable`; else a new Linear."""
+    in_place = lin.weight.data_ptr() in mutable and (lin.bias is None or lin.bias.data_ptr() in mutable)
+    w = lin.weight.detach() if in_place else lin.weight.detach().clone()
+    b = None if lin.bias is None else lin.bias.detach() if in_place else lin.bias.detach().clone()
+    with torch.no_grad():
+        if cols is not None:
+            w.mul_(cols.to(w.dtype)[None, :])
+        if rows is not None:
+            w.mul_(rows.to(w.dtype)[:, None])
+            if b is not None:
+                b.mul_(rows.to(b.dtype))
+    if in_place:
+        return lin
     new = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
                           dtype=lin.weight.dtype, device=lin.weight.device)
-    w = lin.weight.detach().clone()
-    b = lin.bias.detach().clone() if lin.bias is not None else None
-    if cols is not None:
-        w = w * cols.to(w.dtype)[None, :]
-    if rows is not None:
-        w = w * rows.to(w.dtype)[:, None]
-        b = b * rows.to(b.dtype) if b is not None else None
     new.weight = torch.nn.Parameter(w, requires_grad=lin.weight.requires_grad)
     if b is not None:
         new.bias = torch.nn.Parameter(b, requires_grad=lin.bias.requires_grad)
     return new
 
 
-def _divide_attr(gm: fx.GraphModule, target: str, s: torch.Tensor) -> None:
-    """Replace the tensor at `target` by tensor / s (a new tensor; the old one is untouched)."""
-    value = get_attr_path(gm, target).detach() / s
+def _divide_attr(gm: fx.GraphModule, target: str, s: torch.Tensor, mutable: set[int]) -> None:
+    """The tensor at `target` divided by s: in place when its storage is in `mutable`, else a
+    new tensor installed at `target` (the old one untouched)."""
+    old = get_attr_path(gm, target)
+    value = _divided(old, s, mutable)
+    if value.data_ptr() == old.data_ptr():
+        return
     parent_name, _, leaf = target.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     if leaf in parent._parameters:

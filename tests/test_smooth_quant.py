@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -102,3 +103,53 @@ def test_statistics_pass_accepts_keyword_samples():
     q = fxquant.quantize(model, data, scheme="w8a8", smooth_alpha=0.5, progress=False)
     with torch.no_grad():
         assert torch.allclose(q(x=data[0]["x"]), model(data[0]["x"]), atol=0.2)
+
+
+def test_inplace_quantize_folds_into_the_models_own_weights():
+    """inplace=True hands the model over: the folds change its tensors in place (no float copies),
+    and the installed model computes what the GraphModule of inplace=False computes."""
+    torch.manual_seed(0)
+    model = Block().eval()
+    twin = copy.deepcopy(model)
+    data = _data()
+    ptrs = {name: p.data_ptr() for name, p in model.named_parameters()}
+    kept = fxquant.quantize(twin, data, scheme="w8a8_dynamic", disable_last_layer=False, smooth_alpha=0.6,
+                            progress=False)
+    out = fxquant.quantize(model, data, scheme="w8a8_dynamic", disable_last_layer=False, smooth_alpha=0.6,
+                           progress=False, inplace=True)
+    assert out is model
+    assert model.norm1.weight.data_ptr() == ptrs["norm1.weight"]  # divided in place
+    assert torch.equal(model.norm1.weight, kept.get_submodule("norm1").weight)
+    x = data[1][0]
+    with torch.no_grad():
+        assert torch.allclose(model(x), kept(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inplace_is_refused_before_touching_the_model_where_it_cannot_install():
+    model = Block().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(fxquant.ConfigError, match="quantized small ops"):
+        fxquant.quantize(model, _data(), scheme="w8a8", smooth_alpha=0.5, small_op_scheme="w8a8",
+                         progress=False, inplace=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_proxy_stand_in_computes_the_fake_quant_product_in_integers():
+    """QuantProxy's stand-in (int8 codes, exact integer GEMM) equals the float fake-quant product
+    Q_a(x / s) @ Q_w(W * s)^T + b within float rounding, for both activation modes."""
+    from fxquant.quant_proxy import _FakeQuantLinear, fake_quant_act, fake_quant_weight
+
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 24)
+    x = torch.randn(3, 7, 48)
+    x[..., 5] *= 30.0
+    s = torch.rand(48) + 0.5
+    lo, hi = x.reshape(-1, 48).amin(0), x.reshape(-1, 48).amax(0)
+    for mode in ("dynamic", "static"):
+        stand_in = _FakeQuantLinear(lin, mode, lo, hi)
+        stand_in.set_scale(s)
+        with torch.no_grad():
+            ref = nn.functional.linear(fake_quant_act(x / s, mode, (lo / s).min(), (hi / s).max()),
+                                       fake_quant_weight(lin.weight * s), lin.bias)
+            got = stand_in(x)
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), mode

@@ -12,7 +12,8 @@ from fxquant.passes import AWQScale, FlexSmooth, IterSmooth
 from ..api import quantize
 from ..ascend_checkpoint import save_ascend
 from ..calib_data import synthetic_example
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, ConfigError
+from ..install import apply
 from ..keep_acc import weight_rounding
 from ..schemes import SchemeOptions
 from .config import (
@@ -43,15 +44,21 @@ def _suppression(session: SessionConfig):
     return FlexSmooth(session.calib_data, alpha=cfg.cfg.alpha, beta=cfg.cfg.beta)
 
 
-def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = True) -> fx.GraphModule:
+def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = True,
+        inplace: bool = False) -> fx.GraphModule | torch.nn.Module:
     """Quantize `model` as the session says and write what its save processor asks.
 
     Returns the quantized GraphModule, called like `model`. Pass list: capture, resolve schemes
     (the quant processor's disable_names stay float), outlier suppression (m3 / m4 / m6), insert
     QuantOprs (Ascend rounding order), fa3 attention quantizers, layerwise calibration (with GPTQ
-    weight rounding when the quant config's w_method is "gptq"), freeze.
+    weight rounding when the quant config's w_method is "gptq"), freeze. inplace: as in
+    fxquant.quantize, install the quantized layers into `model` and return it (smoothing then
+    folds into the model's own weights: less memory); the checkpoint is saved all the same.
     """
     procs = session_config.processor_cfg_map
+    if inplace and "fa3" in procs:
+        raise ConfigError("inplace=True installs the quantized layers into the model, which has no place for "
+                          "fa3's attention inputs; run the session with inplace=False")
     name = session_config.quant_processor
     quant = procs[name]
     options = SchemeOptions(act_method=quant.cfg.observer, offset_in_rounding=True,
@@ -66,10 +73,10 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
     gm = quantize(model, calib, scheme=name, disable_names=list(quant.disable_names), options=options,
                   example_inputs=example, suppression=_suppression(session_config),
                   attention_quant="fa3" in procs, device=session_config.device, progress=progress,
-                  weight_optimizers=weight_rounding(quant.cfg.w_method))
+                  weight_optimizers=weight_rounding(quant.cfg.w_method), consume_model=inplace)
     save = procs.get("save")
     if isinstance(save, SaveProcessorConfig):
         save_ascend(gm, model, save.output_path, default_scheme=name, save_type=list(save.save_type),
                     safetensors_name=save.safetensors_name, json_name=save.json_name,
                     part_file_size=save.part_file_size)
-    return gm
+    return apply(model, gm) if inplace else gm
