@@ -21,6 +21,7 @@ from .ir import bind_inputs, fxq_meta, get_attr_path
 from .layer_metrics import ErrorStats, TensorStats
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
+from .resources import release_freed_memory
 from .storage import ActivationStorage
 from .timestep import TimestepQuantizer, step_indices
 
@@ -141,6 +142,8 @@ class CalibrationRunner:
             for store in (self.storage, self.qstorage):
                 if store is not None:
                     store.finish_node(node)
+            if node.op == "call_module" and isinstance(self._modules.get(node.target), QuantOpr):
+                release_freed_memory()  # released values leave holes that pin pages otherwise
         for store in (self.storage, self.qstorage):
             if store is not None:
                 store.assert_empty()
