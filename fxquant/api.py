@@ -28,7 +28,7 @@ from .capture import capture
 from .errors import CalibrationDataError, ConfigError
 from .install import apply
 from .ir import scheme_decisions
-from .resources import peak_rss_bytes, storage_bytes
+from .resources import peak_rss_bytes, release_freed_memory, storage_bytes
 from .schemes import SchemeOptions, make_scheme
 
 log = logging.getLogger(__name__)
@@ -153,5 +153,8 @@ def quantize(
     gm.meta["fxquant_float_bytes"] = float_bytes
     gm.meta["fxquant_peak_rss_bytes"] = peak_rss_bytes()
     if inplace:
-        return apply(model, gm)
+        apply(model, gm)
+        release_freed_memory()  # the float layers just replaced
+        return model
+    release_freed_memory()
     return gm.eval()

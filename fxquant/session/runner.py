@@ -15,6 +15,7 @@ from ..calib_data import synthetic_example
 from ..errors import CalibrationDataError, ConfigError
 from ..install import apply
 from ..keep_acc import weight_rounding
+from ..resources import release_freed_memory
 from ..schemes import SchemeOptions
 from .config import (
     SUPPRESSION_PROCESSORS,
@@ -79,4 +80,8 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
         save_ascend(gm, model, save.output_path, default_scheme=name, save_type=list(save.save_type),
                     safetensors_name=save.safetensors_name, json_name=save.json_name,
                     part_file_size=save.part_file_size)
-    return apply(model, gm) if inplace else gm
+    if not inplace:
+        return gm
+    apply(model, gm)
+    release_freed_memory()  # the float layers just replaced
+    return model
