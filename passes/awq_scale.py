@@ -15,6 +15,7 @@ from fxquant.calib_data import normalise_calib_data
 from fxquant.ir import fxq_meta
 from fxquant.quant_proxy import fake_quant_act, fake_quant_weight
 from fxquant.quantizer import QuantSpec, StaticQuantizer
+from fxquant.resources import release_freed_memory
 from fxquant.schemes import SCHEME_NAMES, SchemeOptions, make_scheme
 
 from .flex_smooth import ACTIVATION_MODES
@@ -25,24 +26,31 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def sample_inputs(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], max_rows: int) -> dict[str, torch.Tensor]:
-    """{linear name: up to max_rows rows [m, k] of its input}, strided evenly over every sample."""
+    """{linear name: up to max_rows rows [m, k] (float32) of its input}, strided evenly over every
+    sample. The row buffers are allocated before the first sample and filled in place, and freed
+    pages are given back after each sample (see fxquant.resources.release_freed_memory)."""
     batches = normalise_calib_data(calib_data)
     per_sample = max(1, max_rows // len(batches))
-    rows: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
+    rows = {t: torch.empty(per_sample * len(batches), gm.get_submodule(t).in_features) for t in targets}
+    filled = dict.fromkeys(targets, 0)
     handles = []
     for name in targets:
         def hook(mod, args, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            step = max(1, x.shape[0] // per_sample)
-            rows[name].append(x[::step][:per_sample].float().clone())
+            start = filled[name]
+            n = min(per_sample, len(rows[name]) - start)  # a layer called twice per sample fills up
+            picked = x[:: max(1, x.shape[0] // per_sample)][:n]
+            rows[name][start:start + picked.shape[0]].copy_(picked)
+            filled[name] = start + picked.shape[0]
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
     try:
         for args, kwargs in batches:
             gm(*args, **kwargs)
+            release_freed_memory()
     finally:
         for h in handles:
             h.remove()
-    return {t: torch.cat(v) for t, v in rows.items()}
+    return {t: rows[t][: filled[t]] for t in targets}
 
 
 def group_weight_quantizer(spec: QuantSpec) -> Callable[[torch.Tensor], torch.Tensor]:
