@@ -154,7 +154,5 @@ def quantize(
     gm.meta["fxquant_peak_rss_bytes"] = peak_rss_bytes()
     if inplace:
         apply(model, gm)
-        release_freed_memory()  # the float layers just replaced
-        return model
-    release_freed_memory()
-    return gm.eval()
+    release_freed_memory()  # what the passes freed (with inplace, the float layers just replaced)
+    return model if inplace else gm.eval()

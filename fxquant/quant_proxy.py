@@ -23,11 +23,13 @@ from .kernels import code_matmul
 from .resources import release_freed_memory
 
 
-def weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per-output-channel codes of w [n, k]: (int8 [n, k], float32 scale [n, 1])."""
-    a = w.detach().float().abs().amax(dim=1, keepdim=True)
-    scale, zp = qparams_from_range(-a, a, 8, True)
-    return quantize_codes(w.detach().float(), scale, zp, -128, 127).to(torch.int8), scale
+def weight_codes(w: torch.Tensor, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per-output-channel codes of w [n, k] (times cols [k] per column, when given):
+    (int8 [n, k], float32 scale [n, 1]). One float temporary of w's size."""
+    wf = w.detach().float() * cols if cols is not None else w.detach().float().clone()
+    a = wf.abs().amax(dim=1, keepdim=True)
+    scale, _ = qparams_from_range(-a, a, 8, True)
+    return wf.div_(scale).round_().clamp_(-128, 127).to(torch.int8), scale
 
 
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
@@ -85,11 +87,9 @@ class _FakeQuantLinear(torch.nn.Module):
         s = torch.ones_like(self.lo) if s is None else s.to(self.lo.dtype)
         torch.reciprocal(s, out=self.inv_s)
         torch.stack([(self.lo / s).min(), (self.hi / s).max()], out=self.act_range)
-        w = self.linear.weight.detach().float() * s  # the only float temporary, [n, k]
-        a = w.abs().amax(dim=1, keepdim=True)
-        scale, _ = qparams_from_range(-a, a, 8, True)
+        codes, scale = weight_codes(self.linear.weight, cols=s)
+        self.codes.copy_(codes)
         self.w_scale.copy_(scale)
-        self.codes.copy_(w.div_(scale).round_().clamp_(-128, 127))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.inv_s.to(x.dtype)
@@ -164,12 +164,10 @@ class QuantProxy:
                 if self.metric == "kl":
                     err += _kl_sum(reference, out.logits)
                     ref += float(reference[..., 0].numel())
-                    del out
-                    release_freed_memory()
-                    continue
-                for q, r in zip(self._floats(out), reference):
-                    err += float(((q - r) ** 2).sum())
-                    ref += float((r**2).sum())
+                else:
+                    for q, r in zip(self._floats(out), reference):
+                        err += float(((q - r) ** 2).sum())
+                        ref += float((r**2).sum())
                 del out
                 release_freed_memory()
         finally:

@@ -79,9 +79,9 @@ class FlexSmooth(SmoothQuant):
                 def with_alpha(i: int, role: str = role, params: dict = params) -> dict[str, tuple[float, float]]:
                     a = self.grid[i]
                     return {**params, role: (a, 1.0 - a if self.beta is None else self.beta)}
-                i = descend(lambda i: score(with_alpha(i)), len(self.grid))
-                if score(with_alpha(i)) < best:
-                    best, params = score(with_alpha(i)), with_alpha(i)
+                cand = with_alpha(descend(lambda i: score(with_alpha(i)), len(self.grid)))
+                if score(cand) < best:
+                    best, params = score(cand), cand
         if self.beta is None:
             for role in roles:
                 a, b0 = params[role]
@@ -92,9 +92,8 @@ class FlexSmooth(SmoothQuant):
                     err = score(cand)
                     if err < best:
                         best, params = err, cand
-        log.info("flex smooth: %d candidates scored", len(tried))
         self.chosen = params
-        log.info("flex smooth: exponents %s (proxy error %.3e)", params, best)
+        log.info("flex smooth: exponents %s (proxy error %.3e, %d candidates scored)", params, best, len(tried))
         chosen = scales(params)
         return {g.name: chosen[g.members[0].target] for g in groups}
 

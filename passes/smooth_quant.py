@@ -13,13 +13,12 @@ while moving activation outliers into the weights. 1/s is folded into what produ
   h // (heads / kv_heads); s is tied across the heads that share a kv head,
 
 and only when X feeds nothing but the group. Where no fold exists the group is skipped, or, with
-`runtime_scale=True`, a ChannelScale module divides X at run time. Weights are replaced, never
-modified in place, so the user's model is untouched (but see below). After folding, the pass checks on the first
-calibration sample that the float outputs did not change.
-
-When the graph's meta has "fxquant_consumes_model" (fxquant.quantize(..., inplace=True): the model
-becomes the quantized one), the folds change the model's weights in place instead of copying them
-(tied tensors are still copied), which saves a float copy of every smoothed layer.
+`runtime_scale=True`, a ChannelScale module divides X at run time. Folded tensors are replaced
+by new ones, so the user's model is untouched, unless the graph's meta has
+"fxquant_consumes_model" (fxquant.quantize(..., consume_model=True or inplace=True): the model is
+handed over); then the folds change the model's own tensors in place (tied tensors are still
+copied), which saves a float copy of every smoothed layer. After folding, the pass checks on the
+first calibration sample that the float outputs did not change.
 """
 
 from __future__ import annotations
@@ -196,7 +195,6 @@ class SmoothQuant:
                 for g in groups}
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
-        # fxquant.quantize(..., inplace=True) hands the model over: fold into its tensors in place
         self._mutable = mutable_storages(gm) if gm.meta.get("fxquant_consumes_model") else set()
         groups = self.find_groups(gm)
         stats = input_stats(gm, self.calib_data, [n.target for g in groups for n in g.members])
