@@ -5,7 +5,7 @@ perplexity on the disjoint "eval" split (32 x 512 tokens), one process per combi
     python benchmarks/session_combos.py [--combos w8a8 m4+w8a8 ...] [--calib 16] [--eval 32]
 
 A combination is processor names joined by "+": one of w8a8 / w8a8_dynamic, optionally one of
-m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, fa3 (with w8a8_dynamic), and gptq (the quant
+m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, quarot / quarot=<online layer patterns> (Hadamard rotation, before smoothing; e.g. quarot=*down_proj), fa3 (with w8a8_dynamic), and gptq (the quant
 config's w_method="gptq"; otherwise weights are rounded to nearest). 4-bit weights: w4a16/g<group>
 optionally +awq (activation-aware scale search on the scheme's own grid) and +gptq (per-group GPTQ),
 through fxquant.quantize. Rows quantize in place (`inplace=True`: the model becomes the quantized
@@ -45,6 +45,8 @@ def session_for(combo: str, calib: list):
                                                        disable_names=[])
         elif name == "fa3":
             procs[name] = s.FA3ProcessorConfig()
+        elif name == "quarot":
+            procs[name] = s.QuaRotProcessorConfig(online=value.split(",") if value else [])
         elif name == "m3":
             procs[name] = s.M3ProcessorConfig()
         elif name == "m4":

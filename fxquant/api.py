@@ -13,6 +13,7 @@ from torch import fx
 from fxquant.passes import (
     Calibrate,
     Freeze,
+    HadamardRotation,
     InsertQuantOprs,
     PassManager,
     QuantizeAttention,
@@ -39,6 +40,7 @@ def quantization_passes(
     options: SchemeOptions,
     calib_data: Any,
     *,
+    rotation: Callable[[fx.GraphModule], fx.GraphModule] | None = None,
     suppression: Callable[[fx.GraphModule], fx.GraphModule] | None = None,
     attention_quant: bool = False,
     device: str | torch.device = "cpu",
@@ -49,9 +51,9 @@ def quantization_passes(
     keep_float_weight: bool = False,
 ) -> list[Callable[[fx.GraphModule], fx.GraphModule]]:
     """The passes fxquant.quantize runs on a captured graph, in order (the arguments are quantize's):
-    fold BatchNorm, small ops to modules, resolve schemes, suppression, insert QuantOprs, attention
-    quantization, calibrate, freeze."""
-    smooth = [suppression] if suppression is not None else []
+    fold BatchNorm, small ops to modules, resolve schemes, rotation, suppression, insert QuantOprs,
+    attention quantization, calibrate, freeze."""
+    smooth = [p for p in (rotation, suppression) if p is not None]
     attention = [QuantizeAttention(options.act_method)] if attention_quant else []
     return [
         fold_batchnorm,
@@ -81,6 +83,7 @@ def quantize(
     small_op_scheme: str = "float",
     asym: bool = False,
     smooth_alpha: float | None = None,
+    rotation: bool | Callable[[fx.GraphModule], fx.GraphModule] = False,
     suppression: Callable[[fx.GraphModule], fx.GraphModule] | None = None,
     attention_quant: bool = False,
     device: str | torch.device = "cpu",
@@ -101,7 +104,9 @@ def quantize(
     pattern: scheme}; disable_names: layers kept float. smooth_alpha: fold SmoothQuant scales
     (alpha in [0, 1]) into norms / producing linears before calibration (needs calib_data).
     suppression: an outlier-suppression pass run instead (SmoothQuant, IterSmooth, FlexSmooth,
-    AWQScale, ...). weight_optimizers: per-layer weight rounding run during calibration
+    AWQScale, ...). rotation: True (or a HadamardRotation pass) rotates the residual stream and the
+    attention values of a pre-RMSNorm transformer by Hadamard matrices folded into the weights, before
+    any suppression (QuaRot; fxquant.passes.HadamardRotation). weight_optimizers: per-layer weight rounding run during calibration
     (fxquant.keep_acc: GPTQWeights, AdaRound, ...). attention_quant: fa3, per-head int8 Q/K/V of every sdpa (QuantizeAttention).
     measure_layers: record each quantized layer's output error and input statistics on calib_data
     (one more quantized run per layer) for fxquant.inspect and fxquant.report.
@@ -143,8 +148,10 @@ def quantize(
     gm.meta["fxquant_consumes_model"] = consume_model or inplace  # passes may change the model's tensors
     if smooth_alpha is not None:
         suppression = SmoothQuant(calib_data, alpha=smooth_alpha)
+    if rotation is True:
+        rotation = HadamardRotation(calib_data)
     manager = PassManager(quantization_passes(
-        resolve, options or SchemeOptions(), calib_data, suppression=suppression, attention_quant=attention_quant,
+        resolve, options or SchemeOptions(), calib_data, rotation=rotation or None, suppression=suppression, attention_quant=attention_quant,
         device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers,
         measure_layers=measure_layers, keep_float_weight=keep_float_weight), dump_dir=dump_dir)
     gm = manager(gm)

@@ -16,7 +16,8 @@ from fxquant.kernels import AscendOps
 from .ascend_format import attention_tensors, layer_tensors, quant_type, savable
 from .ascend_modules import ASCEND_MODULES, build_ascend_layer
 from .errors import ConfigError, FxquantError
-from .ir import get_attr_path
+from .hadamard import HadamardTransform
+from .ir import get_attr_path, set_tensor
 from .quant_opr import QAttentionInput, QuantOpr
 from .safetensors_io import AtomicFolderWriter, read_safetensors_folder, write_safetensors
 from .timestep import TimestepQuantizer
@@ -114,6 +115,11 @@ def save_ascend(gm: fx.GraphModule, float_model: torch.nn.Module, output_path: s
     bad = [t for t in save_type if t not in SAVE_TYPES]
     if bad or not save_type:
         raise ConfigError(f"unknown save_type {bad or save_type}; valid: {', '.join(SAVE_TYPES)}")
+    online = [n for n, m in gm.named_modules() if isinstance(m, HadamardTransform)]
+    if online:
+        raise ConfigError(f"the Ascend checkpoint has no op for the online Hadamard rotation of {len(online)} layer "
+                          f"inputs (e.g. {online[0]}); rotate with HadamardRotation(online=()) (quarot's online: []) "
+                          "for this target, or export the QDQ ONNX, which expresses it")
     suffix = default_scheme.lower()
     weights_name = safetensors_name or f"quant_model_weight_{suffix}.safetensors"
     json_names = []
@@ -241,5 +247,22 @@ def load_ascend(model: torch.nn.Module, path: str | os.PathLike, json_name: str 
                                f"{own[k].dtype} {tuple(own[k].shape)}")
     for name, module in replacements.items():  # every check passed: now change the model
         model.set_submodule(name, module)
+    _untie_differing(model, own, float_state)
     model.load_state_dict(float_state, strict=False)
     return model.eval()
+
+
+def _untie_differing(model: torch.nn.Module, own: dict[str, torch.Tensor], float_state: dict[str, torch.Tensor]) -> None:
+    """Give a tensor its own storage where the model ties it to another name but the checkpoint
+    holds different values for the two (a rotated model's embedding table and head): loading would
+    otherwise write one over the other."""
+    by_storage: dict[int, list[str]] = {}
+    for k, t in own.items():
+        if k in float_state:
+            by_storage.setdefault(t.data_ptr(), []).append(k)
+    for keys in by_storage.values():
+        first = float_state[keys[0]]
+        for k in keys[1:]:
+            if not torch.equal(float_state[k], first):
+                log.info("untying %s from %s: the checkpoint holds different values", k, keys[0])
+                set_tensor(model, k, torch.nn.Parameter(own[k].detach().clone(), requires_grad=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -103,3 +104,40 @@ def scheme_decisions(gm: fx.GraphModule) -> dict[str, tuple[str, str]]:
     """{node target: (scheme, reason)} for every node with a resolved scheme, from node.meta."""
     return {n.target: (n.meta[META_KEY]["scheme"], n.meta[META_KEY]["reason"])
             for n in gm.graph.nodes if "scheme" in n.meta.get(META_KEY, {})}
+
+
+def mutable_storages(gm: fx.GraphModule) -> set[int]:
+    """data_ptrs of gm's parameters and buffers that no other parameter or buffer shares (tied
+    weights excluded): the tensors a fold may change in place when the model is handed over."""
+    counts = Counter(t.data_ptr() for _, t in [*gm.named_parameters(remove_duplicate=False),
+                                               *gm.named_buffers(remove_duplicate=False)])
+    return {ptr for ptr, n in counts.items() if n == 1}
+
+
+def set_tensor(root: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Install `value` at dotted `target` (a parameter, frozen, where one is; else a buffer or attribute),
+    creating empty parent modules that do not exist yet."""
+    parent = root
+    parent_path, _, leaf = target.rpartition(".")
+    for part in parent_path.split(".") if parent_path else []:
+        if not hasattr(parent, part):
+            parent.add_module(part, torch.nn.Module())
+        parent = getattr(parent, part)
+    if leaf in parent._parameters:
+        parent._parameters[leaf] = value if isinstance(value, torch.nn.Parameter) else \
+            torch.nn.Parameter(value, requires_grad=False)
+    elif leaf in parent._buffers:
+        parent._buffers[leaf] = value
+    else:
+        setattr(parent, leaf, value)
+
+
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None, requires_grad: bool = False) -> torch.nn.Linear:
+    """An nn.Linear holding `weight` [out, in] (and `bias` [out]) themselves: built on the meta device
+    first, so no throwaway weight is allocated."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = weight if isinstance(weight, torch.nn.Parameter) else \
+        torch.nn.Parameter(weight, requires_grad=requires_grad)
+    if bias is not None:
+        layer.bias = bias if isinstance(bias, torch.nn.Parameter) else torch.nn.Parameter(bias, requires_grad=requires_grad)
+    return layer

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 
 @dataclass
@@ -100,3 +101,13 @@ class ErrorStats:
 
     def as_dict(self) -> dict[str, float]:
         return {"sqnr_db": self.sqnr_db, "rel_error": self.rel_error}
+
+
+def output_change(before: Any, after: Any) -> float:
+    """max over the floating tensors of two equally structured outputs of ||after - before|| / ||before||
+    (computed in the outputs' own precision, no float64 copies: logits are large)."""
+    worst = 0.0
+    for b, a in zip(tree_leaves(before), tree_leaves(after)):
+        if isinstance(b, torch.Tensor) and b.is_floating_point():
+            worst = max(worst, float(torch.dist(a, b) / b.norm().clamp(min=1e-30)))
+    return worst

@@ -6,6 +6,7 @@ from .flex_smooth import FlexSmooth
 from .fold_batchnorm import fold_batchnorm
 from .freeze import Freeze, freeze
 from .functional_to_modules import functional_to_modules
+from .hadamard_rotation import HadamardRotation
 from .insert_quant_oprs import InsertQuantOprs
 from .iter_smooth import IterSmooth
 from .lower_onnx_to_ascend import lower_onnx_to_ascend
@@ -18,7 +19,7 @@ from .rollback import Rollback
 from .smooth_quant import SmoothQuant
 
 __all__ = [
-    "AWQScale", "Calibrate", "FlexSmooth", "InsertQuantOprs", "IterSmooth", "LowerToAscend", "PassManager",
+    "AWQScale", "Calibrate", "FlexSmooth", "HadamardRotation", "InsertQuantOprs", "IterSmooth", "LowerToAscend", "PassManager",
     "Freeze", "QuantizeAttention", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze", "functional_to_modules", "lint_ir",
     "lower_onnx_to_ascend", "lower_to_qdq",
     "quantizable_nodes",

@@ -26,32 +26,23 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
-from torch.utils._pytree import tree_leaves
 
 from fxquant.calib_data import normalise_calib_data
 from fxquant.errors import ConfigError, FxquantError
-from fxquant.ir import SDPA_TARGETS, fxq_meta, get_attr_path, module_of
-from fxquant.layer_metrics import TensorStats
+from fxquant.graph_patterns import attention_values
+from fxquant.ir import fxq_meta, get_attr_path, linear_from, module_of, mutable_storages, set_tensor
+from fxquant.layer_metrics import TensorStats, output_change
 
 from .pass_manager import replace_submodule
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-#: ops that move or repeat values without mixing the last (head_dim) channels
-_LAYOUT_FUNCTIONS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-                     aten.permute.default, aten.unsqueeze.default, aten.expand.default, aten.clone.default,
-                     aten.slice.Tensor, aten.alias.default, torch.transpose, torch.reshape, torch.permute,
-                     torch.unsqueeze}
-_LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unsqueeze", "expand", "clone"}
-
 
 class ChannelScale(torch.nn.Module):
     """x [..., k] * inv_scale [k]: a smoothing scale that could not be folded."""
@@ -284,39 +275,17 @@ class SmoothQuant:
     def _attention_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node],
                         k: int) -> SmoothGroup | None:
         """X = heads of sdpa(q, k, V) with V a layout of v_proj(h): scale v_proj's rows."""
-        node, sdpa = x, None
-        while True:
-            if len(node.users) != 1 and node is not x:
-                return None
-            if isinstance(module_of(gm, node), torch.nn.Linear):
-                break
-            if node.op == "call_function" and node.target in SDPA_TARGETS and sdpa is None:
-                if len(node.args) < 3 or not isinstance(node.args[2], fx.Node):
-                    return None
-                sdpa, node = node, node.args[2]
-                continue
-            if _is_layout(node) and isinstance(node.args[0], fx.Node):
-                node = node.args[0]
-                continue
+        att = attention_values(gm, x)
+        if att is None or att.n_heads * att.head_dim != k:
             return None
-        v_node, v_lin = node, module_of(gm, node)
-        val = sdpa.meta.get("val") if sdpa is not None else None
-        if val is None or len(v_node.users) != 1:
-            return None
-        head_dim, n_heads = int(val.shape[-1]), int(val.shape[-3])
-        if n_heads * head_dim != k or v_lin.out_features % head_dim:
-            return None
-        n_kv = v_lin.out_features // head_dim
-        if n_heads % n_kv:
-            return None
-        rep = n_heads // n_kv
+        n_kv, rep, head_dim = att.n_kv, att.n_heads // att.n_kv, att.head_dim
 
         def tie(s: torch.Tensor) -> torch.Tensor:
             per_kv = s.reshape(n_kv, rep, head_dim).amax(dim=1)
             return per_kv.repeat_interleave(rep, dim=0).reshape(-1)
 
         def apply(s: torch.Tensor) -> None:
-            _scale_rows(gm, v_node, 1.0 / s.reshape(n_kv, rep, head_dim)[:, 0, :].reshape(-1), self._mutable)
+            _scale_rows(gm, att.value, 1.0 / s.reshape(n_kv, rep, head_dim)[:, 0, :].reshape(-1), self._mutable)
         return SmoothGroup(x, members, "attention", apply, tie)
 
     def _runtime_fold(self, gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> SmoothGroup | None:
@@ -334,34 +303,12 @@ class SmoothQuant:
         return SmoothGroup(x, members, "runtime", apply)
 
     def _check_unchanged(self, before: Any, after: Any) -> None:
-        for b, a in zip(tree_leaves(before), tree_leaves(after)):
-            if isinstance(b, torch.Tensor) and b.is_floating_point():
-                err = float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
-                if err > self.check_tolerance:
-                    raise FxquantError(
-                        f"smoothing changed the float model's output (relative error {err:.2e}); a fold "
-                        f"is wrong for this graph: folds used {sorted(set(self.folded.values()))}; pass "
-                        "the offending layers in `skip`")
-
-
-def _is_layout(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _LAYOUT_METHODS
-    if node.op != "call_function" or node.target not in _LAYOUT_FUNCTIONS:
-        return False
-    if node.target is aten.slice.Tensor:  # a slice of the channel dimension would drop channels
-        val = node.meta.get("val")
-        dim = node.args[1] if len(node.args) > 1 else 0
-        return val is not None and dim not in (-1, val.dim() - 1)
-    return True
-
-
-def mutable_storages(gm: fx.GraphModule) -> set[int]:
-    """data_ptrs of gm's parameters and buffers that no other parameter or buffer shares (tied
-    weights excluded): the tensors a fold may change in place."""
-    counts = Counter(t.data_ptr() for _, t in [*gm.named_parameters(remove_duplicate=False),
-                                               *gm.named_buffers(remove_duplicate=False)])
-    return {ptr for ptr, n in counts.items() if n == 1}
+        err = output_change(before, after)
+        if err > self.check_tolerance:
+            raise FxquantError(
+                f"smoothing changed the float model's output (relative error {err:.2e}); a fold "
+                f"is wrong for this graph: folds used {sorted(set(self.folded.values()))}; pass "
+                "the offending layers in `skip`")
 
 
 def _divided(t: torch.Tensor, s: torch.Tensor, mutable: set[int]) -> torch.Tensor:
@@ -394,12 +341,7 @@ def _scaled_linear(lin: torch.nn.Linear, mutable: set[int], cols: torch.Tensor |
                 b.mul_(rows.to(b.dtype))
     if in_place:
         return lin
-    new = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                          dtype=lin.weight.dtype, device=lin.weight.device)
-    new.weight = torch.nn.Parameter(w, requires_grad=lin.weight.requires_grad)
-    if b is not None:
-        new.bias = torch.nn.Parameter(b, requires_grad=lin.bias.requires_grad)
-    return new
+    return linear_from(w, b, requires_grad=lin.weight.requires_grad)
 
 
 def _divide_attr(gm: fx.GraphModule, target: str, s: torch.Tensor, mutable: set[int]) -> None:
@@ -407,11 +349,5 @@ def _divide_attr(gm: fx.GraphModule, target: str, s: torch.Tensor, mutable: set[
     new tensor installed at `target` (the old one untouched)."""
     old = get_attr_path(gm, target)
     value = _divided(old, s, mutable)
-    if value.data_ptr() == old.data_ptr():
-        return
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    if leaf in parent._parameters:
-        parent._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    else:
-        setattr(parent, leaf, value)
+    if value.data_ptr() != old.data_ptr():
+        set_tensor(gm, target, value)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from fxquant.ir import get_attr_path
+from fxquant.ir import get_attr_path, linear_from
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +153,15 @@ def _layer_to_call_module(graph: fx.Graph, root: torch.nn.Module, node: fx.Node)
     if node.target in _LINEAR_TARGETS:
         if len(args) > 3:
             return None
-        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        layer = linear_from(weight, bias)
     else:
         layer = _conv_layer(_CONV_TARGETS[node.target], node, weight, bias)
         if layer is None:
             return None
-    layer.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        layer.bias = bias if isinstance(bias, torch.nn.Parameter) else torch.nn.Parameter(bias, requires_grad=False)
+        layer.weight = weight if isinstance(weight, torch.nn.Parameter) else \
+            torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            layer.bias = bias if isinstance(bias, torch.nn.Parameter) else torch.nn.Parameter(bias, requires_grad=False)
     _install(root, name, layer)
     with graph.inserting_before(node):
         new = graph.call_module(name, (node.args[0],))

@@ -6,6 +6,7 @@ from .config import (
     M4ProcessorConfig,
     M6Config,
     M6ProcessorConfig,
+    QuaRotProcessorConfig,
     SaveProcessorConfig,
     SessionConfig,
     W8A8DynamicProcessorConfig,
@@ -20,7 +21,7 @@ from .runner import run
 
 __all__ = [
     "FA3ProcessorConfig", "M3ProcessorConfig", "M4ProcessorConfig", "M6Config", "M6ProcessorConfig",
-    "SaveProcessorConfig", "SessionConfig", "W8A8DynamicProcessorConfig", "W8A8DynamicQuantConfig",
+    "QuaRotProcessorConfig", "SaveProcessorConfig", "SessionConfig", "W8A8DynamicProcessorConfig", "W8A8DynamicQuantConfig",
     "W8A8ProcessorConfig", "W8A8QuantConfig", "W8A8TimeStepProcessorConfig", "W8A8TimeStepQuantConfig", "run",
     "session_from_dict",
 ]

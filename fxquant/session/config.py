@@ -148,11 +148,24 @@ class M6ProcessorConfig(_Strict):
     cfg: M6Config
 
 
-#: processor name -> its config class (seed 002's table)
+class QuaRotProcessorConfig(_Strict):
+    """Rotate the residual stream (and each attention head's values) of a pre-RMSNorm transformer by
+    randomised Hadamard matrices folded into the weights, before smoothing (QuaRot). seed picks the
+    random signs; value_heads=False leaves the attention values unrotated; online: fnmatch patterns
+    of Linear layers whose input is rotated at run time (e.g. ["*down_proj"], QuaRot's MLP
+    rotation: the QDQ ONNX and fxquant.apply take it, the Ascend checkpoint refuses it)."""
+
+    seed: int = 0
+    value_heads: bool = True
+    online: List[str] = []  # noqa: UP006
+
+
+#: processor name -> its config class (seed 002's table, plus quarot)
 PROCESSORS: dict[str, type[BaseModel]] = {
     "m3": M3ProcessorConfig,
     "m4": M4ProcessorConfig,
     "m6": M6ProcessorConfig,
+    "quarot": QuaRotProcessorConfig,
     "w8a8": W8A8ProcessorConfig,
     "w8a8_dynamic": W8A8DynamicProcessorConfig,
     "w8a8_timestep": W8A8TimeStepProcessorConfig,

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import fx
 
-from fxquant.passes import AWQScale, FlexSmooth, IterSmooth
+from fxquant.passes import AWQScale, FlexSmooth, HadamardRotation, IterSmooth
 
 from ..api import quantize
 from ..ascend_checkpoint import save_ascend
@@ -22,6 +22,7 @@ from .config import (
     M3ProcessorConfig,
     M4ProcessorConfig,
     M6ProcessorConfig,
+    QuaRotProcessorConfig,
     SaveProcessorConfig,
     SessionConfig,
 )
@@ -45,12 +46,20 @@ def _suppression(session: SessionConfig):
     return FlexSmooth(session.calib_data, alpha=cfg.cfg.alpha, beta=cfg.cfg.beta)
 
 
+def _rotation(session: SessionConfig) -> HadamardRotation | None:
+    """The rotation pass the quarot processor asks for, or None."""
+    cfg = session.processor_cfg_map.get("quarot")
+    if not isinstance(cfg, QuaRotProcessorConfig):
+        return None
+    return HadamardRotation(session.calib_data, seed=cfg.seed, value_heads=cfg.value_heads, online=list(cfg.online))
+
+
 def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = True,
         inplace: bool = False) -> fx.GraphModule | torch.nn.Module:
     """Quantize `model` as the session says and write what its save processor asks.
 
     Returns the quantized GraphModule, called like `model`. Pass list: capture, resolve schemes
-    (the quant processor's disable_names stay float), outlier suppression (m3 / m4 / m6), insert
+    (the quant processor's disable_names stay float), rotation (quarot), outlier suppression (m3 / m4 / m6), insert
     QuantOprs (Ascend rounding order), fa3 attention quantizers, layerwise calibration (with GPTQ
     weight rounding when the quant config's w_method is "gptq"), freeze. inplace: as in
     fxquant.quantize, install the quantized layers into `model` and return it (smoothing then
@@ -72,7 +81,8 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
                                        "pass calib_data")
         example = synthetic_example(model)
     gm = quantize(model, calib, scheme=name, disable_names=list(quant.disable_names), options=options,
-                  example_inputs=example, suppression=_suppression(session_config),
+                  example_inputs=example, rotation=_rotation(session_config) or False,
+                  suppression=_suppression(session_config),
                   attention_quant="fa3" in procs, device=session_config.device, progress=progress,
                   weight_optimizers=weight_rounding(quant.cfg.w_method), consume_model=inplace)
     save = procs.get("save")
