@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ def is_layout(node: fx.Node) -> bool:
     that moves values of its first input without mixing the channels of the last dimension."""
     if node.op == "call_method":
         return node.target in _LAYOUT_METHODS
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return all(i is None or i is Ellipsis or i == slice(None) for i in index)  # x[:, :, None]
     if node.op != "call_function" or node.target not in _LAYOUT_FUNCTIONS:
         return False
     if node.target is aten.slice.Tensor:  # a slice of the channel dimension would drop channels
@@ -31,6 +35,14 @@ def is_layout(node: fx.Node) -> bool:
         dim = node.args[1] if len(node.args) > 1 else 0
         return val is not None and dim not in (-1, val.dim() - 1)
     return True
+
+
+def node_shape(node: fx.Node) -> tuple | None:
+    """The shape of node's tensor value from capture metadata ("val" of torch.export, "tensor_meta"
+    of symbolic tracing), or None when unknown."""
+    meta = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
 
 
 @dataclass(frozen=True)
@@ -64,12 +76,12 @@ def attention_values(gm: fx.GraphModule, x: fx.Node) -> AttentionValues | None:
             continue
         return None
     v_lin = module_of(gm, node)
-    val = sdpa.meta.get("val") if sdpa is not None else None
-    x_val = x.meta.get("val")
-    if val is None or len(node.users) != 1:
+    shape = node_shape(sdpa) if sdpa is not None else None
+    x_shape = node_shape(x)
+    if shape is None or len(shape) < 3 or len(node.users) != 1:
         return None
-    head_dim, n_heads = int(val.shape[-1]), int(val.shape[-3])
-    if (x_val is not None and int(x_val.shape[-1]) != n_heads * head_dim) or v_lin.out_features % head_dim:
+    head_dim, n_heads = int(shape[-1]), int(shape[-3])
+    if (x_shape is not None and int(x_shape[-1]) != n_heads * head_dim) or v_lin.out_features % head_dim:
         return None
     n_kv = v_lin.out_features // head_dim
     if n_heads % n_kv:

@@ -37,7 +37,7 @@ from torch import fx
 
 from fxquant.calib_data import normalise_calib_data
 from fxquant.errors import ConfigError, FxquantError
-from fxquant.graph_patterns import attention_values, is_layout
+from fxquant.graph_patterns import attention_values, is_layout, node_shape
 from fxquant.hadamard import HadamardTransform, random_rotation
 from fxquant.ir import (
     fxq_meta,
@@ -115,14 +115,13 @@ def _rms_norm_of(x: fx.Node, mul: fx.Node) -> bool:
 
 
 def _rank(node: fx.Node) -> int:
-    shape = getattr(node.meta.get("val", node.meta.get("tensor_meta")), "shape", None)
+    shape = node_shape(node)
     return len(shape) if shape is not None else -99
 
 
 def _width(node: fx.Node) -> int | None:
-    """The last dimension of node's value, from capture metadata (None if unknown)."""
-    val = node.meta.get("val", node.meta.get("tensor_meta"))
-    shape = getattr(val, "shape", None)
+    """The last dimension of node's value (None if unknown)."""
+    shape = node_shape(node)
     return int(shape[-1]) if shape else None
 
 

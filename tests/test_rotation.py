@@ -1,0 +1,223 @@
+"""HadamardRotation (QuaRot): orthogonal, float-preserving, exportable, and refused where it would
+change what the model computes."""
+
+import copy
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.capture import capture
+from fxquant.hadamard import HadamardTransform, hadamard_matrix, random_rotation
+from fxquant.onnx_export import to_onnx_model, write_onnx
+from fxquant.passes import HadamardRotation, lower_to_qdq
+
+
+@pytest.mark.parametrize("n", [12, 20, 28, 36, 48, 64, 72, 576, 1536])
+def test_hadamard_matrices_of_transformer_widths(n):
+    h = hadamard_matrix(n)
+    assert set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+    q = random_rotation(n, seed=3)
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    t = HadamardTransform(n, seed=3)
+    x = torch.randn(3, 5, n)
+    assert torch.allclose(t(x).double(), x.double() @ t.matrix(), atol=1e-5)
+
+
+def test_orders_without_a_hadamard_matrix_rotate_with_a_random_orthogonal_one():
+    assert hadamard_matrix(9) is None
+    q = random_rotation(9)
+    assert torch.allclose(q @ q.T, torch.eye(9, dtype=torch.float64), atol=1e-12)
+    with pytest.raises(ValueError, match="no Hadamard matrix of order 9"):
+        HadamardTransform(9)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class TinyLlama(nn.Module):
+    """ids [b, t] -> logits [b, t, vocab]: pre-RMSNorm blocks with grouped-query attention and a
+    gated MLP, head tied to the embedding, widths that are not powers of two (d 48, head 12)."""
+
+    def __init__(self, vocab=64, d=48, heads=4, kv=2, hidden=96, layers=2, norm=RMSNorm):
+        super().__init__()
+        self.heads, self.kv, self.hd = heads, kv, d // heads
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            b = nn.Module()
+            b.n1, b.n2 = norm(d), norm(d)
+            b.q, b.k = nn.Linear(d, d, bias=False), nn.Linear(d, kv * self.hd, bias=False)
+            b.v, b.o = nn.Linear(d, kv * self.hd, bias=False), nn.Linear(d, d, bias=False)
+            b.gate, b.up, b.down = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d)
+            self.blocks.append(b)
+        self.norm = norm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        bsz, t = ids.shape
+        for b in self.blocks:
+            n = b.n1(x)
+            q = b.q(n).view(bsz, t, self.heads, self.hd).transpose(1, 2)
+            k = b.k(n).view(bsz, t, self.kv, self.hd).transpose(1, 2)
+            v = b.v(n).view(bsz, t, self.kv, self.hd).transpose(1, 2)
+            rep = self.heads // self.kv
+            k = k[:, :, None].expand(bsz, self.kv, rep, t, self.hd).reshape(bsz, self.heads, t, self.hd)
+            v = v[:, :, None].expand(bsz, self.kv, rep, t, self.hd).reshape(bsz, self.heads, t, self.hd)
+            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + b.o(a.transpose(1, 2).reshape(bsz, t, -1))
+            n = b.n2(x)
+            x = x + b.down(nn.functional.silu(b.gate(n)) * b.up(n))
+        return self.head(self.norm(x))
+
+
+def _tiny(outlier=True, **kw):
+    torch.manual_seed(0)
+    model = TinyLlama(**kw).eval()
+    if outlier:
+        with torch.no_grad():
+            for b in model.blocks:  # outlier channels in the normed inputs of q/k/v and gate/up, as in real LLMs
+                b.n1.weight[7] = b.n2.weight[11] = 40.0
+    data = [[torch.randint(0, 64, (2, 16))] for _ in range(4)]
+    return model, data
+
+
+def test_rotation_keeps_the_float_model_and_folds_every_transform():
+    model, data = _tiny()
+    twin = copy.deepcopy(model)
+    gm = capture(model, tuple(data[0]), {})
+    gm = HadamardRotation(data, online=["*down"])(gm)
+    with torch.no_grad():
+        ref, out = model(data[1][0]), gm(data[1][0])
+    assert float((out - ref).norm() / ref.norm()) <= 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    folded = {n.target: n.meta["fxquant"]["rotation"] for n in gm.graph.nodes if "rotation" in n.meta.get("fxquant", {})}
+    assert folded["blocks.0.q"] == ["stream_in"] and folded["head"] == ["stream_in"]
+    assert folded["blocks.0.o"] == ["stream_out", "head_outputs"]
+    assert folded["blocks.1.v"] == ["stream_in", "head_values"]
+    assert folded["blocks.1.down"] == ["stream_out", "online_input"]
+    assert gm.meta["fxquant_rotation"]["online"] == ["blocks.0.down", "blocks.1.down"]
+    assert torch.equal(gm.get_submodule("blocks.0.n1").weight, torch.ones(48))  # folded into q / k / v
+    assert gm.get_submodule("embed").weight.data_ptr() != gm.get_submodule("head").weight.data_ptr()  # untied
+
+
+def test_rotation_lowers_static_w8a8_error_and_exports_to_onnxruntime(tmp_path):
+    model, data = _tiny()
+    x = data[1][0]
+    with torch.no_grad():
+        ref = model(x)
+    errors = {}
+    for rotate in (False, True):
+        q = fxquant.quantize(model, data, "w8a8", rotation=HadamardRotation(data, online=["*down"]) if rotate else False,
+                             progress=False)
+        with torch.no_grad():
+            errors[rotate] = float((q(x) - ref).norm() / ref.norm())
+    assert errors[True] < 0.6 * errors[False], errors
+    proto = to_onnx_model(lower_to_qdq(q), (x,), {}, ["ids"])
+    path = write_onnx(proto, tmp_path / "rotated.onnx")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # QDQ as written, no fused kernels
+    got = ort.InferenceSession(str(path), opts).run(None, {"ids": x.numpy()})[0]
+    with torch.no_grad():
+        want = q(x).numpy()
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
+def test_rotation_refuses_graphs_it_would_change_and_says_why():
+    model, data = _tiny(norm=lambda d: nn.LayerNorm(d))
+    with pytest.raises(fxquant.ConfigError, match="LayerNorm, whose mean subtraction does not commute"):
+        fxquant.quantize(model, data, "w8a8", rotation=True, progress=False)
+
+    class NoEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n, self.lin = RMSNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.lin(self.n(x))
+
+    with pytest.raises(fxquant.ConfigError, match="needs the embedding lookup"):
+        fxquant.quantize(NoEmbedding(), [[torch.randn(2, 8)]], "w8a8", rotation=True, progress=False)
+    model, data = _tiny()
+    with pytest.raises(fxquant.ConfigError, match="matches no Linear"):
+        fxquant.quantize(model, data, "w8a8", rotation=HadamardRotation(data, online=["*nothing"]), progress=False)
+
+
+def test_online_rotation_installs_into_the_model_and_is_refused_by_the_ascend_checkpoint(tmp_path):
+    model, data = _tiny()
+    kept = fxquant.quantize(copy.deepcopy(model), data, "w8a8_dynamic", rotation=HadamardRotation(data, online=["*down"]),
+                            progress=False)
+    with pytest.raises(fxquant.ConfigError, match="no op for the online Hadamard rotation"):
+        fxquant.save_ascend(kept, model, tmp_path / "ckpt", default_scheme="w8a8_dynamic")
+    assert not (tmp_path / "ckpt").exists()
+    out = fxquant.quantize(model, data, "w8a8_dynamic", rotation=HadamardRotation(data, online=["*down"]),
+                           progress=False, inplace=True)
+    assert type(out.blocks[0].down).__name__ == "RotatedInput"
+    x = data[2][0]
+    with torch.no_grad():
+        assert torch.allclose(out(x), kept(x), atol=1e-5, rtol=1e-5)
+
+
+def test_smollm2_rotation_keeps_fp32_logits_and_spreads_outliers(smollm2, smollm2_windows):
+    model, _ = smollm2
+    calib, evals = smollm2_windows
+    gm = capture(model, (calib[0],), {})
+    stats = {}
+
+    def outlier_ratio(name):
+        def hook(mod, args):
+            x = args[0].detach()
+            stats[name] = float(x.abs().max() / x.std())
+        return hook
+
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in (0, 10, 20)]
+    for when in ("before", "after"):
+        handles = [gm.get_submodule(n).register_forward_pre_hook(outlier_ratio(f"{when} {n}")) for n in names]
+        with torch.no_grad():
+            out = gm(evals[0])
+        for h in handles:
+            h.remove()
+        if when == "before":
+            ref = out.logits
+            gm = HadamardRotation([[calib[0]]])(gm)
+    assert float((out.logits - ref).norm() / ref.norm()) <= 1e-4
+    for n in names:  # q/k/v inputs: outlier channels spread over all 576
+        assert stats[f"after {n}"] < 0.5 * stats[f"before {n}"], stats
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the user's model is untouched
+
+
+def test_rotated_static_checkpoint_reloads_and_reproduces_logits(smollm2_windows, tmp_path):
+    """A quarot + w8a8 session saved in the Ascend format: the rotated embedding (untied from the
+    head) and ones-norms reload into a fresh SmolLM2 and reproduce the quantized logits."""
+    from fxquant import session as s
+    from fxquant.real_models import load_smollm2
+
+    calib, evals = smollm2_windows
+    model, _ = load_smollm2()
+    config = s.SessionConfig(processor_cfg_map={
+        "quarot": s.QuaRotProcessorConfig(),
+        "w8a8": s.W8A8ProcessorConfig(cfg=s.W8A8QuantConfig(), disable_names=[]),
+        "save": s.SaveProcessorConfig(output_path=str(tmp_path)),
+    }, calib_data=[[w] for w in calib[:2]])
+    q = s.run(model, config, progress=False, inplace=True)
+    assert q.model.embed_tokens.weight is not q.lm_head.weight
+    fresh, _ = load_smollm2()
+    loaded = fxquant.load_ascend(fresh, tmp_path)
+    assert loaded.model.embed_tokens.weight.data_ptr() != loaded.lm_head.weight.data_ptr()
+    with torch.no_grad():
+        want = q(input_ids=evals[0], use_cache=False).logits
+        got = loaded(input_ids=evals[0], use_cache=False).logits
+    assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.999
+    assert (want - got).abs().max() <= 1e-3
