@@ -12,7 +12,23 @@ def add_protocol_arguments(ap: argparse.ArgumentParser) -> None:
     """--calib / --eval windows of 512 tokens, and the hidden --one ROW a row's process gets."""
     ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
     ap.add_argument("--eval", type=int, default=32, help="evaluation windows of 512 tokens")
+    ap.add_argument("--eval-text", choices=EVAL_TEXTS, default="docs",
+                    help="held-out text: docs (the odd pydoc topics; calibration uses the even ones) or gpl3 "
+                         "(the GPL-3 license, a second domain: at most 15 windows)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+
+
+#: --eval-text choices
+EVAL_TEXTS = ("docs", "gpl3")
+
+
+def eval_windows(tok, eval_text: str, n: int) -> list:
+    """The held-out windows (int64 [1, 512] each) of the chosen text."""
+    from fxquant.real_models import license_text, text_corpus, token_windows
+
+    if eval_text == "gpl3":
+        return token_windows(tok, license_text("GPL-3"), min(n, 15), 512)
+    return token_windows(tok, text_corpus("eval"), n, 512)
 
 
 def run_rows(python: str, script: str, rows: list[str], args: argparse.Namespace) -> list[dict]:
@@ -20,7 +36,8 @@ def run_rows(python: str, script: str, rows: list[str], args: argparse.Namespace
     "calib_s", "peak_rss_mb"}), or {"row", "error"} with the last line it wrote to stderr."""
     results = []
     for row in rows:
-        cmd = [python, script, "--one", row, "--calib", str(args.calib), "--eval", str(args.eval)]
+        cmd = [python, script, "--one", row, "--calib", str(args.calib), "--eval", str(args.eval),
+               "--eval-text", args.eval_text]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             reason = (out.stderr.strip().splitlines() or ["no output"])[-1]

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _rows import add_protocol_arguments, print_table, run_rows
+from _rows import add_protocol_arguments, eval_windows, print_table, run_rows
 from _rss import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,14 +89,14 @@ def fxquant_row(model, combo: str, calib: list):
     return quantize_combo(model, combo, [{"input_ids": w, "use_cache": False} for w in calib])
 
 
-def run_one(row: str, n_calib: int, n_eval: int) -> dict:
+def run_one(row: str, n_calib: int, n_eval: int, eval_text: str = "docs") -> dict:
     import torch
 
     from fxquant.real_models import load_smollm2, perplexity, text_corpus, token_windows
 
     torch.manual_seed(0)
     model, tok = load_smollm2()
-    evals = token_windows(tok, text_corpus("eval"), n_eval, 512)
+    evals = eval_windows(tok, eval_text, n_eval)
     calib = token_windows(tok, text_corpus("calib"), n_calib, 512)
     tool, _, what = row.partition(" ")
     start = time.perf_counter()
@@ -117,11 +117,11 @@ def main() -> None:
     add_protocol_arguments(ap)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.calib, args.eval)))
+        print(json.dumps(run_one(args.one, args.calib, args.eval, args.eval_text)))
         return
     import torch
 
-    print(f"SmolLM2-135M, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens; CPU capability "
+    print(f"SmolLM2-135M, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens of {args.eval_text}; CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; interpreter {args.python}")
     print_table("tool and configuration", run_rows(args.python, __file__, ["fp32"] + args.rows, args))
 

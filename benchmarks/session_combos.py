@@ -19,7 +19,7 @@ import json
 import sys
 import time
 
-from _rows import add_protocol_arguments, print_table, run_rows
+from _rows import add_protocol_arguments, eval_windows, print_table, run_rows
 from _rss import peak_rss_mb
 
 ALL = ["w8a8", "m3+w8a8", "m4+w8a8", "m6=0.85,0.15+w8a8", "m6+w8a8",
@@ -88,14 +88,14 @@ def quantize_combo(model, combo: str, calib: list):
     return session.run(model, session_for(combo, calib), progress=False, inplace="fa3" not in combo.split("+"))
 
 
-def run_one(combo: str, n_calib: int, n_eval: int) -> dict:
+def run_one(combo: str, n_calib: int, n_eval: int, eval_text: str = "docs") -> dict:
     import torch
 
     from fxquant.real_models import load_smollm2, perplexity, text_corpus, token_windows
 
     torch.manual_seed(0)
     model, tok = load_smollm2()
-    evals = token_windows(tok, text_corpus("eval"), n_eval, 512)
+    evals = eval_windows(tok, eval_text, n_eval)
     calib_s = 0.0
     if combo != "fp32":
         calib = [{"input_ids": w, "use_cache": False} for w in token_windows(tok, text_corpus("calib"), n_calib, 512)]
@@ -111,10 +111,10 @@ def main() -> None:
     add_protocol_arguments(ap)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.calib, args.eval)))
+        print(json.dumps(run_one(args.one, args.calib, args.eval, args.eval_text)))
         return
     rows = run_rows(sys.executable, __file__, ["fp32"] + args.combos, args)
-    print(f"SmolLM2-135M sessions, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens")
+    print(f"SmolLM2-135M sessions, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens of {args.eval_text}")
     print_table("processors", rows)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from fxquant.passes import (
     Freeze,
     HadamardRotation,
     InsertQuantOprs,
+    OnlineHadamard,
     PassManager,
     QuantizeAttention,
     ResolveSchemes,
@@ -51,9 +53,13 @@ def quantization_passes(
     keep_float_weight: bool = False,
 ) -> list[Callable[[fx.GraphModule], fx.GraphModule]]:
     """The passes fxquant.quantize runs on a captured graph, in order (the arguments are quantize's):
-    fold BatchNorm, small ops to modules, resolve schemes, rotation, suppression, insert QuantOprs,
-    attention quantization, calibrate, freeze."""
-    smooth = [p for p in (rotation, suppression) if p is not None]
+    fold BatchNorm, small ops to modules, resolve schemes, rotation, suppression, online rotation,
+    insert QuantOprs, attention quantization, calibrate, freeze."""
+    online = None
+    if isinstance(rotation, HadamardRotation) and rotation.online:  # smoothing folds into the gated
+        # product before the product is rotated online
+        rotation, online = replace(rotation, online=()), OnlineHadamard(rotation.online, rotation.seed + 2)
+    smooth = [p for p in (rotation, suppression, online) if p is not None]
     attention = [QuantizeAttention(options.act_method)] if attention_quant else []
     return [
         fold_batchnorm,

@@ -12,6 +12,7 @@ from .iter_smooth import IterSmooth
 from .lower_onnx_to_ascend import lower_onnx_to_ascend
 from .lower_to_ascend import LowerToAscend
 from .lower_to_qdq import lower_to_qdq
+from .online_hadamard import OnlineHadamard
 from .pass_manager import PassManager, lint_ir
 from .quantize_attention import QuantizeAttention
 from .resolve_schemes import ResolveSchemes, quantizable_nodes
@@ -19,7 +20,7 @@ from .rollback import Rollback
 from .smooth_quant import SmoothQuant
 
 __all__ = [
-    "AWQScale", "Calibrate", "FlexSmooth", "HadamardRotation", "InsertQuantOprs", "IterSmooth", "LowerToAscend", "PassManager",
+    "AWQScale", "Calibrate", "FlexSmooth", "HadamardRotation", "InsertQuantOprs", "IterSmooth", "LowerToAscend", "OnlineHadamard", "PassManager",
     "Freeze", "QuantizeAttention", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze", "functional_to_modules", "lint_ir",
     "lower_onnx_to_ascend", "lower_to_qdq",
     "quantizable_nodes",

@@ -29,7 +29,6 @@ import logging
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from typing import Any
 
 import torch
@@ -38,11 +37,10 @@ from torch import fx
 from fxquant.calib_data import normalise_calib_data
 from fxquant.errors import ConfigError, FxquantError
 from fxquant.graph_patterns import attention_values, is_layout, node_shape
-from fxquant.hadamard import HadamardTransform, random_rotation
+from fxquant.hadamard import random_rotation
 from fxquant.ir import (
     fxq_meta,
     get_attr_path,
-    linear_from,
     module_of,
     mutable_storages,
     replace_submodule,
@@ -50,7 +48,10 @@ from fxquant.ir import (
     set_tensor,
 )
 from fxquant.layer_metrics import output_change
+from fxquant.rotation_folds import rotate_linear, rows_rotated
 from fxquant.small_ops import Add
+
+from .online_hadamard import OnlineHadamard
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -233,33 +234,6 @@ def _norm_readers(gm: fx.GraphModule, normalised: fx.Node, dim: int | None, refu
     return _Norm(weight, readers)
 
 
-def _block_right(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """w [n, k] @ blockdiag(r, ..., r), r [b, b] with b | k."""
-    n, k = w.shape
-    b = r.shape[0]
-    return (w.reshape(n, k // b, b) @ r).reshape(n, k)
-
-
-def _rows_transformed(w: torch.Tensor, scale: torch.Tensor | None, r: torch.Tensor | None, out: torch.Tensor,
-                      chunk: int = 8192) -> None:
-    """out [n, k] = (w diag(scale)) blockdiag(r), `chunk` rows at a time (out may be w itself): a large
-    table (the head, the embedding) needs no whole-size float temporaries."""
-    for i in range(0, w.shape[0], chunk):
-        rows = w[i:i + chunk].float()
-        if scale is not None:
-            rows = rows * scale.float()[None, :]
-        if r is not None:
-            rows = _block_right(rows, r.float())
-        out[i:i + chunk].copy_(rows)
-
-
-def _block_left_t(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """blockdiag(r, ..., r)^T @ w, w [n, k], r [b, b] with b | n."""
-    n, k = w.shape
-    b = r.shape[0]
-    return (r.T @ w.reshape(n // b, b, k)).reshape(n, k)
-
-
 @dataclass
 class HadamardRotation:
     """Pass: rotate the residual stream (and, with value_heads, each attention head's values) by
@@ -267,13 +241,13 @@ class HadamardRotation:
 
     check_data: calibration samples; the first one checks that the float outputs did not change
     (relative error <= check_tolerance). seed: picks the random signs. online: fnmatch patterns of
-    Linear layers (e.g. "*down_proj") whose input is rotated at run time by a HadamardTransform
-    module inserted before them, their weight taking the rotation; the QDQ ONNX expresses it (two
-    MatMuls), the Ascend checkpoint and fxquant.apply have no place for it and refuse the graph. Runs before smoothing and
-    QuantOpr insertion; layers resolved float are rotated too (they must be, to read the stream).
+    Linear layers (e.g. "*down_proj") whose input is also rotated at run time, by the OnlineHadamard
+    pass run at the end of this one (fxquant.quantize runs it after the suppression pass instead,
+    so that smoothing folds into the gated product first). Runs before smoothing and QuantOpr
+    insertion; layers resolved float are rotated too (they must be, to read the stream).
     Records in node.meta["fxquant"]["rotation"] what was folded into each layer ("stream_in",
-    "stream_out", "head_values", "head_outputs") and gm.meta["fxquant_rotation"] = {"dim", "seed",
-    "value_heads", "layers"}.
+    "stream_out", "head_values", "head_outputs", "online_input") and gm.meta["fxquant_rotation"] =
+    {"dim", "seed", "value_heads", "layers", "online"}.
     """
 
     check_data: Any = None
@@ -303,15 +277,16 @@ class HadamardRotation:
                     set_tensor(gm, norm.weight.target, t.detach().fill_(1.0) if t.data_ptr() in self._mutable
                                else torch.ones_like(t, requires_grad=False))
                 for r in norm.readers:
-                    self._transform(gm, r, "stream_in", input_scale=g, inputs=q)
+                    rotate_linear(gm, self._mutable, r, "stream_in", input_scale=g, inputs=q)
             for w in stream.writers:
-                self._transform(gm, w, "stream_out", outputs=q)
+                rotate_linear(gm, self._mutable, w, "stream_out", outputs=q)
             heads = self._rotate_heads(gm) if self.value_heads else 0
-            online = self._rotate_online(gm)
+        if self.online:
+            OnlineHadamard(self.online, self.seed + 2, self._mutable)(gm)
         gm.recompile()
         layers = sum(1 for n in gm.graph.nodes if "rotation" in n.meta.get("fxquant", {}))
-        gm.meta["fxquant_rotation"] = {"dim": stream.dim, "seed": self.seed, "value_heads": self.value_heads,
-                                       "layers": layers, "online": online}
+        gm.meta.setdefault("fxquant_rotation", {}).update(
+            {"dim": stream.dim, "seed": self.seed, "value_heads": self.value_heads, "layers": layers})
         if before is not None:
             with torch.no_grad():
                 after = gm(*first[0], **first[1])
@@ -335,31 +310,10 @@ class HadamardRotation:
             if att is None or att.n_heads * att.head_dim != lin.in_features:
                 continue
             h = random_rotation(att.head_dim, self.seed + 1)
-            self._transform(gm, att.value, "head_values", outputs=h)
-            self._transform(gm, node, "head_outputs", inputs=h)
+            rotate_linear(gm, self._mutable, att.value, "head_values", outputs=h)
+            rotate_linear(gm, self._mutable, node, "head_outputs", inputs=h)
             count += 1
         return count
-
-    def _rotate_online(self, gm: fx.GraphModule) -> list[str]:
-        """A HadamardTransform before each Linear matching `online`, its R folded into the weight."""
-        done = []
-        for node in list(gm.graph.nodes):
-            lin = module_of(gm, node)
-            if not (isinstance(lin, torch.nn.Linear) and any(fnmatch(node.target, p) for p in self.online)):
-                continue
-            transform = HadamardTransform(lin.in_features, self.seed + 2)
-            name = f"{node.target}_hadamard"
-            gm.add_submodule(name, transform)
-            x = node.args[0]
-            with gm.graph.inserting_before(node):
-                rotated = gm.graph.call_module(name, (x,))
-            rotated.meta.update({k: v for k, v in x.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
-            node.replace_input_with(x, rotated)
-            self._transform(gm, node, "online_input", inputs=transform.matrix())
-            done.append(node.target)
-        if self.online and not done:
-            raise ConfigError(f"online={list(self.online)} matches no Linear layer of the graph")
-        return done
 
     def _rotate_embedding(self, gm: fx.GraphModule, emb: fx.Node, q: torch.Tensor) -> None:
         """E [V, d] -> E Q: in place when E is the model's own and untied, else a new table at the
@@ -368,10 +322,10 @@ class HadamardRotation:
         if mod is not None:
             w = mod.weight.detach()
             if w.data_ptr() in self._mutable:
-                _rows_transformed(w, None, q, w)
+                rows_rotated(w, None, q, w)
             else:
                 rotated = torch.empty_like(w, requires_grad=False)
-                _rows_transformed(w, None, q, rotated)
+                rows_rotated(w, None, q, rotated)
                 new = torch.nn.Embedding.from_pretrained(rotated, freeze=True, padding_idx=mod.padding_idx)
                 replace_submodule(gm, emb.target, new)
             fxq_meta(emb)["rotation"] = ["stream_out"]
@@ -379,10 +333,10 @@ class HadamardRotation:
         attr = emb.args[0]
         w = get_attr_path(gm, attr.target).detach()
         if w.data_ptr() in self._mutable and len(attr.users) == 1 and w.data_ptr() not in _layer_weights(gm):
-            _rows_transformed(w, None, q, w)
+            rows_rotated(w, None, q, w)
         else:
             rotated = torch.empty_like(w, requires_grad=False)
-            _rows_transformed(w, None, q, rotated)
+            rows_rotated(w, None, q, rotated)
             target = f"{scope_of(emb)}.weight" if scope_of(emb) else f"{attr.target}_rotated"
             if target == attr.target or _has_attr(gm, target):
                 target = f"{attr.target.replace('.', '_')}_rotated"
@@ -393,30 +347,6 @@ class HadamardRotation:
             if not attr.users:
                 gm.graph.erase_node(attr)
         fxq_meta(emb)["rotation"] = ["stream_out"]
-
-    def _transform(self, gm: fx.GraphModule, node: fx.Node, what: str, *, input_scale: torch.Tensor | None = None,
-                   inputs: torch.Tensor | None = None, outputs: torch.Tensor | None = None) -> None:
-        """The Linear at `node` with W [n, k] replaced by blockdiag(outputs)^T (W diag(input_scale))
-        blockdiag(inputs) and bias b [n] by b blockdiag(outputs): it reads its input rotated by
-        `inputs` (with the norm weight input_scale [k] folded in) and gives its output rotated by
-        `outputs`. In place when its tensors are the model's own (handed over), else a new Linear."""
-        lin = module_of(gm, node)
-        w = lin.weight.detach()
-        in_place = w.data_ptr() in self._mutable and (lin.bias is None or lin.bias.data_ptr() in self._mutable)
-        out = w if in_place else torch.empty_like(w, requires_grad=False)
-        _rows_transformed(w, input_scale, inputs, out)
-        if outputs is not None:  # mixes rows: whole (the writers are d x k)
-            out.copy_(_block_left_t(out.float(), outputs.float()))
-        b = None if lin.bias is None else lin.bias.detach()
-        if b is not None and outputs is not None:
-            n, r = b.numel(), outputs.shape[0]
-            rotated = (b.float().reshape(n // r, r) @ outputs.float()).reshape(n).to(b.dtype)
-            b = b.copy_(rotated) if in_place else rotated
-        if not in_place:
-            new = linear_from(out, None if b is None else b.clone())
-            self._mutable.update(p.data_ptr() for p in new.parameters())  # ours now: later transforms go in place
-            replace_submodule(gm, node.target, new)
-        fxq_meta(node).setdefault("rotation", []).append(what)
 
 
 def _layer_weights(gm: fx.GraphModule) -> set[int]:

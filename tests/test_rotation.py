@@ -151,7 +151,7 @@ def test_rotation_refuses_graphs_it_would_change_and_says_why():
     with pytest.raises(fxquant.ConfigError, match="needs the embedding lookup"):
         fxquant.quantize(NoEmbedding(), [[torch.randn(2, 8)]], "w8a8", rotation=True, progress=False)
     model, data = _tiny()
-    with pytest.raises(fxquant.ConfigError, match="matches no Linear"):
+    with pytest.raises(fxquant.ConfigError, match="match no Linear layer"):
         fxquant.quantize(model, data, "w8a8", rotation=HadamardRotation(data, online=["*nothing"]), progress=False)
 
 
