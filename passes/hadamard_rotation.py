@@ -48,6 +48,7 @@ from fxquant.ir import (
     set_tensor,
 )
 from fxquant.layer_metrics import output_change
+from fxquant.resources import release_freed_memory
 from fxquant.rotation_folds import rotate_linear, rows_rotated
 from fxquant.small_ops import Add
 
@@ -283,6 +284,7 @@ class HadamardRotation:
             heads = self._rotate_heads(gm) if self.value_heads else 0
         if self.online:
             OnlineHadamard(self.online, self.seed + 2, self._mutable)(gm)
+        release_freed_memory()  # the fold temporaries
         gm.recompile()
         layers = sum(1 for n in gm.graph.nodes if "rotation" in n.meta.get("fxquant", {}))
         gm.meta.setdefault("fxquant_rotation", {}).update(

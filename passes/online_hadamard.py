@@ -13,6 +13,7 @@ from torch import fx
 from fxquant.errors import ConfigError
 from fxquant.hadamard import HadamardTransform
 from fxquant.ir import module_of, mutable_storages
+from fxquant.resources import release_freed_memory
 from fxquant.rotation_folds import rotate_linear
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,15 @@ class OnlineHadamard:
         mutable = self.mutable if self.mutable is not None else (
             mutable_storages(gm) if gm.meta.get("fxquant_consumes_model") else set())
         self.rotated = []
+        matrices: dict[int, torch.Tensor] = {}  # one R [k, k] per width, made once: a fresh 18 MB
+        # float64 temporary per layer would be left resident by the allocator
         for node in list(gm.graph.nodes):
             lin = module_of(gm, node)
             if not (isinstance(lin, torch.nn.Linear) and any(fnmatch(node.target, p) for p in self.patterns)):
                 continue
             transform = HadamardTransform(lin.in_features, self.seed)
+            if lin.in_features not in matrices:
+                matrices[lin.in_features] = transform.matrix().to(lin.weight.dtype)
             name = f"{node.target}_hadamard"
             gm.add_submodule(name, transform)
             x = node.args[0]
@@ -52,10 +57,12 @@ class OnlineHadamard:
                 rotated = gm.graph.call_module(name, (x,))
             rotated.meta.update({k: v for k, v in x.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
             node.replace_input_with(x, rotated)
-            rotate_linear(gm, mutable, node, "online_input", inputs=transform.matrix())
+            rotate_linear(gm, mutable, node, "online_input", inputs=matrices[lin.in_features])
             self.rotated.append(node.target)
         if not self.rotated:
             raise ConfigError(f"online rotation patterns {list(self.patterns)} match no Linear layer of the graph")
+        del matrices
+        release_freed_memory()
         gm.recompile()
         gm.meta.setdefault("fxquant_rotation", {})["online"] = list(self.rotated)
         log.info("rotating the inputs of %d layers online", len(self.rotated))

@@ -11,6 +11,7 @@ from torch import fx
 
 from fxquant.errors import GraphLintError
 from fxquant.ir import replace_submodule
+from fxquant.resources import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class PassManager:
                 lint_ir(gm)
             elapsed = time.perf_counter() - start
             self.timings.append((name, elapsed))
-            log.info("pass %s: %.2fs", name, elapsed)
+            log.info("pass %s: %.2fs, process peak RSS %.0f MB", name, elapsed, peak_rss_bytes() / 2**20)
             if self.dump_dir is not None:
                 self.dump_dir.mkdir(parents=True, exist_ok=True)
                 (self.dump_dir / f"{i:02d}_{name}.py").write_text(gm.code)

@@ -221,3 +221,15 @@ def test_rotated_static_checkpoint_reloads_and_reproduces_logits(smollm2_windows
         got = loaded(input_ids=evals[0], use_cache=False).logits
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.999
     assert (want - got).abs().max() <= 1e-3
+
+
+def test_quarot_processor_validates_with_the_session():
+    from fxquant import session as s
+
+    cfg = s.session_from_dict({"processors": {"quarot": {"online": ["*down_proj"]}, "w8a8_dynamic": {"cfg": {}, "disable_names": []}}})
+    assert cfg.processor_cfg_map["quarot"].online == ["*down_proj"]
+    with pytest.raises(fxquant.ConfigError, match="no op for quarot's online rotation"):
+        s.session_from_dict({"processors": {"quarot": {"online": ["*down_proj"]}, "w8a8": {"cfg": {}, "disable_names": []},
+                                            "save": {"output_path": "/tmp/x"}}})
+    with pytest.raises(fxquant.ConfigError, match="quarot.*seeds"):
+        s.session_from_dict({"processors": {"quarot": {"seeds": 1}, "w8a8": {"cfg": {}, "disable_names": []}}})

@@ -216,6 +216,10 @@ class SessionConfig(_Strict):
         if len(suppression) > 1:
             raise ValueError(f"conflicting processors {suppression}: use at most one outlier suppression "
                              f"processor of {', '.join(SUPPRESSION_PROCESSORS)}")
+        quarot = procs.get("quarot")
+        if "save" in procs and isinstance(quarot, QuaRotProcessorConfig) and quarot.online:
+            raise ValueError(f"the save processor writes the Ascend checkpoint, which has no op for quarot's online "
+                             f"rotation of {quarot.online}: set online=[] or drop the save processor")
         if "fa3" in procs and "w8a8_dynamic" not in procs:
             raise ValueError("processor 'fa3' needs 'w8a8_dynamic' in the same session")
         return self
