@@ -11,10 +11,11 @@ from torch import fx
 
 from fxquant.calib_data import check_finite
 from fxquant.calibration import CalibrationRunner, WeightOptimizer
-from fxquant.errors import CalibrationDataError
+from fxquant.errors import CalibrationDataError, ConfigError
 from fxquant.quant_opr import QuantOpr, _QWeighted
 from fxquant.quantizer import StaticQuantizer
 from fxquant.storage import graph_live_set_size
+from fxquant.streaming_calibration import can_stream, streaming_calibration
 from fxquant.timestep import TimestepQuantizer
 
 
@@ -32,7 +33,11 @@ class Calibrate:
 
     measure_layers: also record each QuantOpr's output error and input statistics in
     node.meta["fxquant"] (see CalibrationRunner), for fxquant.inspect and fxquant.report; runs
-    the calibration runner even for weight-only and dynamic schemes when calib_data is given."""
+    the calibration runner even for weight-only and dynamic schemes when calib_data is given.
+    streaming: observe in whole float forwards, one sample at a time (fxquant.streaming_calibration)
+    instead of the layerwise runner's stored activations; None (default) streams exactly where the
+    qparams are the same (no asym, weight optimizers, measure_layers, input_overrides, timestep
+    or recurrent layers), False always runs layerwise."""
 
     calib_data: Any = None
     device: str | torch.device = "cpu"
@@ -43,6 +48,17 @@ class Calibrate:
     measure_layers: bool = False
     pr: float = 1.0
     weight_optimizers: Sequence[WeightOptimizer] = ()
+    streaming: bool | None = None
+
+    def _streams(self, gm: fx.GraphModule) -> bool:
+        """Whole forward passes instead of layerwise storage: when asked (streaming=True, refused
+        where it would differ) or, by default, where the two give the same qparams."""
+        equal = (not self.asym and not self.weight_optimizers and not self.measure_layers
+                 and not self.input_overrides and can_stream(gm))
+        if self.streaming and not equal:
+            raise ConfigError("streaming calibration needs asym=False, no weight optimizers, no measure_layers, "
+                              "no input_overrides and no timestep or recurrent layers; use streaming=None")
+        return equal if self.streaming is None else self.streaming
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         gm.eval()  # calibrate what inference runs: no dropout, BatchNorm on running statistics
@@ -55,6 +71,8 @@ class Calibrate:
                     f"{len(missing)} layers quantize activations statically (e.g. {missing[0]!r}) and "
                     "need calibration data: pass calib_data, or use a weight-only or dynamic scheme")
             self._calibrate_from_overrides(gm)
+        elif wants_runner and self.calib_data is not None and self._streams(gm):
+            streaming_calibration(gm, self.calib_data, progress=self.progress)
         elif wants_runner and self.calib_data is not None:
             runner = CalibrationRunner(gm, self.calib_data, input_overrides=self.input_overrides,
                                        measure_layers=self.measure_layers, pr=self.pr,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from fxquant.quant_opr import QuantOpr, _QWeighted
+from fxquant.resources import release_freed_memory
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Freeze:
         for m in gm.modules():
             if isinstance(m, _QWeighted):
                 m.freeze(keep_float_weight=self.keep_float_weight)
+                release_freed_memory()  # the float temporaries of quantizing, between kept int8 codes
             elif isinstance(m, QuantOpr):
                 m.freeze()
             if isinstance(m, QuantOpr):

@@ -266,7 +266,7 @@ class HadamardRotation:
         if first is not None:
             with torch.no_grad():
                 before = gm(*first[0], **first[1])
-        q = random_rotation(stream.dim, self.seed)
+        q = random_rotation(stream.dim, self.seed).float()  # float32 once, not per layer
         with torch.no_grad():
             for emb in stream.embeddings:
                 self._rotate_embedding(gm, emb, q)
@@ -311,7 +311,7 @@ class HadamardRotation:
             att = attention_values(gm, node.args[0])
             if att is None or att.n_heads * att.head_dim != lin.in_features:
                 continue
-            h = random_rotation(att.head_dim, self.seed + 1)
+            h = random_rotation(att.head_dim, self.seed + 1).float()
             rotate_linear(gm, self._mutable, att.value, "head_values", outputs=h)
             rotate_linear(gm, self._mutable, node, "head_outputs", inputs=h)
             count += 1
