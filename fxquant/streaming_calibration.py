@@ -18,6 +18,8 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .calib_data import check_finite, normalise_calib_data
+from .errors import CalibrationDataError
+from .ir import bind_inputs
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
 from .resources import release_freed_memory
@@ -45,6 +47,11 @@ def streaming_calibration(gm: fx.GraphModule, calib_data: Any, progress: bool = 
     """Observe every static input quantizer over float forwards of each sample, then set the
     activation qparams and calibrate the weights. The caller turns quantization on afterwards."""
     oprs = {name: m for name, m in gm.named_modules() if isinstance(m, QuantOpr)}
+    producers = {}  # module name -> names of the nodes feeding its tensor inputs (first call site)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in oprs and node.target not in producers:
+            producers[node.target] = [a.name for a in node.args if isinstance(a, fx.Node)]
+    batch = [0]
     handles = []
     for name, m in oprs.items():
         m.set_quant(False, False)
@@ -52,12 +59,17 @@ def streaming_calibration(gm: fx.GraphModule, calib_data: Any, progress: bool = 
         for _, q in static:
             q.reset_observer()
         if static:
-            handles.append(m.register_forward_pre_hook(_observer_hook(name, static)))
+            handles.append(m.register_forward_pre_hook(_observer_hook(name, static, producers.get(name, []), batch)))
     batches = normalise_calib_data(calib_data)
     try:
         for b, (args, kwargs) in enumerate(tqdm(batches, desc="calibrating", unit="sample", disable=not progress)):
-            for value in [*args, *kwargs.values()]:
-                check_finite(value, f"calibration input of calib_data[{b}]")
+            batch[0] = b
+            try:
+                bound = bind_inputs(gm, args, kwargs)
+            except TypeError as exc:
+                raise CalibrationDataError(f"calib_data[{b}] does not fit the model's inputs: {exc}") from exc
+            for ph, value in bound.items():
+                check_finite(value, f"calibration input {ph.target!r} of calib_data[{b}]")
             gm(*args, **kwargs)
             release_freed_memory()
     finally:
@@ -72,11 +84,14 @@ def streaming_calibration(gm: fx.GraphModule, calib_data: Any, progress: bool = 
     log.info("calibrated %d QuantOprs in %d forward passes", len(oprs), len(batches))
 
 
-def _observer_hook(name: str, static: list[tuple[int, StaticQuantizer]]):
+def _observer_hook(name: str, static: list[tuple[int, StaticQuantizer]], producers: list[str], batch: list[int]):
+    """A pre-hook feeding the module's tensor inputs to their observers (NaN / Inf named like the
+    layerwise runner names them: layer, producing node, batch)."""
     def hook(module: torch.nn.Module, args: tuple) -> None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         for i, q in static:
             if i < len(tensors):
-                check_finite(tensors[i], f"the input of {name!r} during calibration")
+                source = producers[i] if i < len(producers) else f"input {i}"
+                check_finite(tensors[i], f"the input of {name!r} (from node {source!r}) in calibration batch {batch[0]}")
                 q.observe(tensors[i])
     return hook

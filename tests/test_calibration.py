@@ -6,6 +6,7 @@ import fxquant
 from fxquant import CalibrationRunner
 from fxquant.errors import CalibrationDataError
 from fxquant.passes import (
+    Calibrate,
     InsertQuantOprs,
     PassManager,
     ResolveSchemes,
@@ -174,3 +175,23 @@ def test_offload_gives_identical_qparams():
         CalibrationRunner(gm, data).layerwise_calibration("cpu", offload=offload, progress=False)
         results.append(_input_scales(gm))
     assert results[0] == results[1]
+
+
+def test_streaming_calibration_gives_the_layerwise_qparams():
+    """Whole float forwards with hooked observers (the default where it is equivalent) and the
+    layerwise runner's stored activations give bit-equal qparams, for min-max and histogram."""
+    torch.manual_seed(0)
+    model = ResNetStyle(blocks=2).eval()
+    data = [[torch.randn(2, 1, 8, 8)] for _ in range(4)]
+    for act_method in ("minmax", "histogram"):
+        results = []
+        for streaming in (True, False):
+            gm = fxquant.capture(model, (data[0][0],))
+            gm = PassManager([fold_batchnorm, functional_to_modules, ResolveSchemes(default="w8a8"),
+                              InsertQuantOprs(fxquant.SchemeOptions(act_method=act_method)),
+                              Calibrate(data, streaming=streaming, progress=False)])(gm)
+            results.append({k: v.clone() for k, v in gm.state_dict().items() if k.endswith(("scale", "zero_point"))})
+        assert results[0].keys() == results[1].keys() and len(results[0]) > 10
+        assert all(torch.equal(results[0][k], results[1][k]) for k in results[0]), act_method
+    with pytest.raises(fxquant.ConfigError, match="streaming calibration needs asym=False"):
+        Calibrate(data, asym=True, streaming=True)(_prepared(model, data[0][0]))
