@@ -14,7 +14,7 @@ def add_protocol_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--eval", type=int, default=32, help="evaluation windows of 512 tokens")
     ap.add_argument("--eval-text", choices=EVAL_TEXTS, default="docs",
                     help="held-out text: docs (the odd pydoc topics; calibration uses the even ones) or gpl3 "
-                         "(the GPL-3 license, a second domain: at most 15 windows)")
+                         "(the GPL-3 license, a second domain: at most 14 windows)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
 
 
@@ -27,7 +27,7 @@ def eval_windows(tok, eval_text: str, n: int) -> list:
     from fxquant.real_models import license_text, text_corpus, token_windows
 
     if eval_text == "gpl3":
-        return token_windows(tok, license_text("GPL-3"), min(n, 15), 512)
+        return token_windows(tok, license_text("GPL-3"), min(n, 14), 512)
     return token_windows(tok, text_corpus("eval"), n, 512)
 
 

@@ -121,7 +121,7 @@ def main() -> None:
         return
     import torch
 
-    print(f"SmolLM2-135M, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens of {args.eval_text}; CPU capability "
+    print(f"SmolLM2-135M, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens of {args.eval_text} (gpl3: at most 14 windows); CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; interpreter {args.python}")
     print_table("tool and configuration", run_rows(args.python, __file__, ["fp32"] + args.rows, args))
 

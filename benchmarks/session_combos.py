@@ -114,7 +114,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.calib, args.eval, args.eval_text)))
         return
     rows = run_rows(sys.executable, __file__, ["fp32"] + args.combos, args)
-    print(f"SmolLM2-135M sessions, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens of {args.eval_text}")
+    print(f"SmolLM2-135M sessions, calib {args.calib} x 512 tokens, eval {args.eval} x 512 tokens of {args.eval_text} (gpl3: at most 14 windows)")
     print_table("processors", rows)
 
 
