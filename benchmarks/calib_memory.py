@@ -4,7 +4,10 @@ Runs in a fresh process: loads the model, calibrates, prints one JSON line with 
 the whole process (model included), the storage's peak number of live values and the graph's
 live-set bound.
 
-    python benchmarks/calib_memory.py [--windows 64] [--length 256] [--scheme w8a8] [--asym]
+    python benchmarks/calib_memory.py [--windows 64] [--length 256] [--scheme w8a8] [--asym] [--layerwise]
+
+--layerwise forces the layerwise runner (seed 003) where fxquant.quantize would stream (see
+docs/calibration_runner.md): the storage figures exist only for the runner.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--scheme", default="w8a8")
     ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--layerwise", action="store_true", help="the layerwise runner even where quantize streams")
     args = ap.parse_args()
 
     import torch
@@ -36,11 +40,21 @@ def main() -> None:
              for w in token_windows(tok, text_corpus("calib"), args.windows, args.length)]
     rss_loaded = peak_rss_mb()
     start = time.perf_counter()
-    q = fxquant.quantize(model, calib, scheme=args.scheme, asym=args.asym, progress=False)
+    if args.layerwise:
+        from fxquant.api import quantization_passes
+        from fxquant.passes import Calibrate, PassManager, ResolveSchemes
+
+        passes = quantization_passes(ResolveSchemes(default=args.scheme), fxquant.SchemeOptions(), calib,
+                                     asym=args.asym, progress=False)
+        passes = [Calibrate(calib, asym=args.asym, progress=False, streaming=False) if isinstance(p, Calibrate)
+                  else p for p in passes]
+        q = PassManager(passes)(fxquant.capture(model, (), calib[0]))
+    else:
+        q = fxquant.quantize(model, calib, scheme=args.scheme, asym=args.asym, progress=False)
     seconds = time.perf_counter() - start
     rss = peak_rss_mb()
     print(json.dumps({
-        "scheme": args.scheme, "windows": args.windows, "length": args.length, "asym": args.asym,
+        "scheme": args.scheme, "layerwise": args.layerwise, "windows": args.windows, "length": args.length, "asym": args.asym,
         "calib_s": round(seconds, 1), "rss_after_load_mb": round(rss_loaded), "peak_rss_mb": round(rss),
         "peak_live_values": q.meta.get("fxquant_peak_live"),
         "live_set_bound": q.meta.get("fxquant_live_set"),

@@ -63,8 +63,9 @@ def test_storage_never_exceeds_graph_live_set_and_ends_empty(monkeypatch):
 def test_smollm2_storage_release(smollm2, smollm2_windows):
     model, _ = smollm2
     calib, _ = smollm2_windows
-    q = fxquant.quantize(model, [{"input_ids": w, "use_cache": False} for w in calib[:2]],
-                         scheme="w8a8", progress=False)
+    data = [{"input_ids": w, "use_cache": False} for w in calib[:2]]
+    q = PassManager([functional_to_modules, ResolveSchemes(default="w8a8"), InsertQuantOprs(),
+                     Calibrate(data, streaming=False, progress=False)])(fxquant.capture(model, (), data[0]))
     gm_nodes = len(q.graph.nodes)
     runner_peak = q.meta.get("fxquant_peak_live")
     assert runner_peak is not None and runner_peak <= q.meta["fxquant_live_set"] < gm_nodes / 10
