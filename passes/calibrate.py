@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,12 +12,14 @@ from torch import fx
 
 from fxquant.calib_data import check_finite
 from fxquant.calibration import CalibrationRunner, WeightOptimizer
-from fxquant.errors import CalibrationDataError, ConfigError
+from fxquant.errors import CalibrationDataError, ConfigError, FxquantError
 from fxquant.quant_opr import QuantOpr, _QWeighted
 from fxquant.quantizer import StaticQuantizer
 from fxquant.storage import graph_live_set_size
 from fxquant.streaming_calibration import can_stream, streaming_calibration
 from fxquant.timestep import TimestepQuantizer
+
+log = logging.getLogger(__name__)
 
 
 def needs_activation_data(gm: fx.GraphModule) -> list[str]:
@@ -50,6 +53,18 @@ class Calibrate:
     weight_optimizers: Sequence[WeightOptimizer] = ()
     streaming: bool | None = None
 
+    def _stream(self, gm: fx.GraphModule) -> bool:
+        """Streaming calibration; False when a sample fails in a forward, so that the layerwise
+        runner, which runs node by node, names the sample and the node it fails at."""
+        try:
+            streaming_calibration(gm, self.calib_data, progress=self.progress)
+        except FxquantError:
+            raise
+        except Exception:  # noqa: BLE001 - re-run layerwise for the diagnosis
+            log.debug("streaming calibration failed; calibrating layerwise", exc_info=True)
+            return False
+        return True
+
     def _streams(self, gm: fx.GraphModule) -> bool:
         """Whole forward passes instead of layerwise storage: when asked (streaming=True, refused
         where it would differ) or, by default, where the two give the same qparams."""
@@ -71,16 +86,15 @@ class Calibrate:
                     f"{len(missing)} layers quantize activations statically (e.g. {missing[0]!r}) and "
                     "need calibration data: pass calib_data, or use a weight-only or dynamic scheme")
             self._calibrate_from_overrides(gm)
-        elif wants_runner and self.calib_data is not None and self._streams(gm):
-            streaming_calibration(gm, self.calib_data, progress=self.progress)
         elif wants_runner and self.calib_data is not None:
-            runner = CalibrationRunner(gm, self.calib_data, input_overrides=self.input_overrides,
-                                       measure_layers=self.measure_layers, pr=self.pr,
-                                       weight_optimizers=self.weight_optimizers)
-            runner.layerwise_calibration(self.device, asym=self.asym, w_quant=True, a_quant=True,
-                                         offload=self.offload, progress=self.progress)
-            gm.meta["fxquant_peak_live"] = runner.storage.peak_live
-            gm.meta["fxquant_live_set"] = graph_live_set_size(gm.graph, runner.nodes_to_run())
+            if not (self._streams(gm) and self._stream(gm)):
+                runner = CalibrationRunner(gm, self.calib_data, input_overrides=self.input_overrides,
+                                           measure_layers=self.measure_layers, pr=self.pr,
+                                           weight_optimizers=self.weight_optimizers)
+                runner.layerwise_calibration(self.device, asym=self.asym, w_quant=True, a_quant=True,
+                                             offload=self.offload, progress=self.progress)
+                gm.meta["fxquant_peak_live"] = runner.storage.peak_live
+                gm.meta["fxquant_live_set"] = graph_live_set_size(gm.graph, runner.nodes_to_run())
         else:
             for m in gm.modules():
                 if isinstance(m, _QWeighted):

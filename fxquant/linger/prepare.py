@@ -185,7 +185,8 @@ def _calibrate(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
                              extra_layer_types=RECURRENT_LAYERS)(gm)
     InsertQuantOprs(SchemeOptions(conv_w_per_channel=False), schemes={scheme.name: scheme})(gm)
     gm.to(cfg.device)
-    Calibrate([{p.target: v for p, v in bound.items()}], device=cfg.device, progress=False)(gm)
+    # layerwise: this runs inside gm's own forward pre-hook, which a streaming forward would re-enter
+    Calibrate([{p.target: v for p, v in bound.items()}], device=cfg.device, progress=False, streaming=False)(gm)
     state["calibrated"] = True
     gm.train(was_training)
     log.info("calibrated %d quantized operators", sum(isinstance(m, QuantOpr) for m in gm.modules()))
