@@ -18,6 +18,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: the Hadamard matrix of order 2
+_H2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+
 
 def _is_prime(q: int) -> bool:
     return q >= 2 and all(q % p for p in range(2, int(q ** 0.5) + 1))
@@ -42,18 +45,16 @@ def _paley(m: int) -> torch.Tensor | None:
     if m % 2 == 0 and _is_prime(q) and q % 4 == 1:  # Paley II from the symmetric conference matrix
         c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
         c[0, 1:], c[1:, 0], c[1:, 1:] = 1.0, 1.0, _jacobsthal(q)
-        a = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
         b = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-        return torch.kron(c, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
+        return torch.kron(c, _H2) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
     return None
 
 
 def _sylvester(p: int) -> torch.Tensor:
     """The Sylvester Hadamard matrix of order p = 2^k, float64."""
     h = torch.ones(1, 1, dtype=torch.float64)
-    step = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
     while h.shape[0] < p:
-        h = torch.kron(h, step)
+        h = torch.kron(h, _H2)
     return h
 
 
@@ -86,13 +87,11 @@ def random_rotation(n: int, seed: int = 0) -> torch.Tensor:
     """An orthogonal float64 [n, n]: diag(random signs) H / sqrt(n) with H a Hadamard matrix of
     order n, or, where none is known, Q of the QR decomposition of a Gaussian matrix. Deterministic
     for a given (n, seed)."""
-    gen = torch.Generator().manual_seed(seed)
-    h = hadamard_matrix(n)
-    if h is None:
-        log.info("no Hadamard matrix of order %d is built here; rotating with a random orthogonal matrix", n)
-        q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r))[None, :]
-    return _random_signs(n, gen)[:, None] * h / n ** 0.5
+    if hadamard_factors(n) is not None:
+        return HadamardTransform(n, seed).matrix()
+    log.info("no Hadamard matrix of order %d is built here; rotating with a random orthogonal matrix", n)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
 
 
 def _random_signs(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -130,7 +129,6 @@ class HadamardTransform(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"n={self.n} ({self.left.shape[0]} x {self.right.shape[0]})"
-
 
 
 class RotatedInput(torch.nn.Module):

@@ -124,8 +124,7 @@ def set_tensor(root: torch.nn.Module, target: str, value: torch.Tensor) -> None:
             parent.add_module(part, torch.nn.Module())
         parent = getattr(parent, part)
     if leaf in parent._parameters:
-        parent._parameters[leaf] = value if isinstance(value, torch.nn.Parameter) else \
-            torch.nn.Parameter(value, requires_grad=False)
+        parent._parameters[leaf] = frozen_parameter(value)
     elif leaf in parent._buffers:
         parent._buffers[leaf] = value
     else:
@@ -136,8 +135,12 @@ def linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None, requires
     """An nn.Linear holding `weight` [out, in] (and `bias` [out]) themselves: built on the meta device
     first, so no throwaway weight is allocated."""
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = weight if isinstance(weight, torch.nn.Parameter) else \
-        torch.nn.Parameter(weight, requires_grad=requires_grad)
+    layer.weight = frozen_parameter(weight, requires_grad)
     if bias is not None:
-        layer.bias = bias if isinstance(bias, torch.nn.Parameter) else torch.nn.Parameter(bias, requires_grad=requires_grad)
+        layer.bias = frozen_parameter(bias, requires_grad)
     return layer
+
+
+def frozen_parameter(t: torch.Tensor, requires_grad: bool = False) -> torch.nn.Parameter:
+    """t itself if it is a Parameter, else t wrapped as one (no gradient unless asked)."""
+    return t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t, requires_grad=requires_grad)

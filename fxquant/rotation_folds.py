@@ -50,9 +50,8 @@ def rotate_linear(gm: fx.GraphModule, mutable: set[int], node: fx.Node, what: st
     if outputs is not None:  # mixes rows: whole (the writers are d x k)
         out.copy_(block_left_t(out.float(), outputs.float()))
     b = None if lin.bias is None else lin.bias.detach()
-    if b is not None and outputs is not None:
-        n, r = b.numel(), outputs.shape[0]
-        rotated = (b.float().reshape(n // r, r) @ outputs.float()).reshape(n).to(b.dtype)
+    if b is not None and outputs is not None:  # b blockdiag(outputs): a one-row block_right
+        rotated = block_right(b.float()[None, :], outputs.float())[0].to(b.dtype)
         b = b.copy_(rotated) if in_place else rotated
     if not in_place:
         new = linear_from(out, None if b is None else b.clone())

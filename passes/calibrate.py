@@ -53,7 +53,7 @@ class Calibrate:
     weight_optimizers: Sequence[WeightOptimizer] = ()
     streaming: bool | None = None
 
-    def _stream(self, gm: fx.GraphModule) -> bool:
+    def _calibrate_streaming(self, gm: fx.GraphModule) -> bool:
         """Streaming calibration; False when a sample fails in a forward, so that the layerwise
         runner, which runs node by node, names the sample and the node it fails at."""
         try:
@@ -65,7 +65,7 @@ class Calibrate:
             return False
         return True
 
-    def _streams(self, gm: fx.GraphModule) -> bool:
+    def _may_stream(self, gm: fx.GraphModule) -> bool:
         """Whole forward passes instead of layerwise storage: when asked (streaming=True, refused
         where it would differ) or, by default, where the two give the same qparams."""
         equal = (not self.asym and not self.weight_optimizers and not self.measure_layers
@@ -87,7 +87,7 @@ class Calibrate:
                     "need calibration data: pass calib_data, or use a weight-only or dynamic scheme")
             self._calibrate_from_overrides(gm)
         elif wants_runner and self.calib_data is not None:
-            if not (self._streams(gm) and self._stream(gm)):
+            if not (self._may_stream(gm) and self._calibrate_streaming(gm)):
                 runner = CalibrationRunner(gm, self.calib_data, input_overrides=self.input_overrides,
                                            measure_layers=self.measure_layers, pr=self.pr,
                                            weight_optimizers=self.weight_optimizers)

@@ -103,3 +103,14 @@ class FunctionalOps(nn.Module):
         ctx2 = attn @ v
         h = torch.add(ctx, ctx2) + x
         return self.out(h) + h
+
+
+class RMSNorm(nn.Module):
+    """x [..., d] -> weight * x / sqrt(mean(x^2) + eps), weight [d] random in [0.5, 1.5)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))

@@ -15,6 +15,8 @@ from fxquant.hadamard import HadamardTransform, hadamard_matrix, random_rotation
 from fxquant.onnx_export import to_onnx_model, write_onnx
 from fxquant.passes import HadamardRotation, lower_to_qdq
 
+from models import RMSNorm
+
 
 @pytest.mark.parametrize("n", [12, 20, 28, 36, 48, 64, 72, 576, 1536])
 def test_hadamard_matrices_of_transformer_widths(n):
@@ -34,15 +36,6 @@ def test_orders_without_a_hadamard_matrix_rotate_with_a_random_orthogonal_one():
     assert torch.allclose(q @ q.T, torch.eye(9, dtype=torch.float64), atol=1e-12)
     with pytest.raises(ValueError, match="no Hadamard matrix of order 9"):
         HadamardTransform(9)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.weight = nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
 
 class TinyLlama(nn.Module):

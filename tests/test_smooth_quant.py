@@ -7,14 +7,7 @@ from torch import nn
 import fxquant
 from fxquant.passes import PassManager, ResolveSchemes, SmoothQuant
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.weight = nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+from models import RMSNorm
 
 
 class Block(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from fxquant.ir import get_attr_path, linear_from
+from fxquant.ir import frozen_parameter, get_attr_path, linear_from
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,9 @@ def _layer_to_call_module(graph: fx.Graph, root: torch.nn.Module, node: fx.Node)
         layer = _conv_layer(_CONV_TARGETS[node.target], node, weight, bias)
         if layer is None:
             return None
-        layer.weight = weight if isinstance(weight, torch.nn.Parameter) else \
-            torch.nn.Parameter(weight, requires_grad=False)
+        layer.weight = frozen_parameter(weight)
         if bias is not None:
-            layer.bias = bias if isinstance(bias, torch.nn.Parameter) else torch.nn.Parameter(bias, requires_grad=False)
+            layer.bias = frozen_parameter(bias)
     _install(root, name, layer)
     with graph.inserting_before(node):
         new = graph.call_module(name, (node.args[0],))
