@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 #: kernel names a layer may record, and what each computes
 KERNEL_DESCRIPTIONS = {
     "int_mm": "int8 x int8 -> int32 GEMM (torch._int_mm: VNNI / AMX on CPU, CUDA)",
+    "onednn_split": "oneDNN u8 x s8 GEMM on 7-bit parts of the codes, large codes added back exactly (AVX2)",
     "fp32_split": "int8 codes multiplied in fp32, k split so that every partial sum is exact",
     "fp64": "int8 codes multiplied in fp64 (exact)",
     "dequant_mm": "int8 / packed int4 weight dequantized, one float GEMM (fused GEMV when compiled)",

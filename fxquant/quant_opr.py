@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.kernels import code_matmul, code_row_sums
+from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
     codes_gemv,
@@ -288,6 +289,18 @@ class QLinear(_QWeighted):
         use, else float codes that carry gradients to the weight."""
         return self.weight_codes if self._stored_codes_in_use() else self._weight_codes()
 
+    def _split_packed_weight(self) -> SplitPackedWeight | None:
+        """The "onednn_split" kernel's operands of the stored int8 codes, cached in the layer (not
+        saved) and rebuilt when the codes change; None for other kernels or unfrozen codes."""
+        if self.kernel != "onednn_split" or not self._stored_codes_in_use():
+            return None
+        cached = self.__dict__.get("_split_packed")
+        if torch.compiler.is_compiling():
+            return cached  # built by the eager call that freezing or the first run made
+        if cached is None or not cached.matches(self.weight_codes):
+            cached = self.__dict__["_split_packed"] = SplitPackedWeight(self.weight_codes)
+        return cached
+
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.active_input_quantizer()
         codes, sx, zero = self._input_codes(x)
@@ -295,14 +308,15 @@ class QLinear(_QWeighted):
         wscale = self.weight_quantizer.scale.reshape(-1)
         kernel = None if self.kernel == "simulated" else self.kernel
         if isinstance(aq, DynamicQuantizer):
-            acc = code_matmul(xc, self._gemm_weight_codes(), kernel=kernel)  # exact sums, float32 [m, n]
+            acc = code_matmul(xc, self._gemm_weight_codes(), kernel=kernel,
+                              packed=self._split_packed_weight())  # exact sums, float32 [m, n]
             y = acc * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
             if self.bias is not None:
                 y = y + self.bias.float()
         else:
             deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
             y = code_matmul(xc, self._gemm_weight_codes(), zero, self.quantized_bias(deq), kernel,
-                            self.weight_row_sums) * deq
+                            self.weight_row_sums, self._split_packed_weight()) * deq
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -3,9 +3,11 @@
 `torch._int_mm` is exact and fast where the CPU has VNNI (or AMX) int8 dot products, and on CUDA.
 On CPUs without them (AVX2 only) oneDNN's int8 GEMM multiplies pairs with `vpmaddubsw`, whose
 16-bit intermediate sums saturate: results are wrong by up to ~1e5 for full-range codes, and
-about 16x slower than an fp32 GEMM. There the codes are multiplied in fp32 with k split into
-chunks of 1024, so that every partial sum (|a*b| <= 2^14, 1024 of them) stays below 2^24 and is
-exact, then the chunks are added in int32.
+about 16x slower than an fp32 GEMM. There oneDNN's u8 x s8 kernel runs on 7-bit parts of the
+codes and the few large codes are added back exactly ("onednn_split", kernels/onednn_split.py).
+Without oneDNN, the codes are multiplied in fp32 with k split into chunks of 1024, so that every
+partial sum (|a*b| <= 2^14, 1024 of them) stays below 2^24 and is exact, then the chunks are added
+in int32 ("fp32_split").
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from pathlib import Path
 
 import torch
 
+from . import onednn_split
+from .onednn_split import SplitPackedWeight, split_codes_matmul
+
 #: implementations of int8_matmul, by name
-KERNELS = ("int_mm", "fp32_split", "fp64")
+KERNELS = ("int_mm", "onednn_split", "fp32_split", "fp64")
 #: the largest k chunk whose fp32 sums of int8 products are exact: 1024 * 2^14 = 2^24
 EXACT_FP32_K = 1024
 #: ISA names (ONEDNN_MAX_CPU_ISA) that have no int8 dot product instruction
@@ -42,7 +47,9 @@ def default_kernel(device: torch.device) -> str:
     """The fastest exact int8_matmul implementation on `device`."""
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_int8_dot()):
         return "int_mm"
-    return "fp32_split" if device.type == "cpu" else "fp64"
+    if device.type == "cpu":
+        return "onednn_split" if onednn_split.available() else "fp32_split"
+    return "fp64"
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
@@ -59,6 +66,8 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str | None = None) -> 
             return torch._int_mm(a, b)
         except RuntimeError:
             kernel = "fp64"
+    if kernel == "onednn_split":
+        return split_codes_matmul(a, SplitPackedWeight(b.t().contiguous())).to(torch.int32)
     if kernel == "fp32_split":
         k = a.shape[1]
         if k <= EXACT_FP32_K:
@@ -73,13 +82,15 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str | None = None) -> 
     raise ValueError(f"unknown int8_matmul kernel {kernel!r}; valid: {', '.join(KERNELS)}")
 
 
-def codes_matmul(xc: torch.Tensor, wc: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+def codes_matmul(xc: torch.Tensor, wc: torch.Tensor, kernel: str | None = None,
+                 packed: SplitPackedWeight | None = None) -> torch.Tensor:
     """xc [m, k] @ wc^T ([n, k]) of integer codes (int8, or float holding integers in [-128, 127])
     -> [m, n] exact sums: int32 where the kernel accumulates in integers (int_mm, k chunks),
     float32 where every sum is exact in float32 (one chunk of k <= EXACT_FP32_K).
 
     No round trip through int8 where the kernel computes in float: "fp32_split" multiplies float
-    codes as they are, "int_mm" converts them to int8 once.
+    codes as they are, "int_mm" converts them to int8 once. `packed`: the layer's cached operands of
+    wc for "onednn_split" (built here, per call, when missing or stale).
     """
     kernel = kernel or default_kernel(xc.device)
     if kernel == "int_mm":
@@ -89,6 +100,15 @@ def codes_matmul(xc: torch.Tensor, wc: torch.Tensor, kernel: str | None = None) 
             return torch._int_mm(a, b.t())
         except RuntimeError:
             kernel = "fp64"
+    if kernel == "onednn_split":
+        if torch.compiler.is_compiling():
+            if packed is not None:
+                return split_codes_matmul(xc, packed)
+            kernel = "fp32_split"  # packing cannot be traced: the exact float path
+        else:
+            if packed is None or not packed.matches(wc):
+                packed = SplitPackedWeight(wc if wc.dtype == torch.int8 else wc.to(torch.int8))
+            return split_codes_matmul(xc, packed)
     if kernel == "fp32_split":
         a, b = xc.float(), wc.float()
         k = a.shape[1]
@@ -109,10 +129,10 @@ class _CodeMatmul(torch.autograd.Function):
     accumulation, the backward that of (xc - zx) @ wc^T + qbias in float."""
 
     @staticmethod
-    def forward(ctx, xc, wc, zx, qbias, kernel, wsum):  # noqa: D102
+    def forward(ctx, xc, wc, zx, qbias, kernel, wsum, packed):  # noqa: D102
         ctx.save_for_backward(xc, wc)
         ctx.zx = zx
-        return _accumulate(xc, wc, zx, qbias, kernel, wsum)
+        return _accumulate(xc, wc, zx, qbias, kernel, wsum, packed)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -120,7 +140,7 @@ class _CodeMatmul(torch.autograd.Function):
         grad_qbias = grad.sum(dim=0) if ctx.needs_input_grad[3] else None
         grad_x = grad @ wc.to(grad.dtype)
         grad_w = grad.t() @ (xc - ctx.zx) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None, grad_qbias, None, None
+        return grad_x, grad_w, None, grad_qbias, None, None, None
 
 
 def code_row_sums(wc: torch.Tensor) -> torch.Tensor:
@@ -128,8 +148,8 @@ def code_row_sums(wc: torch.Tensor) -> torch.Tensor:
     return wc.to(torch.int32).sum(dim=1, dtype=torch.int32)
 
 
-def _accumulate(xc, wc, zx: int, qbias, kernel: str | None, wsum) -> torch.Tensor:
-    acc = codes_matmul(xc, wc, kernel)
+def _accumulate(xc, wc, zx: int, qbias, kernel: str | None, wsum, packed=None) -> torch.Tensor:
+    acc = codes_matmul(xc, wc, kernel, packed)
     if not zx and qbias is None:
         return acc.float()
     acc = acc.to(torch.int32)  # offsets in int32: their sums may pass 2^24
@@ -141,15 +161,17 @@ def _accumulate(xc, wc, zx: int, qbias, kernel: str | None, wsum) -> torch.Tenso
 
 
 def code_matmul(xc: torch.Tensor, wc: torch.Tensor, zx: int = 0, qbias: torch.Tensor | None = None,
-                kernel: str | None = None, wsum: torch.Tensor | None = None) -> torch.Tensor:
+                kernel: str | None = None, wsum: torch.Tensor | None = None,
+                packed: SplitPackedWeight | None = None) -> torch.Tensor:
     """(xc - zx) @ wc^T + qbias, accumulated exactly and returned as float32 [m, n].
 
     xc [m, k] and wc [n, k] hold int8 codes (int8, or float integers in [-128, 127]); zx is the
     activation zero point (a Python int); qbias float [n] an integer-valued bias on the
     accumulator's grid; wsum int32 [n] the row sums of wc when known (saves a pass over wc). With
     gradients enabled the values are the same, and gradients pass straight through to xc, wc and
-    qbias, so training sees the deployed arithmetic.
+    qbias, so training sees the deployed arithmetic. packed: the layer's cached "onednn_split"
+    operands of wc.
     """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, wc, qbias)):
-        return _CodeMatmul.apply(xc, wc, int(zx), qbias, kernel, wsum)
-    return _accumulate(xc, wc, int(zx), qbias, kernel, wsum)
+        return _CodeMatmul.apply(xc, wc, int(zx), qbias, kernel, wsum, packed)
+    return _accumulate(xc, wc, int(zx), qbias, kernel, wsum, packed)

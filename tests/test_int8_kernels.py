@@ -9,7 +9,7 @@ from fxquant.kernels import int8_matmul
 from fxquant.kernels.int_matmul import EXACT_FP32_K, default_kernel
 
 
-@pytest.mark.parametrize("kernel", [None, "fp32_split", "fp64"])
+@pytest.mark.parametrize("kernel", [None, "onednn_split", "fp32_split", "fp64"])
 @pytest.mark.parametrize("m, k, n", [(1, 576, 64), (64, 576, 1536), (33, 1536, 96), (17, 4100, 40)])
 def test_int8_matmul_is_exact(kernel, m, k, n):
     gen = torch.Generator().manual_seed(m * k + n)
@@ -32,7 +32,7 @@ def test_fp32_split_chunks_keep_sums_exact():
 
 def test_unknown_kernel_is_refused():
     a = torch.zeros(2, 2, dtype=torch.int8)
-    with pytest.raises(ValueError, match="valid: int_mm, fp32_split, fp64"):
+    with pytest.raises(ValueError, match="valid: int_mm, onednn_split, fp32_split, fp64"):
         int8_matmul(a, a, "onednn")
 
 
@@ -92,3 +92,46 @@ def test_compiled_w8a16_decode_takes_the_fused_gemv_and_matches_eager(monkeypatc
         eager, compiled = layer(x), torch.compile(layer, backend="eager")(x)
     assert calls == [False, True]  # eager: the dequantized GEMM; compiled: the fused GEMV
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not __import__("fxquant.kernels.onednn_split", fromlist=["x"]).available(),
+                    reason="this torch build has no oneDNN quantized linear")
+def test_onednn_split_layer_cache_follows_its_codes_through_copies_and_compile():
+    """The "onednn_split" operands are a per-layer cache of the int8 codes: built on first use,
+    rebuilt when the codes change, dropped by deepcopy and pickling, used by torch.compile."""
+    import copy
+    import io
+
+    import fxquant
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    q = fxquant.quantize(model, [[torch.randn(16, 256) * 4]], scheme="w8a8_dynamic", progress=False)
+    layer = q.get_submodule("0")
+    layer.kernel = "onednn_split"
+    x = torch.randn(9, 256) * 4
+    x[:, :4] *= 30  # per-token outliers: codes beyond the 7-bit part
+    with torch.no_grad():
+        out = layer(x)
+        cached = layer.__dict__["_split_packed"]
+        assert layer(x) is not None and layer.__dict__["_split_packed"] is cached
+        layer.kernel = "fp64"
+        torch.testing.assert_close(out, layer(x), rtol=1e-6, atol=1e-6)
+        layer.kernel = "onednn_split"
+        layer.weight_codes.mul_(-1)  # new codes: the cache must not serve the old ones
+        flipped = layer(x)
+        assert layer.__dict__["_split_packed"] is not cached
+        layer.kernel = "fp64"
+        torch.testing.assert_close(flipped, layer(x), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(flipped, out)
+        layer.kernel = "onednn_split"
+        copied = copy.deepcopy(layer)
+        assert copied.__dict__.get("_split_packed") is None
+        torch.testing.assert_close(copied(x), flipped)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        assert torch.load(buffer, weights_only=False).__dict__.get("_split_packed") is None
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x), flipped, rtol=1e-6, atol=1e-6)
