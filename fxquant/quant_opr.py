@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.kernels import code_matmul, code_row_sums
-from fxquant.kernels.onednn_split import SplitPackedWeight
+from fxquant.kernels.onednn_split import SplitPackedWeight, split_linear
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
     codes_gemv,
     linear_from_weight,
     pack_codes,
     unpack_codes,
+    word_view_ok,
 )
 
 from .errors import ConfigError, NotQuantizableError
@@ -271,18 +272,24 @@ class QLinear(_QWeighted):
         if self._integer_path(x):
             return self._int_forward(x)
         if self._fused_gemv(x):
-            wq = self.weight_quantizer
-            return codes_gemv(x, self.weight_codes, wq.scale.reshape(-1), self.bias)
+            wq, spec = self.weight_quantizer, self.weight_quantizer.spec
+            group = spec.group_size if spec.granularity == "group" else None
+            scale, zero = (wq.scale, wq.zero_point) if group else (wq.scale.reshape(-1), wq.zero_point.reshape(-1))
+            return codes_gemv(x, self.weight_codes, spec.bits, scale, None if spec.symmetric else zero, group,
+                              self.bias)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
 
     def _fused_gemv(self, x: torch.Tensor) -> bool:
-        """True for weight-only layers with stored symmetric per-channel int8 codes, under
-        torch.compile, on inputs of at most GEMV_MAX_ROWS rows (decode): codes_gemv."""
+        """True for weight-only layers with stored int8 codes per channel or int4 / int8 codes per
+        group, under torch.compile, on inputs of at most GEMV_MAX_ROWS rows (decode): codes_gemv."""
         wq, spec = self.weight_quantizer, self.weight_quantizer.spec
-        return (torch.compiler.is_compiling() and not self.input_quantizer.enabled and wq.enabled
-                and self._stored_codes_in_use() and spec.symmetric and spec.bits == 8
-                and spec.granularity == "channel" and spec.axis == 0
-                and x.numel() <= GEMV_MAX_ROWS * x.shape[-1])
+        if not (torch.compiler.is_compiling() and not self.input_quantizer.enabled and wq.enabled
+                and self._stored_codes_in_use() and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]):
+            return False
+        if spec.granularity == "group":
+            return spec.bits in (4, 8) and spec.signed and word_view_ok(self.weight_codes, spec.bits, spec.group_size)
+        return (spec.granularity == "channel" and spec.axis == 0 and spec.bits == 8
+                and word_view_ok(self.weight_codes, 8))
 
     def _gemm_weight_codes(self) -> torch.Tensor:
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in
@@ -307,16 +314,35 @@ class QLinear(_QWeighted):
         xc = codes.reshape(-1, x.shape[-1])
         wscale = self.weight_quantizer.scale.reshape(-1)
         kernel = None if self.kernel == "simulated" else self.kernel
+        packed = self._split_packed_weight()
+        if packed is not None and not (torch.is_grad_enabled() and (x.requires_grad or self._bias_trains())):
+            return self._split_forward(x, xc, sx, zero, packed)
         if isinstance(aq, DynamicQuantizer):
-            acc = code_matmul(xc, self._gemm_weight_codes(), kernel=kernel,
-                              packed=self._split_packed_weight())  # exact sums, float32 [m, n]
+            acc = code_matmul(xc, self._gemm_weight_codes(), kernel=kernel, packed=packed)  # exact sums, float32 [m, n]
             y = acc * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
             if self.bias is not None:
                 y = y + self.bias.float()
         else:
             deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
             y = code_matmul(xc, self._gemm_weight_codes(), zero, self.quantized_bias(deq), kernel,
-                            self.weight_row_sums, self._split_packed_weight()) * deq
+                            self.weight_row_sums, packed) * deq
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _bias_trains(self) -> bool:
+        return self.bias is not None and self.bias.requires_grad
+
+    def _split_forward(self, x: torch.Tensor, xc: torch.Tensor, sx: torch.Tensor, zero: int,
+                       packed: SplitPackedWeight) -> torch.Tensor:
+        """_int_forward on the "onednn_split" kernel without gradients: oneDNN applies the scales
+        and the bias on the accumulator grid (static) itself, one pass fewer over the output."""
+        wscale = self.weight_quantizer.scale.reshape(-1).float()
+        if isinstance(self.active_input_quantizer(), DynamicQuantizer):
+            y = split_linear(xc, packed, 0, wscale)
+            y = y * sx.reshape(-1, 1) if self.bias is None else torch.addcmul(self.bias.float(), y, sx.reshape(-1, 1))
+        else:
+            deq = (sx * wscale).reshape(-1)
+            qbias = self.quantized_bias(deq)
+            y = split_linear(xc, packed, zero, deq, None if qbias is None else qbias * deq)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

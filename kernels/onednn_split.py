@@ -10,8 +10,8 @@ the kernel is exact. Codes are therefore split:
 
 and the few large codes are added back exactly from a transposed byte table of the weight
 (FBGEMM's rowwise embedding bag: for each row of xc, the weighted sum of the weight columns its
-large codes select). Both parts return float32 sums, exact while |sums| < 2^24: k is cut into
-chunks of CHUNK_K (2048 * 64 * 128 = 2^24), added in int32.
+large codes select). Each part returns float32 sums, exact while |sums| <= 2^24: k is cut into
+chunks of CHUNK_K, and the parts are added in int32 where their sum could pass 2^24.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import torch
 
 #: the 7-bit range of the part of the codes that oneDNN multiplies, and its zero point
 SMALL_MIN, SMALL_MAX, SMALL_ZERO = -64, 63, 64
-#: the largest k whose float32 sums of either part are exact
+#: the largest k whose float32 sums of either part are exact (2048 * 64 * 128 = 2^24)
 CHUNK_K = 2048
+#: the largest k whose float32 sums of whole int8 products are exact (1024 * 128 * 128 = 2^24)
+EXACT_FP32_K = 1024
 
 
 def available() -> bool:
@@ -44,7 +46,7 @@ class SplitPackedWeight:
         _register_op()
         n, k = codes.shape
         self.source = (codes.data_ptr(), codes._version, tuple(codes.shape))
-        self.ones, self.zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
+        self.ones = torch.ones(n)
         self.chunks = []  # (first column, packed weight, byte table) per chunk of k
         for start in range(0, k, CHUNK_K):
             part = codes[:, start:start + CHUNK_K].contiguous()
@@ -69,38 +71,73 @@ def _no_cache() -> None:
 
 def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight) -> torch.Tensor:
     """xc [m, k] (integer codes in [-128, 127], int8 or float) @ codes^T -> exact integer sums [m, n]:
-    float32 for one chunk of k, int32 for more (see the module docstring)."""
-    if len(weight.chunks) == 1:
-        _, packed, table = weight.chunks[0]
-        return torch.ops.fxquant.split_codes_mm(xc, packed, table, weight.ones, weight.zeros)
+    float32 while k <= EXACT_FP32_K (every sum below 2^24), else int32."""
+    small = xc.clamp(SMALL_MIN, SMALL_MAX)
+    low, big = (small + SMALL_ZERO).to(torch.uint8), (xc - small).float()
+    in_float = xc.shape[1] <= EXACT_FP32_K
     out = None
     for start, packed, table in weight.chunks:
-        part = torch.ops.fxquant.split_codes_mm(xc[:, start:start + CHUNK_K].contiguous(), packed, table,
-                                                weight.ones, weight.zeros).to(torch.int32)
+        cols = slice(start, start + CHUNK_K)
+        parts = (torch.ops.fxquant.onednn_u8_mm(low[:, cols].contiguous(), packed, SMALL_ZERO, weight.ones, None),
+                 torch.ops.fxquant.large_codes_mm(big[:, cols].contiguous(), table))
+        for part in parts:  # each exact in float32; their sum may not be, beyond EXACT_FP32_K
+            part = part if in_float else part.to(torch.int32)
+            out = part if out is None else out + part
+    return out
+
+
+def split_linear(xc: torch.Tensor, weight: SplitPackedWeight, zero: int, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """((xc - zero) @ codes^T) * scale + bias -> float32 [m, n]: xc [m, k] integer codes in
+    [-128, 127] (int8 or float), zero an int, scale float [n] (per output channel), bias float [n].
+
+    The exact integer sums of split_codes_matmul, scaled: equal to scaling them afterwards up to
+    float rounding of the scaling (oneDNN scales its part, the large codes' part is scaled here).
+    Under torch.compile the split and the scaling fuse with the ops around them; the two kernels
+    stay opaque."""
+    small = xc.clamp(SMALL_MIN, SMALL_MAX)
+    low, big = (small + SMALL_ZERO).to(torch.uint8), (xc - small).float()
+    out = None
+    for start, packed, table in weight.chunks:
+        cols = slice(start, start + CHUNK_K)
+        part = torch.ops.fxquant.onednn_u8_mm(low[:, cols].contiguous(), packed, SMALL_ZERO + zero, scale,
+                                              bias if start == 0 else None)
+        part = torch.addcmul(part, torch.ops.fxquant.large_codes_mm(big[:, cols].contiguous(), table), scale)
         out = part if out is None else out + part
     return out
 
 
-def _split_codes_mm(xc: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, ones: torch.Tensor,
-                    zeros: torch.Tensor) -> torch.Tensor:
-    small = xc.clamp(SMALL_MIN, SMALL_MAX)
-    acc = torch.ops.onednn.qlinear_pointwise((small + SMALL_ZERO).to(torch.uint8), 1.0, SMALL_ZERO, packed, ones,
-                                             zeros, None, 1.0, 0, torch.float32, "none", [], "")
-    big = xc - small
+def _onednn_u8_mm(low: torch.Tensor, packed: torch.Tensor, zero: int, scale: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """((low - zero) @ codes^T) * scale + bias, float32 [m, n]; low uint8 [m, k] of 7 bits."""
+    zeros = torch.zeros(scale.shape[0], dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(low, 1.0, zero, packed, scale, zeros, bias, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def _large_codes_mm(big: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """big float [m, k] (integers, mostly zero) @ codes^T -> float32 [m, n] from the byte table."""
     rows, cols = big.nonzero(as_tuple=True)
-    if rows.numel():
-        offsets = torch.searchsorted(rows, torch.arange(xc.shape[0], device=rows.device))
-        acc += torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-            table, cols, offsets, False, 0, False, big[rows, cols].float(), None, False)
-    return acc
+    n = table.shape[1] - 8
+    if not rows.numel():
+        return big.new_zeros(big.shape[0], n)
+    offsets = torch.searchsorted(rows, torch.arange(big.shape[0]))
+    return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+        table, cols, offsets, False, 0, False, big[rows, cols], None, False)
 
 
 @functools.cache
 def _register_op() -> None:
-    """Define fxquant::split_codes_mm once, on the first SplitPackedWeight (not at import): one
-    opaque op for torch.compile, which cannot trace the data-dependent split."""
-    op = torch.library.custom_op("fxquant::split_codes_mm", _split_codes_mm, mutates_args=())
+    """Define fxquant::onednn_u8_mm and fxquant::large_codes_mm once, on the first
+    SplitPackedWeight (not at import): opaque ops for torch.compile, which can neither lower
+    oneDNN's op on a weight that is not a graph constant nor trace the data-dependent gather."""
+    u8_mm = torch.library.custom_op("fxquant::onednn_u8_mm", _onednn_u8_mm, mutates_args=())
+    large = torch.library.custom_op("fxquant::large_codes_mm", _large_codes_mm, mutates_args=())
 
-    @op.register_fake
-    def _(xc, packed, table, ones, zeros):  # noqa: ANN001, ANN202
-        return xc.new_empty((xc.shape[0], ones.shape[0]), dtype=torch.float32)
+    @u8_mm.register_fake
+    def _(low, packed, zero, scale, bias):  # noqa: ANN001, ANN202
+        return low.new_empty((low.shape[0], scale.shape[0]), dtype=torch.float32)
+
+    @large.register_fake
+    def _(big, table):  # noqa: ANN001, ANN202
+        return big.new_empty((big.shape[0], table.shape[1] - 8), dtype=torch.float32)

@@ -2,15 +2,17 @@
 
 4-bit codes are stored two per byte (uint8 [n, k / 2], low nibble first); 8-bit codes as int8.
 Eager, a layer dequantizes its codes and runs one float GEMM. Under torch.compile, inputs with
-few rows (decode: one token per sequence) take the form of a broadcast multiply and a sum over k,
-which inductor fuses with the dequantization into one GEMV that reads the compact codes once,
-instead of writing a float weight and reading it back (`codes_gemv` for per-channel int8 codes:
-the scale applied once to each sum). Inductor's CPU code for the 4-bit and per-group forms is
-10-100x slower than an fp32 GEMV (nibble unpacking and group-scale gathers do not vectorize), so
-4-bit layers stay a float GEMM of the dequantized weight.
+few rows (decode: one token per sequence) take the form of a broadcast multiply and a sum over k
+(`codes_gemv`), which inductor fuses with the dequantization into one GEMV that reads the compact
+codes once instead of writing a float weight and reading it back. The codes are read as int32
+words (a view of the same bytes, 4 int8 or 8 int4 codes each) and taken apart with shifts and
+masks: inductor vectorizes whole-word loads and integer shifts on every x86 ISA, where its loads
+of 8 int8 lanes (AVX2) or of nibbles do not vectorize (10-100x slower than an fp32 GEMV).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +53,45 @@ def linear_from_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(x, weight, bias)
 
 
-def codes_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., k] @ (codes * scale[:, None])^T + bias -> [..., n] from symmetric int8 codes [n, k]
-    with one scale per output channel [n]: the multiply-and-sum over the stored codes that inductor
-    fuses into one GEMV reading one byte per weight, scaled once per output. Equal to F.linear of
-    the dequantized weight up to float rounding."""
-    y = (x.unsqueeze(-2) * codes.to(x.dtype)).sum(-1) * scale.to(x.dtype)
+def word_view_ok(stored: torch.Tensor, bits: int, group_size: int | None = None) -> bool:
+    """True when codes_gemv can read `stored` (int8 [n, k] or packed uint8 [n, k / 2]) as int32
+    words: contiguous, 4-byte aligned, whole words per row (and per group), little-endian."""
+    per_word = 32 // bits
+    return (sys.byteorder == "little" and stored.is_contiguous() and stored.storage_offset() % 4 == 0
+            and stored.shape[-1] % 4 == 0 and (group_size is None or group_size % per_word == 0))
+
+
+def codes_gemv(x: torch.Tensor, stored: torch.Tensor, bits: int, scale: torch.Tensor,
+               zero_point: torch.Tensor | None = None, group_size: int | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., k] @ dequantized(codes)^T + bias -> [..., n], as a multiply-and-sum over the stored
+    codes read as int32 words (word_view_ok must hold).
+
+    stored: int8 codes [n, k] (bits 8) or pack_codes' uint8 [n, k / 2] (bits 4). scale and
+    zero_point: [n] per channel (zero_point None: symmetric), or [n, k / group_size] per group.
+    The weight is (code - zero_point) * scale; the result equals F.linear of it up to float
+    rounding (sums in another order)."""
+    per_word = 32 // bits
+    words = stored.view(torch.int32)  # [n, k / per_word]; code per_word * j + t in bits t*bits...
+    n, w = words.shape
+    xs = x.reshape(*x.shape[:-1], 1, w, per_word)
+    inner = None  # [..., n, w]: sum over the codes of each word of x * code
+    for t in range(per_word):
+        if bits == 8:
+            code = (words << (24 - 8 * t)) >> 24  # sign-extended byte t
+        else:
+            code = ((words >> (4 * t)) & 15) - 8  # nibble t; pack_codes stores code + 8
+        term = xs[..., t] * code.to(x.dtype)
+        inner = term if inner is None else inner + term
+    if group_size is None:
+        if zero_point is not None:
+            inner = inner - zero_point.to(x.dtype)[:, None] * xs.sum(-1)
+        y = inner.sum(-1) * scale.to(x.dtype)
+    else:
+        repeat = group_size // per_word  # words per group: the group's scale and offset, word by word
+        s = scale.to(x.dtype)[:, :, None].expand(n, scale.shape[1], repeat).reshape(n, w)
+        if zero_point is not None:
+            z = zero_point.to(x.dtype)[:, :, None].expand(n, scale.shape[1], repeat).reshape(n, w)
+            inner = inner - z * xs.sum(-1)
+        y = (inner * s).sum(-1)
     return y if bias is None else y + bias

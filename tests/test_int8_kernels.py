@@ -63,16 +63,30 @@ def test_frozen_layer_gives_the_same_values_on_every_kernel(scheme):
         assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), kernel
 
 
-def test_codes_gemv_is_the_linear_of_the_dequantized_weight():
-    """The fused weight-only decode form over int8 codes [n, k] and per-channel scales [n]."""
-    from fxquant.kernels.weight_only import codes_gemv
+@pytest.mark.parametrize("bits, group, asym", [(8, None, False), (8, None, True), (4, 32, True), (4, 64, False),
+                                              (8, 32, True)])
+def test_codes_gemv_is_the_linear_of_the_dequantized_weight(bits, group, asym):
+    """The fused weight-only decode form over stored codes read as int32 words: int8 per channel,
+    int4 / int8 per group, with and without offsets."""
+    from fxquant.kernels.weight_only import codes_gemv, pack_codes, unpack_codes, word_view_ok
 
-    gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(-127, 128, (96, 200), generator=gen, dtype=torch.int8)
-    scale, bias = torch.rand(96, generator=gen) / 100, torch.randn(96, generator=gen)
-    x = torch.randn(2, 3, 200, generator=gen)
-    expected = torch.nn.functional.linear(x, codes.float() * scale[:, None], bias)
-    torch.testing.assert_close(codes_gemv(x, codes, scale, bias), expected, rtol=1e-5, atol=1e-5)
+    gen = torch.Generator().manual_seed(bits + (group or 0))
+    n, k = 96, 256
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    codes = torch.randint(lo, hi, (n, k), generator=gen).float()
+    stored = pack_codes(codes, bits)
+    assert word_view_ok(stored, bits, group) and torch.equal(unpack_codes(stored, bits, (n, k)).float(), codes)
+    groups = 1 if group is None else k // group
+    scale = torch.rand(n, groups, generator=gen) / 100
+    zero = torch.randint(-3, 4, (n, groups), generator=gen).float() if asym else torch.zeros(n, groups)
+    weight = ((codes.reshape(n, groups, -1) - zero[..., None]) * scale[..., None]).reshape(n, k)
+    bias, x = torch.randn(n, generator=gen), torch.randn(2, 3, k, generator=gen)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    if group is None:
+        out = codes_gemv(x, stored, bits, scale[:, 0], zero[:, 0] if asym else None, None, bias)
+    else:
+        out = codes_gemv(x, stored, bits, scale, zero if asym else None, group, bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_w8a16_decode_takes_the_fused_gemv_and_matches_eager(monkeypatch):
