@@ -179,6 +179,26 @@ class _QWeighted(QuantOpr):
             del self._parameters["weight"]
             self.__dict__["_float_module"] = _released_layer(self.__dict__["_float_module"])
             self._non_persistent_buffers_set.discard("weight_codes")
+        with torch.no_grad():
+            self._split_packed_weight()  # built now, so that torch.compile finds it
+
+    def _split_packed_weight(self) -> SplitPackedWeight | None:
+        """The "onednn_split" kernel's operands of the stored int8 codes, cached in the layer (not
+        saved) and rebuilt when the codes change; None for other kernels or unfrozen codes."""
+        if self.kernel != "onednn_split" or not self._stored_codes_in_use():
+            return None
+        cached = self.__dict__.get("_split_packed")
+        if torch.compiler.is_compiling():
+            return cached  # built by freeze(), a copy or a load (packing cannot be traced)
+        if cached is None or not cached.matches(self.weight_codes):
+            cached = self.__dict__["_split_packed"] = SplitPackedWeight(self.weight_codes)
+        return cached
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy or an unpickled layer rebuilds its own "onednn_split" operands (not copied)."""
+        super().__setstate__(state)
+        if state.get("kernel") == "onednn_split":
+            self._split_packed_weight()
 
     def _stored_codes_in_use(self) -> bool:
         """True when forward reads the stored integer codes (frozen, fixed, or released float
@@ -295,18 +315,6 @@ class QLinear(_QWeighted):
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in
         use, else float codes that carry gradients to the weight."""
         return self.weight_codes if self._stored_codes_in_use() else self._weight_codes()
-
-    def _split_packed_weight(self) -> SplitPackedWeight | None:
-        """The "onednn_split" kernel's operands of the stored int8 codes, cached in the layer (not
-        saved) and rebuilt when the codes change; None for other kernels or unfrozen codes."""
-        if self.kernel != "onednn_split" or not self._stored_codes_in_use():
-            return None
-        cached = self.__dict__.get("_split_packed")
-        if torch.compiler.is_compiling():
-            return cached  # built by the eager call that freezing or the first run made
-        if cached is None or not cached.matches(self.weight_codes):
-            cached = self.__dict__["_split_packed"] = SplitPackedWeight(self.weight_codes)
-        return cached
 
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.active_input_quantizer()

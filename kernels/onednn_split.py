@@ -69,20 +69,24 @@ def _no_cache() -> None:
     return None
 
 
+def _split(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, big): uint8 [m, k] codes of 7 bits (clamp(xc, -64, 63) + 64) and int8 [m, k] the rest."""
+    small = xc.clamp(SMALL_MIN, SMALL_MAX)
+    return (small + SMALL_ZERO).to(torch.uint8), (xc - small).to(torch.int8)
+
+
 def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight) -> torch.Tensor:
     """xc [m, k] (integer codes in [-128, 127], int8 or float) @ codes^T -> exact integer sums [m, n]:
     float32 while k <= EXACT_FP32_K (every sum below 2^24), else int32."""
-    small = xc.clamp(SMALL_MIN, SMALL_MAX)
-    low, big = (small + SMALL_ZERO).to(torch.uint8), (xc - small).float()
+    low, big = _split(xc)
     in_float = xc.shape[1] <= EXACT_FP32_K
     out = None
     for start, packed, table in weight.chunks:
         cols = slice(start, start + CHUNK_K)
-        parts = (torch.ops.fxquant.onednn_u8_mm(low[:, cols].contiguous(), packed, SMALL_ZERO, weight.ones, None),
-                 torch.ops.fxquant.large_codes_mm(big[:, cols].contiguous(), table))
-        for part in parts:  # each exact in float32; their sum may not be, beyond EXACT_FP32_K
-            part = part if in_float else part.to(torch.int32)
-            out = part if out is None else out + part
+        part = torch.ops.fxquant.split_mm(low[:, cols].contiguous(), big[:, cols].contiguous(), packed, table,
+                                          SMALL_ZERO, weight.ones, None, not in_float)
+        part = part if in_float else part.to(torch.int32).sum(0, dtype=torch.int32)
+        out = part if out is None else out + part
     return out
 
 
@@ -93,51 +97,44 @@ def split_linear(xc: torch.Tensor, weight: SplitPackedWeight, zero: int, scale: 
 
     The exact integer sums of split_codes_matmul, scaled: equal to scaling them afterwards up to
     float rounding of the scaling (oneDNN scales its part, the large codes' part is scaled here).
-    Under torch.compile the split and the scaling fuse with the ops around them; the two kernels
-    stay opaque."""
-    small = xc.clamp(SMALL_MIN, SMALL_MAX)
-    low, big = (small + SMALL_ZERO).to(torch.uint8), (xc - small).float()
+    Under torch.compile the split fuses with the quantization before it; the kernel stays opaque."""
+    low, big = _split(xc)
     out = None
     for start, packed, table in weight.chunks:
         cols = slice(start, start + CHUNK_K)
-        part = torch.ops.fxquant.onednn_u8_mm(low[:, cols].contiguous(), packed, SMALL_ZERO + zero, scale,
-                                              bias if start == 0 else None)
-        part = torch.addcmul(part, torch.ops.fxquant.large_codes_mm(big[:, cols].contiguous(), table), scale)
+        part = torch.ops.fxquant.split_mm(low[:, cols].contiguous(), big[:, cols].contiguous(), packed, table,
+                                          SMALL_ZERO + zero, scale, bias if start == 0 else None, False)
         out = part if out is None else out + part
     return out
 
 
-def _onednn_u8_mm(low: torch.Tensor, packed: torch.Tensor, zero: int, scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """((low - zero) @ codes^T) * scale + bias, float32 [m, n]; low uint8 [m, k] of 7 bits."""
+def _split_mm(low: torch.Tensor, big: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, zero: int,
+              scale: torch.Tensor, bias: torch.Tensor | None, apart: bool) -> torch.Tensor:
+    """((low - zero) @ codes^T) * scale + bias + (big @ codes^T) * scale, float32 [m, n]: low uint8
+    [m, k] of 7 bits (oneDNN), big int8 [m, k], mostly zero (FBGEMM's byte embedding bag over the
+    table). apart: return the two parts stacked, [2, m, n], each exact (their sum may not be)."""
     zeros = torch.zeros(scale.shape[0], dtype=torch.long)
-    return torch.ops.onednn.qlinear_pointwise(low, 1.0, zero, packed, scale, zeros, bias, 1.0, 0, torch.float32,
-                                              "none", [], "")
-
-
-def _large_codes_mm(big: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """big float [m, k] (integers, mostly zero) @ codes^T -> float32 [m, n] from the byte table."""
+    out = torch.ops.onednn.qlinear_pointwise(low, 1.0, zero, packed, scale, zeros, bias, 1.0, 0, torch.float32,
+                                             "none", [], "")
     rows, cols = big.nonzero(as_tuple=True)
-    n = table.shape[1] - 8
-    if not rows.numel():
-        return big.new_zeros(big.shape[0], n)
-    offsets = torch.searchsorted(rows, torch.arange(big.shape[0]))
-    return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-        table, cols, offsets, False, 0, False, big[rows, cols], None, False)
+    large = None
+    if rows.numel():
+        offsets = torch.searchsorted(rows, torch.arange(big.shape[0]))
+        large = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+            table, cols, offsets, False, 0, False, big[rows, cols].float(), None, False)
+    if apart:
+        return torch.stack((out, large if large is not None else torch.zeros_like(out)))
+    return out if large is None else out.addcmul_(large, scale)
 
 
 @functools.cache
 def _register_op() -> None:
-    """Define fxquant::onednn_u8_mm and fxquant::large_codes_mm once, on the first
-    SplitPackedWeight (not at import): opaque ops for torch.compile, which can neither lower
-    oneDNN's op on a weight that is not a graph constant nor trace the data-dependent gather."""
-    u8_mm = torch.library.custom_op("fxquant::onednn_u8_mm", _onednn_u8_mm, mutates_args=())
-    large = torch.library.custom_op("fxquant::large_codes_mm", _large_codes_mm, mutates_args=())
+    """Define fxquant::split_mm once, on the first SplitPackedWeight (not at import): one opaque op
+    for torch.compile, which can neither lower oneDNN's op on a weight that is not a graph constant
+    nor trace the data-dependent gather."""
+    op = torch.library.custom_op("fxquant::split_mm", _split_mm, mutates_args=())
 
-    @u8_mm.register_fake
-    def _(low, packed, zero, scale, bias):  # noqa: ANN001, ANN202
-        return low.new_empty((low.shape[0], scale.shape[0]), dtype=torch.float32)
-
-    @large.register_fake
-    def _(big, table):  # noqa: ANN001, ANN202
-        return big.new_empty((big.shape[0], table.shape[1] - 8), dtype=torch.float32)
+    @op.register_fake
+    def _(low, big, packed, table, zero, scale, bias, apart):  # noqa: ANN001, ANN202
+        shape = (low.shape[0], scale.shape[0])
+        return low.new_empty((2, *shape) if apart else shape, dtype=torch.float32)

@@ -111,8 +111,9 @@ def test_compiled_w8a16_decode_takes_the_fused_gemv_and_matches_eager(monkeypatc
 @pytest.mark.skipif(not __import__("fxquant.kernels.onednn_split", fromlist=["x"]).available(),
                     reason="this torch build has no oneDNN quantized linear")
 def test_onednn_split_layer_cache_follows_its_codes_through_copies_and_compile():
-    """The "onednn_split" operands are a per-layer cache of the int8 codes: built on first use,
-    rebuilt when the codes change, dropped by deepcopy and pickling, used by torch.compile."""
+    """The "onednn_split" operands are a per-layer cache of the int8 codes: built at freeze,
+    rebuilt when the codes change and by deepcopy and unpickling (never copied), used by
+    torch.compile."""
     import copy
     import io
 
@@ -139,13 +140,16 @@ def test_onednn_split_layer_cache_follows_its_codes_through_copies_and_compile()
         torch.testing.assert_close(flipped, layer(x), rtol=1e-6, atol=1e-6)
         assert not torch.allclose(flipped, out)
         layer.kernel = "onednn_split"
-        copied = copy.deepcopy(layer)
-        assert copied.__dict__.get("_split_packed") is None
+        copied = copy.deepcopy(layer)  # rebuilt from the copy's own codes, ready for torch.compile
+        assert copied.__dict__["_split_packed"] is not layer.__dict__["_split_packed"]
+        assert copied.__dict__["_split_packed"].matches(copied.weight_codes)
         torch.testing.assert_close(copied(x), flipped)
         buffer = io.BytesIO()
         torch.save(layer, buffer)
         buffer.seek(0)
-        assert torch.load(buffer, weights_only=False).__dict__.get("_split_packed") is None
+        loaded = torch.load(buffer, weights_only=False)
+        assert loaded.__dict__["_split_packed"].matches(loaded.weight_codes)
+        torch.testing.assert_close(loaded(x), flipped)
         torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True)
         torch.testing.assert_close(compiled(x), flipped, rtol=1e-6, atol=1e-6)

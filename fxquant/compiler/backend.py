@@ -26,11 +26,19 @@ _INT_GEMM_TARGETS = {torch._int_mm: "int_mm", torch.ops.aten._int_mm.default: "i
 GraphPass = Callable[[fx.GraphModule], fx.GraphModule]
 
 
+def _int_gemm_kernel(target: object) -> str | None:
+    """The kernel name of an integer GEMM call target, else None (fxquant's own ops by name: they
+    are defined only once a layer needs them)."""
+    if target in _INT_GEMM_TARGETS:
+        return _INT_GEMM_TARGETS[target]
+    return "onednn_split" if str(target).startswith("fxquant.split_mm") else None
+
+
 def record_kernels(gm: fx.GraphModule) -> fx.GraphModule:
     """Pass: count the integer GEMMs in a Dynamo graph into gm.meta["fxquant_kernels"]
     ({kernel name: calls}) and log them."""
-    counts = Counter(_INT_GEMM_TARGETS[n.target] for n in gm.graph.nodes
-                     if n.op == "call_function" and n.target in _INT_GEMM_TARGETS)
+    counts = Counter(_int_gemm_kernel(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    counts.pop(None, None)
     gm.meta["fxquant_kernels"] = dict(counts)
     log.info("fxquant backend: graph of %d nodes, integer GEMMs %s", len(gm.graph.nodes), dict(counts) or "none")
     return gm
