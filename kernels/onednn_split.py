@@ -116,15 +116,29 @@ def _split_mm(low: torch.Tensor, big: torch.Tensor, packed: torch.Tensor, table:
     zeros = torch.zeros(scale.shape[0], dtype=torch.long)
     out = torch.ops.onednn.qlinear_pointwise(low, 1.0, zero, packed, scale, zeros, bias, 1.0, 0, torch.float32,
                                              "none", [], "")
-    rows, cols = big.nonzero(as_tuple=True)
+    rows, cols, values = _nonzero_entries(big)
     large = None
     if rows.numel():
         offsets = torch.searchsorted(rows, torch.arange(big.shape[0]))
         large = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-            table, cols, offsets, False, 0, False, big[rows, cols].float(), None, False)
+            table, cols, offsets, False, 0, False, values.float(), None, False)
     if apart:
         return torch.stack((out, large if large is not None else torch.zeros_like(out)))
     return out if large is None else out.addcmul_(large, scale)
+
+
+def _nonzero_entries(big: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, values) of the non-zero entries of int8 big [m, k], in row-major order. Where
+    rows are whole 8-byte words, words are searched first (8x fewer elements; nonzero() over the
+    bytes costs as much as a tenth of the GEMM), then the bytes of the few non-zero words."""
+    m, k = big.shape
+    if k % 8 or not big.is_contiguous() or big.storage_offset() % 8:
+        rows, cols = big.nonzero(as_tuple=True)
+        return rows, cols, big[rows, cols]
+    word_rows, word_cols = big.view(torch.int64).nonzero(as_tuple=True)
+    words = big.view(m, k // 8, 8)[word_rows, word_cols]  # [words, 8]
+    which, byte = words.nonzero(as_tuple=True)
+    return word_rows[which], word_cols[which] * 8 + byte, words[which, byte]
 
 
 @functools.cache
