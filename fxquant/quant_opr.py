@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.kernels import code_matmul, code_row_sums
-from fxquant.kernels.onednn_split import SplitPackedWeight, split_linear
+from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
     codes_gemv,
@@ -323,8 +323,6 @@ class QLinear(_QWeighted):
         wscale = self.weight_quantizer.scale.reshape(-1)
         kernel = None if self.kernel == "simulated" else self.kernel
         packed = self._split_packed_weight()
-        if packed is not None and not (torch.is_grad_enabled() and (x.requires_grad or self._bias_trains())):
-            return self._split_forward(x, xc, sx, zero, packed)
         if isinstance(aq, DynamicQuantizer):
             acc = code_matmul(xc, self._gemm_weight_codes(), kernel=kernel, packed=packed)  # exact sums, float32 [m, n]
             y = acc * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
@@ -334,23 +332,6 @@ class QLinear(_QWeighted):
             deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
             y = code_matmul(xc, self._gemm_weight_codes(), zero, self.quantized_bias(deq), kernel,
                             self.weight_row_sums, packed) * deq
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def _bias_trains(self) -> bool:
-        return self.bias is not None and self.bias.requires_grad
-
-    def _split_forward(self, x: torch.Tensor, xc: torch.Tensor, sx: torch.Tensor, zero: int,
-                       packed: SplitPackedWeight) -> torch.Tensor:
-        """_int_forward on the "onednn_split" kernel without gradients: oneDNN applies the scales
-        and the bias on the accumulator grid (static) itself, one pass fewer over the output."""
-        wscale = self.weight_quantizer.scale.reshape(-1).float()
-        if isinstance(self.active_input_quantizer(), DynamicQuantizer):
-            y = split_linear(xc, packed, 0, wscale)
-            y = y * sx.reshape(-1, 1) if self.bias is None else torch.addcmul(self.bias.float(), y, sx.reshape(-1, 1))
-        else:
-            deq = (sx * wscale).reshape(-1)
-            qbias = self.quantized_bias(deq)
-            y = split_linear(xc, packed, zero, deq, None if qbias is None else qbias * deq)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -84,38 +84,21 @@ def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight) -> torch.Ten
     for start, packed, table in weight.chunks:
         cols = slice(start, start + CHUNK_K)
         part = torch.ops.fxquant.split_mm(low[:, cols].contiguous(), big[:, cols].contiguous(), packed, table,
-                                          SMALL_ZERO, weight.ones, None, not in_float)
+                                          weight.ones, not in_float)
         part = part if in_float else part.to(torch.int32).sum(0, dtype=torch.int32)
         out = part if out is None else out + part
     return out
 
 
-def split_linear(xc: torch.Tensor, weight: SplitPackedWeight, zero: int, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """((xc - zero) @ codes^T) * scale + bias -> float32 [m, n]: xc [m, k] integer codes in
-    [-128, 127] (int8 or float), zero an int, scale float [n] (per output channel), bias float [n].
-
-    The exact integer sums of split_codes_matmul, scaled: equal to scaling them afterwards up to
-    float rounding of the scaling (oneDNN scales its part, the large codes' part is scaled here).
-    Under torch.compile the split fuses with the quantization before it; the kernel stays opaque."""
-    low, big = _split(xc)
-    out = None
-    for start, packed, table in weight.chunks:
-        cols = slice(start, start + CHUNK_K)
-        part = torch.ops.fxquant.split_mm(low[:, cols].contiguous(), big[:, cols].contiguous(), packed, table,
-                                          SMALL_ZERO + zero, scale, bias if start == 0 else None, False)
-        out = part if out is None else out + part
-    return out
-
-
-def _split_mm(low: torch.Tensor, big: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, zero: int,
-              scale: torch.Tensor, bias: torch.Tensor | None, apart: bool) -> torch.Tensor:
-    """((low - zero) @ codes^T) * scale + bias + (big @ codes^T) * scale, float32 [m, n]: low uint8
-    [m, k] of 7 bits (oneDNN), big int8 [m, k], mostly zero (FBGEMM's byte embedding bag over the
-    table). apart: return the two parts stacked, [2, m, n], each exact (their sum may not be)."""
-    zeros = torch.zeros(scale.shape[0], dtype=torch.long)
-    out = torch.ops.onednn.qlinear_pointwise(low, 1.0, zero, packed, scale, zeros, bias, 1.0, 0, torch.float32,
-                                             "none", [], "")
+def _split_mm(low: torch.Tensor, big: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
+              ones: torch.Tensor, apart: bool) -> torch.Tensor:
+    """(low - 64) @ codes^T + big @ codes^T, float32 [m, n] exact integer sums: low uint8 [m, k]
+    of 7 bits (oneDNN), big int8 [m, k], mostly zero (FBGEMM's byte embedding bag over the table),
+    ones float [n] (oneDNN's weight scales). apart: the two parts stacked, [2, m, n], each exact
+    (their float sum may not be, beyond EXACT_FP32_K)."""
+    zeros = torch.zeros(ones.shape[0], dtype=torch.long)
+    out = torch.ops.onednn.qlinear_pointwise(low, 1.0, SMALL_ZERO, packed, ones, zeros, None, 1.0, 0,
+                                             torch.float32, "none", [], "")
     rows, cols, values = _nonzero_entries(big)
     large = None
     if rows.numel():
@@ -124,7 +107,7 @@ def _split_mm(low: torch.Tensor, big: torch.Tensor, packed: torch.Tensor, table:
             table, cols, offsets, False, 0, False, values.float(), None, False)
     if apart:
         return torch.stack((out, large if large is not None else torch.zeros_like(out)))
-    return out if large is None else out.addcmul_(large, scale)
+    return out if large is None else out.add_(large)
 
 
 def _nonzero_entries(big: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,6 +132,6 @@ def _register_op() -> None:
     op = torch.library.custom_op("fxquant::split_mm", _split_mm, mutates_args=())
 
     @op.register_fake
-    def _(low, big, packed, table, zero, scale, bias, apart):  # noqa: ANN001, ANN202
-        shape = (low.shape[0], scale.shape[0])
+    def _(low, big, packed, table, ones, apart):  # noqa: ANN001, ANN202
+        shape = (low.shape[0], ones.shape[0])
         return low.new_empty((2, *shape) if apart else shape, dtype=torch.float32)
