@@ -37,8 +37,8 @@ def available() -> bool:
 class SplitPackedWeight:
     """The operands of one weight for split_codes_matmul, derived from its int8 codes [n, k], per
     chunk of CHUNK_K columns: oneDNN's packed weight and the byte table [k, n + 8] (codes + 128,
-    then fp32 scale 1 and offset -128 per row). A cache of the layer: not saved, rebuilt by a copy
-    on first use."""
+    then fp32 scale 1 and offset -128 per row). A cache of the layer: never copied or saved; a
+    copied or unpickled layer builds its own."""
 
     def __init__(self, codes: torch.Tensor) -> None:
         if codes.dtype != torch.int8 or codes.dim() != 2:
