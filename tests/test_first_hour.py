@@ -69,12 +69,18 @@ def test_default_config_exports_an_mlp_to_onnx(mlp, digits, tmp_path):
     cal.run()
     assert sum(isinstance(m, QuantOpr) for m in cal.model.modules()) == 2  # the last layer stays float
     path = cal.export_quant_onnx("mlp", tmp_path, ["x"])
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = digits[2][:128]
-    out = sess.run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         ref = cal.model(x).numpy()
-    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    # onnxruntime's default optimizations fuse QDQ into QGemm, whose u8 x s8 kernel on an AVX2-only
+    # CPU saturates 16-bit pair sums: there only the predictions agree. The QDQ graph as written
+    # (optimizations off) computes the model's arithmetic on every CPU.
+    fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert (fused.run(None, {"x": x.numpy()})[0].argmax(1) == ref.argmax(1)).mean() >= 0.99
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    out = as_written.run(None, {"x": x.numpy()})[0]
     assert np.abs(out - ref).max() <= (ref.max() - ref.min()) / 255
 
 
