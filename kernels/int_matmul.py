@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 from . import onednn_split
-from .onednn_split import SplitPackedWeight, split_codes_matmul
+from .onednn_split import EXACT_FP32_K, SplitPackedWeight, split_codes_matmul
 
 #: implementations of int8_matmul, by name
 KERNELS = ("int_mm", "onednn_split", "fp32_split", "fp64")
-#: the largest k chunk whose fp32 sums of int8 products are exact: 1024 * 2^14 = 2^24
-EXACT_FP32_K = 1024
 #: ISA names (ONEDNN_MAX_CPU_ISA) that have no int8 dot product instruction
 _ISAS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
 

@@ -46,7 +46,7 @@ class SplitPackedWeight:
         _register_op()
         n, k = codes.shape
         self.source = (codes.data_ptr(), codes._version, tuple(codes.shape))
-        self.ones = torch.ones(n)
+        self.ones, self.zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)  # oneDNN's weight scales, zero points
         self.chunks = []  # (first column, packed weight, byte table) per chunk of k
         for start in range(0, k, CHUNK_K):
             part = codes[:, start:start + CHUNK_K].contiguous()
@@ -84,19 +84,18 @@ def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight) -> torch.Ten
     for start, packed, table in weight.chunks:
         cols = slice(start, start + CHUNK_K)
         part = torch.ops.fxquant.split_mm(low[:, cols].contiguous(), big[:, cols].contiguous(), packed, table,
-                                          weight.ones, not in_float)
+                                          weight.ones, weight.zeros, not in_float)
         part = part if in_float else part.to(torch.int32).sum(0, dtype=torch.int32)
         out = part if out is None else out + part
     return out
 
 
 def _split_mm(low: torch.Tensor, big: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
-              ones: torch.Tensor, apart: bool) -> torch.Tensor:
+              ones: torch.Tensor, zeros: torch.Tensor, apart: bool) -> torch.Tensor:
     """(low - 64) @ codes^T + big @ codes^T, float32 [m, n] exact integer sums: low uint8 [m, k]
     of 7 bits (oneDNN), big int8 [m, k], mostly zero (FBGEMM's byte embedding bag over the table),
-    ones float [n] (oneDNN's weight scales). apart: the two parts stacked, [2, m, n], each exact
+    ones float [n] and zeros int64 [n] (oneDNN's weight scales and zero points). apart: the two parts stacked, [2, m, n], each exact
     (their float sum may not be, beyond EXACT_FP32_K)."""
-    zeros = torch.zeros(ones.shape[0], dtype=torch.long)
     out = torch.ops.onednn.qlinear_pointwise(low, 1.0, SMALL_ZERO, packed, ones, zeros, None, 1.0, 0,
                                              torch.float32, "none", [], "")
     rows, cols, values = _nonzero_entries(big)
@@ -132,6 +131,6 @@ def _register_op() -> None:
     op = torch.library.custom_op("fxquant::split_mm", _split_mm, mutates_args=())
 
     @op.register_fake
-    def _(low, big, packed, table, ones, apart):  # noqa: ANN001, ANN202
+    def _(low, big, packed, table, ones, zeros, apart):  # noqa: ANN001, ANN202
         shape = (low.shape[0], ones.shape[0])
         return low.new_empty((2, *shape) if apart else shape, dtype=torch.float32)
