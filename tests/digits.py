@@ -38,3 +38,9 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * float((model(x).argmax(dim=1) == y).float().mean())
+
+
+@torch.no_grad()
+def held_out_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cross-entropy (nats) of the model's logits on x [n, 1, 8, 8] against labels y [n]."""
+    return float(torch.nn.functional.cross_entropy(model(x), y))

@@ -14,7 +14,7 @@ from fxquant.onnx_export import to_onnx_model
 from fxquant.passes import lower_to_qdq
 from fxquant.pow2_quantizer import LearnedPow2Quantizer, MomentumPow2Quantizer
 
-from digits import accuracy, train
+from digits import accuracy, held_out_nll, train
 from models import MobileNetStyle, ResNetStyle
 
 SEED_YAML = """\
@@ -100,30 +100,35 @@ def test_pow2_quantizer_matches_lingers_formula():
 
 
 def test_qat_mom_and_tqt_learn_and_recover_the_4bit_drop(mobilenet, digits):
-    fp32 = accuracy(mobilenet, digits[2], digits[3])
+    """4-bit weights cost the digits CNN held-out cross-entropy; two epochs of QAT win back at least
+    half of it. Measured as cross-entropy, not top-1: on 540 test images the 4-bit top-1 drop is about
+    four images, too few to tell recovery from one image's luck (it flipped with the CPU's rounding)."""
+    x_test, y_test = digits[2], digits[3]
+    fp32 = held_out_nll(mobilenet, x_test, y_test)
     results = {}
     for method in ("MOM", "TQT"):
         cfg = linger.LingerConfig(quant_info=linger.QuantInfo(weight_bits=4, qat_method=method))
         q = linger.init(mobilenet, config=cfg).eval()
         with linger.calibration():
             q(digits[0][:256])
-        ptq = accuracy(q, digits[2], digits[3])
+        ptq = held_out_nll(q, x_test, y_test), accuracy(q, x_test, y_test)
         quantizers = [m for m in q.modules() if isinstance(m, (MomentumPow2Quantizer, LearnedPow2Quantizer))]
         assert quantizers and all(type(m).__name__ == ("MomentumPow2Quantizer" if method == "MOM"
                                                         else "LearnedPow2Quantizer") for m in quantizers)
         state = {id(m): (m.running_max.clone() if method == "MOM" else m.log2_threshold.detach().clone())
                  for m in quantizers}
-        q(digits[2][:64])  # eval mode: nothing moves
+        q(x_test[:64])  # eval mode: nothing moves
         assert all(torch.equal(state[id(m)], m.running_max if method == "MOM" else m.log2_threshold.detach())
                    for m in quantizers)
         _fine_tune(q, digits, epochs=2)
         moved = [not torch.equal(state[id(m)], m.running_max if method == "MOM" else m.log2_threshold.detach())
                  for m in quantizers]
         assert sum(moved) > len(moved) // 2  # MOM: running max follows the data; TQT: thresholds train
-        results[method] = (ptq, accuracy(q, digits[2], digits[3]))
-    for ptq, qat in results.values():
-        assert ptq < fp32 - 0.5  # 4-bit weights per tensor cost accuracy...
-        assert qat >= ptq + 0.5 * (fp32 - ptq)  # ...and QAT recovers at least half of it
+        results[method] = ptq, (held_out_nll(q, x_test, y_test), accuracy(q, x_test, y_test))
+    for (ptq_nll, ptq_top1), (qat_nll, qat_top1) in results.values():
+        assert ptq_nll > 1.3 * fp32  # 4-bit weights per tensor cost accuracy...
+        assert qat_nll <= ptq_nll - 0.5 * (ptq_nll - fp32)  # ...and QAT wins back at least half of it
+        assert qat_top1 >= ptq_top1 - 100.0 * 2 / len(y_test)  # top-1 does not fall (two images of noise)
 
 
 def test_yaml_round_trip_is_bit_exact(resnet, digits, tmp_path):
