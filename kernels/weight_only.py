@@ -57,7 +57,10 @@ def word_view_ok(stored: torch.Tensor, bits: int, group_size: int | None = None)
     """True when codes_gemv can read `stored` (int8 [n, k] or packed uint8 [n, k / 2]) as int32
     words: contiguous, 4-byte aligned, whole words per row (and per group), little-endian."""
     per_word = 32 // bits
-    return (sys.byteorder == "little" and stored.is_contiguous() and stored.storage_offset() % 4 == 0
+    # Dynamo cannot trace storage_offset() (a graph break before every layer); under torch.compile
+    # the codes are a layer's own buffer (pack_codes' fresh tensor, or a copy into it), offset 0
+    aligned = torch.compiler.is_compiling() or stored.storage_offset() % 4 == 0
+    return (sys.byteorder == "little" and stored.is_contiguous() and aligned
             and stored.shape[-1] % 4 == 0 and (group_size is None or group_size % per_word == 0))
 
 

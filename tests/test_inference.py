@@ -62,6 +62,33 @@ def test_installed_layers_keep_generate_and_compile_to_the_same_tokens(smollm2):
         assert sum(g.meta["fxquant_kernels"].get(kernel, 0) for g in backend.graphs) >= 14
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+def test_compiled_weight_only_decode_has_no_graph_breaks(smollm2, scheme):
+    """Decode compiles to a few whole-model graphs, whatever the depth: a graph break
+    inside a quantized layer would split each decoder layer and, specialised on layer_idx, run
+    past Dynamo's recompile limit into eager."""
+    from torch._dynamo.utils import counters
+
+    model, tok = smollm2
+    small = truncated_smollm2(model, layers=3)
+    prompt = tok("The GNU General Public License is a free, copyleft license for", return_tensors="pt")
+    fxquant.quantize(small, scheme=scheme, example_inputs=[prompt.input_ids], progress=False, inplace=True,
+                     options=fxquant.SchemeOptions(group_size=64))
+    with torch.no_grad():
+        eager = small.generate(**prompt, max_new_tokens=8, do_sample=False)
+        torch._dynamo.reset()
+        counters.clear()
+        backend = fxquant.compile_backend(inner="eager")  # Dynamo's capture is under test, not inductor
+        small.forward = torch.compile(small.forward, backend=backend, dynamic=True)
+        compiled = small.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # prompt, first new token, later tokens (Dynamo guards the cache's state): not one per layer
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    assert torch.equal(eager, compiled), (tok.decode(eager[0]), tok.decode(compiled[0]))
+    torch._dynamo.reset()
+
+
 def test_backend_is_found_by_name_and_matches_eager():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64),

@@ -34,11 +34,7 @@ class ModelSource:
             return getattr(real_models, SHIPPED_MODELS[self.ref])(dtype)
         if self.kind == "gguf":
             return real_models.load_gguf_causal_lm(Path(self.ref), dtype)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.ref, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(self.ref, dtype=dtype, local_files_only=True)
-        return model.eval(), tok
+        return real_models.load_hf_causal_lm(self.ref, dtype)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
