@@ -4,7 +4,7 @@ Runs in a fresh process: loads the model, calibrates, prints one JSON line with 
 the whole process (model included), the storage's peak number of live values and the graph's
 live-set bound.
 
-    python benchmarks/calib_memory.py [--windows 64] [--length 256] [--scheme w8a8] [--asym] [--layerwise]
+    python benchmarks/calib_memory.py [--windows 64] [--length 256] [--scheme w8a8] [--asym] [--layerwise] [--threads 2]
 
 --layerwise forces the layerwise runner (seed 003) where fxquant.quantize would stream (see
 docs/calibration_runner.md): the storage figures exist only for the runner.
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--scheme", default="w8a8")
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--layerwise", action="store_true", help="the layerwise runner even where quantize streams")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
 
     import torch
@@ -34,7 +35,7 @@ def main() -> None:
     from fxquant.real_models import load_smollm2, text_corpus, token_windows
     from fxquant.storage import graph_live_set_size
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
     calib = [{"input_ids": w, "use_cache": False}
              for w in token_windows(tok, text_corpus("calib"), args.windows, args.length)]

@@ -74,7 +74,8 @@ def test_digits_cnn_w8a8_within_one_point(digits, cls):
 def test_smollm2_calibration_memory_bound():
     """64 windows x 256 tokens of static w8a8 calibration by the layerwise runner peak below 2.5 GB
     RSS (whole process), with no more live values than the graph's live set."""
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calib_memory.py"), "--layerwise"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calib_memory.py"), "--layerwise",
+                          "--threads", str(torch.get_num_threads())],
                          capture_output=True, text=True, check=True, timeout=1200)
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["peak_rss_mb"] < 2500
