@@ -44,7 +44,7 @@ def layer_kernel(layer: _QWeighted, device: torch.device) -> str:
     if not wq.enabled:
         return "float"
     if aq.enabled and is_int8_pair(wq, aq):
-        if layer.weight_codes is not None and layer.weight_codes.dim() > 2:
+        if len(layer.weight_shape) > 2:
             return "fp32_split" if device.type == "cpu" else "fp64"  # convolutions: exact float accumulation
         return default_kernel(device)
     return "dequant_mm"

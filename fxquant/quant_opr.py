@@ -20,10 +20,12 @@ from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
     codes_gemv,
+    from_gemv_layout,
+    gemv_layout_ok,
     linear_from_weight,
     pack_codes,
+    to_gemv_layout,
     unpack_codes,
-    word_view_ok,
 )
 
 from .errors import ConfigError, NotQuantizableError
@@ -84,8 +86,12 @@ class _QWeighted(QuantOpr):
 
     freeze() caches the weight's integer codes (`weight_codes`: int8, weight's shape; 4-bit codes
     packed two per byte, uint8 [n, k / 2]) and releases the float weight, so that a frozen layer
-    holds only codes, qparams and bias; `weight` then reads as the dequantized weight.
+    holds only codes, qparams and bias; `weight` then reads as the dequantized weight. Weight-only
+    linear layers keep those bytes in the GEMV layout instead (`codes_blocked`; see
+    kernels/weight_only.py), which compiled decode reads directly.
     """
+
+    codes_blocked = False  # weight_codes in the GEMV layout (layers pickled before it existed: no)
 
     def __init__(self, layer: torch.nn.Module, scheme: Scheme) -> None:
         super().__init__(scheme)
@@ -96,6 +102,7 @@ class _QWeighted(QuantOpr):
         self.register_buffer("weight_codes", None, persistent=False)
         self.register_buffer("weight_row_sums", None, persistent=False)
         self.codes_fixed = False
+        self.weight_only = scheme.activation is None
         self.kernel = "simulated"  # what forward runs; freeze() picks the device's kernel
         self.weight_shape = tuple(layer.weight.shape)
         self.weight_dtype = layer.weight.dtype
@@ -139,8 +146,23 @@ class _QWeighted(QuantOpr):
         if scale is not None:
             wq.scale = scale.to(wq.scale)
         codes = torch.clamp(codes.round(), wq.qmin, wq.qmax).reshape(self.weight_shape)
-        self.weight_codes = pack_codes(codes, wq.spec.bits)
+        self._store_codes(codes)
         self.codes_fixed = True
+
+    def _store_codes(self, codes: torch.Tensor) -> None:
+        """Keep integer codes (weight's shape) as weight_codes: pack_codes' storage, in the GEMV
+        layout where the layer takes the fused GEMV (_gemv_layout_fits)."""
+        stored = pack_codes(codes, self.weight_quantizer.spec.bits)
+        self.codes_blocked = self._gemv_layout_fits()
+        self.weight_codes = to_gemv_layout(stored) if self.codes_blocked else stored
+
+    def _gemv_layout_fits(self) -> bool:
+        """True where compiled decode runs codes_gemv over this layer's codes (QLinear overrides)."""
+        return False
+
+    def _row_codes(self) -> torch.Tensor:
+        """weight_codes in pack_codes' row order ([n, ...]), whatever layout they are kept in."""
+        return from_gemv_layout(self.weight_codes) if self.codes_blocked else self.weight_codes
 
     def weight_int8(self) -> torch.Tensor:
         """The deployed integer codes of the weight as int8, weight's shape."""
@@ -168,7 +190,7 @@ class _QWeighted(QuantOpr):
         if self.weight_codes is None or (not self.codes_fixed and not self.float_weight_released):
             with torch.no_grad():
                 codes = wq.quantize(self.weight)[0].reshape(self.weight_shape)
-            self.weight_codes = pack_codes(codes, wq.spec.bits)
+            self._store_codes(codes)
         aq = self.input_quantizer
         if isinstance(aq, StaticQuantizer) and aq.calibrated and aq.zero_point.numel() == 1:
             self._input_zero = int(aq.zero_point) - (0 if aq.spec.signed else 128)
@@ -190,8 +212,8 @@ class _QWeighted(QuantOpr):
         cached = self.__dict__.get("_split_packed")
         if torch.compiler.is_compiling():
             return cached  # built by freeze(), a copy or a load (packing cannot be traced)
-        if cached is None or not cached.matches(self.weight_codes):
-            cached = self.__dict__["_split_packed"] = SplitPackedWeight(self.weight_codes)
+        if cached is None or not cached.matches(self._row_codes()):
+            cached = self.__dict__["_split_packed"] = SplitPackedWeight(self._row_codes())
         return cached
 
     def __setstate__(self, state: dict) -> None:
@@ -211,7 +233,7 @@ class _QWeighted(QuantOpr):
         int8 ones (or fixed ones) as float, else quantized from the float weight."""
         wq = self.weight_quantizer
         if self._stored_codes_in_use():
-            codes = unpack_codes(self.weight_codes, wq.spec.bits, self.weight_shape).float()
+            codes = unpack_codes(self._row_codes(), wq.spec.bits, self.weight_shape).float()
             if wq.spec.granularity == "group":
                 codes = codes.reshape(codes.shape[0], -1, wq.spec.group_size)
             return codes
@@ -300,21 +322,25 @@ class QLinear(_QWeighted):
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
 
     def _fused_gemv(self, x: torch.Tensor) -> bool:
-        """True for weight-only layers with stored int8 codes per channel or int4 / int8 codes per
-        group, under torch.compile, on inputs of at most GEMV_MAX_ROWS rows (decode): codes_gemv."""
-        wq, spec = self.weight_quantizer, self.weight_quantizer.spec
-        if not (torch.compiler.is_compiling() and not self.input_quantizer.enabled and wq.enabled
-                and self._stored_codes_in_use() and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]):
-            return False
-        if spec.granularity == "group":
-            return spec.bits in (4, 8) and spec.signed and word_view_ok(self.weight_codes, spec.bits, spec.group_size)
-        return (spec.granularity == "channel" and spec.axis == 0 and spec.bits == 8
-                and word_view_ok(self.weight_codes, 8))
+        """True for weight-only layers with stored codes in the GEMV layout, under torch.compile, on
+        inputs of at most GEMV_MAX_ROWS rows (decode): codes_gemv."""
+        return (self.codes_blocked and torch.compiler.is_compiling() and not self.input_quantizer.enabled
+                and self.weight_quantizer.enabled and self._stored_codes_in_use()
+                and x.numel() <= GEMV_MAX_ROWS * x.shape[-1])
+
+    def _gemv_layout_fits(self) -> bool:
+        """Weight-only layers with int8 codes per output channel or int4 / int8 codes per group,
+        of a shape the GEMV layout takes."""
+        spec = self.weight_quantizer.spec
+        group = spec.group_size if spec.granularity == "group" else None
+        per_channel = spec.granularity == "channel" and spec.axis == 0 and spec.bits == 8
+        grouped = spec.granularity == "group" and spec.signed
+        return self.weight_only and (per_channel or grouped) and gemv_layout_ok(self.weight_shape, spec.bits, group)
 
     def _gemm_weight_codes(self) -> torch.Tensor:
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in
         use, else float codes that carry gradients to the weight."""
-        return self.weight_codes if self._stored_codes_in_use() else self._weight_codes()
+        return self._row_codes() if self._stored_codes_in_use() else self._weight_codes()
 
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.active_input_quantizer()

@@ -4,10 +4,14 @@
 Eager, a layer dequantizes its codes and runs one float GEMM. Under torch.compile, inputs with
 few rows (decode: one token per sequence) take the form of a broadcast multiply and a sum over k
 (`codes_gemv`), which inductor fuses with the dequantization into one GEMV that reads the compact
-codes once instead of writing a float weight and reading it back. The codes are read as int32
-words (a view of the same bytes, 4 int8 or 8 int4 codes each) and taken apart with shifts and
-masks: inductor vectorizes whole-word loads and integer shifts on every x86 ISA, where its loads
-of 8 int8 lanes (AVX2) or of nibbles do not vectorize (10-100x slower than an fp32 GEMV).
+codes once instead of writing a float weight and reading it back.
+
+For that GEMV a linear layer keeps its codes in the GEMV layout (`to_gemv_layout`): the bytes of
+GEMV_BLOCK output rows interleaved word by word, [n / B, k_bytes / 4, 4 B]. Inductor's generated
+loop then loads each int32 word of B rows as one vector, takes it apart with shifts (4 int8 or 8
+int4 codes) and multiplies by one input value broadcast to the vector, with no transposes. The
+words are loaded through a float32 view of the bytes: inductor's int32 vector loads go through a
+stack buffer (a store-forwarding stall per load, 4-5x slower on AVX2), its float loads do not.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch.nn.functional as F
 
 #: inputs with at most this many rows take the fused GEMV form under torch.compile
 GEMV_MAX_ROWS = 8
+#: output rows per block of the GEMV layout: 8 float lanes, one AVX2 vector (half an AVX-512 one)
+GEMV_BLOCK = 8
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -53,48 +59,63 @@ def linear_from_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(x, weight, bias)
 
 
-def word_view_ok(stored: torch.Tensor, bits: int, group_size: int | None = None) -> bool:
-    """True when codes_gemv can read `stored` (int8 [n, k] or packed uint8 [n, k / 2]) as int32
-    words: contiguous, 4-byte aligned, whole words per row (and per group), little-endian."""
+def gemv_layout_ok(shape: tuple[int, ...], bits: int, group_size: int | None = None) -> bool:
+    """True when codes of a weight of `shape` ([n, k]) fit the GEMV layout: n a multiple of
+    GEMV_BLOCK, whole int32 words per row (and per group), a little-endian machine."""
     per_word = 32 // bits
-    # Dynamo cannot trace storage_offset() (a graph break before every layer); under torch.compile
-    # the codes are a layer's own buffer (pack_codes' fresh tensor, or a copy into it), offset 0
-    aligned = torch.compiler.is_compiling() or stored.storage_offset() % 4 == 0
-    return (sys.byteorder == "little" and stored.is_contiguous() and aligned
-            and stored.shape[-1] % 4 == 0 and (group_size is None or group_size % per_word == 0))
+    return (len(shape) == 2 and bits in (4, 8) and sys.byteorder == "little" and shape[0] % GEMV_BLOCK == 0
+            and shape[1] % per_word == 0 and (group_size is None or group_size % per_word == 0))
 
 
-def codes_gemv(x: torch.Tensor, stored: torch.Tensor, bits: int, scale: torch.Tensor,
+def to_gemv_layout(stored: torch.Tensor) -> torch.Tensor:
+    """pack_codes' storage [n, kb] (int8 [n, k] or uint8 [n, k / 2]) -> the same bytes as
+    [n / B, kb / 4, 4 B] (B = GEMV_BLOCK): 4-byte word j of rows B i .. B i + B - 1 side by side."""
+    n, kb = stored.shape
+    return (stored.reshape(n // GEMV_BLOCK, GEMV_BLOCK, kb // 4, 4).transpose(1, 2)
+            .reshape(n // GEMV_BLOCK, kb // 4, 4 * GEMV_BLOCK).contiguous())
+
+
+def from_gemv_layout(blocked: torch.Tensor) -> torch.Tensor:
+    """Inverse of to_gemv_layout: [n / B, w, 4 B] -> [n, 4 w], rows in order."""
+    nb, w, _ = blocked.shape
+    return blocked.reshape(nb, w, GEMV_BLOCK, 4).transpose(1, 2).reshape(nb * GEMV_BLOCK, 4 * w)
+
+
+def codes_gemv(x: torch.Tensor, blocked: torch.Tensor, bits: int, scale: torch.Tensor,
                zero_point: torch.Tensor | None = None, group_size: int | None = None,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., k] @ dequantized(codes)^T + bias -> [..., n], as a multiply-and-sum over the stored
-    codes read as int32 words (word_view_ok must hold).
+    """x [..., k] @ dequantized(codes)^T + bias -> [..., n], as a multiply-and-sum over codes in the
+    GEMV layout (to_gemv_layout of int8 [n, k] for bits 8, of pack_codes' uint8 [n, k / 2] for 4).
 
-    stored: int8 codes [n, k] (bits 8) or pack_codes' uint8 [n, k / 2] (bits 4). scale and
-    zero_point: [n] per channel (zero_point None: symmetric), or [n, k / group_size] per group.
-    The weight is (code - zero_point) * scale; the result equals F.linear of it up to float
+    scale and zero_point: [n] per channel (zero_point None: symmetric), or [n, k / group_size] per
+    group. The weight is (code - zero_point) * scale; the result equals F.linear of it up to float
     rounding (sums in another order)."""
     per_word = 32 // bits
-    words = stored.view(torch.int32)  # [n, k / per_word]; code per_word * j + t in bits t*bits...
-    n, w = words.shape
-    xs = x.reshape(*x.shape[:-1], 1, w, per_word)
-    inner = None  # [..., n, w]: sum over the codes of each word of x * code
-    for t in range(per_word):
-        if bits == 8:
-            code = (words << (24 - 8 * t)) >> 24  # sign-extended byte t
-        else:
-            code = ((words >> (4 * t)) & 15) - 8  # nibble t; pack_codes stores code + 8
-        term = xs[..., t] * code.to(x.dtype)
-        inner = term if inner is None else inner + term
-    if group_size is None:
-        if zero_point is not None:
-            inner = inner - zero_point.to(x.dtype)[:, None] * xs.sum(-1)
-        y = inner.sum(-1) * scale.to(x.dtype)
-    else:
-        repeat = group_size // per_word  # words per group: the group's scale and offset, word by word
-        s = scale.to(x.dtype)[:, :, None].expand(n, scale.shape[1], repeat).reshape(n, w)
-        if zero_point is not None:
-            z = zero_point.to(x.dtype)[:, :, None].expand(n, scale.shape[1], repeat).reshape(n, w)
-            inner = inner - z * xs.sum(-1)
-        y = (inner * s).sum(-1)
+    words = blocked.view(torch.float32).view(torch.int32)  # [n / B, w, B]; float view: see module doc
+    nb, w, b = words.shape
+    lead, k = x.shape[:-1], x.shape[-1]
+    xs = x.reshape(*lead, 1, w, 1, per_word)
+    # 4-bit codes are summed as stored, code + 8 in [0, 15] (one op fewer per code), and the 8 is
+    # taken off with the zero point. The codes of a word are summed four at a time, each four in
+    # its own reduction: inductor keeps a sum of at most ~50 ops in the reduction's loop, and writes
+    # a longer one out as a float buffer the size of the weight.
+    offset = zero_point if bits == 8 else (8 if zero_point is None else zero_point + 8)
+    groups = 1 if group_size is None else scale.shape[1]
+    sums = None  # [..., n / B, G, B]: per group, sum over its codes of x * code
+    for first in range(0, per_word, 4):
+        inner = None  # [..., n / B, w, B]
+        for t in range(first, first + 4):
+            if bits == 8:
+                code = (words << (24 - 8 * t)) >> 24  # sign-extended byte t
+            else:
+                code = (words >> (4 * t) if t else words) & 15  # nibble t
+            term = xs[..., t] * code.to(x.dtype)
+            inner = term if inner is None else inner + term
+        part = inner.reshape(*lead, nb, groups, w // groups, b).sum(-2)
+        sums = part if sums is None else sums + part
+    if offset is not None:
+        off = offset if isinstance(offset, int) else offset.to(x.dtype).reshape(nb, b, groups).transpose(-1, -2)
+        sums = sums - off * x.reshape(*lead, 1, groups, k // groups).sum(-1)[..., None]
+    y = (sums * scale.to(x.dtype).reshape(nb, b, groups).transpose(-1, -2)).sum(-2)  # [..., n / B, B]
+    y = y.reshape(*lead, nb * b)
     return y if bias is None else y + bias

@@ -68,14 +68,24 @@ def test_frozen_layer_gives_the_same_values_on_every_kernel(scheme):
 def test_codes_gemv_is_the_linear_of_the_dequantized_weight(bits, group, asym):
     """The fused weight-only decode form over stored codes read as int32 words: int8 per channel,
     int4 / int8 per group, with and without offsets."""
-    from fxquant.kernels.weight_only import codes_gemv, pack_codes, unpack_codes, word_view_ok
+    from fxquant.kernels.weight_only import (
+        codes_gemv,
+        from_gemv_layout,
+        gemv_layout_ok,
+        pack_codes,
+        to_gemv_layout,
+        unpack_codes,
+    )
 
     gen = torch.Generator().manual_seed(bits + (group or 0))
     n, k = 96, 256
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
     codes = torch.randint(lo, hi, (n, k), generator=gen).float()
     stored = pack_codes(codes, bits)
-    assert word_view_ok(stored, bits, group) and torch.equal(unpack_codes(stored, bits, (n, k)).float(), codes)
+    assert gemv_layout_ok((n, k), bits, group) and torch.equal(unpack_codes(stored, bits, (n, k)).float(), codes)
+    blocked = to_gemv_layout(stored)
+    assert torch.equal(from_gemv_layout(blocked), stored)
+    assert torch.equal(blocked[1, 2, 4 * 3:4 * 4], stored[8 + 3, 4 * 2:4 * 3])  # word 2 of row 11, block 1 lane 3
     groups = 1 if group is None else k // group
     scale = torch.rand(n, groups, generator=gen) / 100
     zero = torch.randint(-3, 4, (n, groups), generator=gen).float() if asym else torch.zeros(n, groups)
@@ -83,9 +93,9 @@ def test_codes_gemv_is_the_linear_of_the_dequantized_weight(bits, group, asym):
     bias, x = torch.randn(n, generator=gen), torch.randn(2, 3, k, generator=gen)
     expected = torch.nn.functional.linear(x, weight, bias)
     if group is None:
-        out = codes_gemv(x, stored, bits, scale[:, 0], zero[:, 0] if asym else None, None, bias)
+        out = codes_gemv(x, blocked, bits, scale[:, 0], zero[:, 0] if asym else None, None, bias)
     else:
-        out = codes_gemv(x, stored, bits, scale, zero if asym else None, group, bias)
+        out = codes_gemv(x, blocked, bits, scale, zero if asym else None, group, bias)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -75,7 +75,8 @@ def test_weight_only_schemes():
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 16)
     x = torch.randn(5, 256)
-    for scheme, tol, stored in (("w8a16", 0.02, (torch.int8, (16, 256))), ("w4a16", 0.3, (torch.uint8, (16, 128)))):
+    # weight bytes in the GEMV layout: 8 rows' 4-byte words side by side, [n / 8, k_bytes / 4, 32]
+    for scheme, tol, stored in (("w8a16", 0.02, (torch.int8, (2, 64, 32))), ("w4a16", 0.3, (torch.uint8, (2, 32, 32)))):
         q = _calibrate(QLinear(lin, make_scheme(scheme)), x)
         before = q(x)
         assert (before - lin(x)).abs().max() < tol

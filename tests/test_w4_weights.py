@@ -34,7 +34,8 @@ def test_per_group_gptq_codes_keep_the_group_grid_and_lower_the_error(w4_models,
     assert len(fixed) >= 20  # kept where it lowered the layer's output error (28 layers)
     name = "model.layers.2.mlp.down_proj"
     q, r = gptq.get_submodule(name), rtn.get_submodule(name)
-    assert q.weight_codes.dtype == torch.uint8 and q.weight_codes.shape == (576, 768)  # packed two per byte
+    # packed two per byte, in the GEMV layout: 8 rows' 4-byte words side by side
+    assert q.codes_blocked and q.weight_codes.dtype == torch.uint8 and q.weight_codes.shape == (72, 192, 32)
     codes = q.weight_int8()
     assert int(codes.min()) >= -8 and int(codes.max()) <= 7
     assert torch.equal(q.weight_quantizer.scale, r.weight_quantizer.scale)  # static groups: same qparams
