@@ -160,9 +160,16 @@ class _QWeighted(QuantOpr):
         """True where compiled decode runs codes_gemv over this layer's codes (QLinear overrides)."""
         return False
 
+    def _static_codes(self) -> torch.Tensor:
+        """weight_codes; under torch.compile with sizes fixed in the graph (dynamic=True makes
+        buffer sizes symbolic, which made tracing each layer several times slower)."""
+        if torch.compiler.is_compiling():
+            torch._dynamo.mark_static(self.weight_codes)
+        return self.weight_codes
+
     def _row_codes(self) -> torch.Tensor:
         """weight_codes in pack_codes' row order ([n, ...]), whatever layout they are kept in."""
-        return from_gemv_layout(self.weight_codes) if self.codes_blocked else self.weight_codes
+        return from_gemv_layout(self._static_codes()) if self.codes_blocked else self._static_codes()
 
     def weight_int8(self) -> torch.Tensor:
         """The deployed integer codes of the weight as int8, weight's shape."""
@@ -317,7 +324,7 @@ class QLinear(_QWeighted):
             wq, spec = self.weight_quantizer, self.weight_quantizer.spec
             group = spec.group_size if spec.granularity == "group" else None
             scale, zero = (wq.scale, wq.zero_point) if group else (wq.scale.reshape(-1), wq.zero_point.reshape(-1))
-            return codes_gemv(x, self.weight_codes, spec.bits, scale, None if spec.symmetric else zero, group,
+            return codes_gemv(x, self._static_codes(), spec.bits, scale, None if spec.symmetric else zero, group,
                               self.bias)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
 

@@ -94,28 +94,34 @@ def codes_gemv(x: torch.Tensor, blocked: torch.Tensor, bits: int, scale: torch.T
     words = blocked.view(torch.float32).view(torch.int32)  # [n / B, w, B]; float view: see module doc
     nb, w, b = words.shape
     lead, k = x.shape[:-1], x.shape[-1]
-    xs = x.reshape(*lead, 1, w, 1, per_word)
+    xt = x.reshape(-1, 1, w, per_word, 1).unbind(-2)  # per code t of a word: x [m, 1, w, 1]
     # 4-bit codes are summed as stored, code + 8 in [0, 15] (one op fewer per code), and the 8 is
     # taken off with the zero point. The codes of a word are summed four at a time, each four in
     # its own reduction: inductor keeps a sum of at most ~50 ops in the reduction's loop, and writes
     # a longer one out as a float buffer the size of the weight.
     offset = zero_point if bits == 8 else (8 if zero_point is None else zero_point + 8)
     groups = 1 if group_size is None else scale.shape[1]
-    sums = None  # [..., n / B, G, B]: per group, sum over its codes of x * code
+    sums = None  # [m, n / B, B] per channel, [m, n / B, G, B] per group: sum of x * code
     for first in range(0, per_word, 4):
-        inner = None  # [..., n / B, w, B]
+        inner = None  # [m, n / B, w, B]
         for t in range(first, first + 4):
             if bits == 8:
-                code = (words << (24 - 8 * t)) >> 24  # sign-extended byte t
+                code = words >> 24 if t == 3 else (words << (24 - 8 * t)) >> 24  # sign-extended byte t
             else:
                 code = (words >> (4 * t) if t else words) & 15  # nibble t
-            term = xs[..., t] * code.to(x.dtype)
+            term = xt[t] * code.to(x.dtype)
             inner = term if inner is None else inner + term
-        part = inner.reshape(*lead, nb, groups, w // groups, b).sum(-2)
+        part = inner.sum(-2) if group_size is None else inner.unflatten(-2, (groups, w // groups)).sum(-2)
         sums = part if sums is None else sums + part
-    if offset is not None:
-        off = offset if isinstance(offset, int) else offset.to(x.dtype).reshape(nb, b, groups).transpose(-1, -2)
-        sums = sums - off * x.reshape(*lead, 1, groups, k // groups).sum(-1)[..., None]
-    y = (sums * scale.to(x.dtype).reshape(nb, b, groups).transpose(-1, -2)).sum(-2)  # [..., n / B, B]
+    if group_size is None:
+        if offset is not None:
+            off = offset if isinstance(offset, int) else offset.to(x.dtype).reshape(nb, b)
+            sums = sums - off * x.sum(-1).reshape(-1, 1, 1)
+        y = sums * scale.to(x.dtype).reshape(nb, b)
+    else:
+        if offset is not None:
+            off = offset if isinstance(offset, int) else offset.to(x.dtype).reshape(nb, b, groups).transpose(-1, -2)
+            sums = sums - off * x.reshape(-1, 1, groups, k // groups).sum(-1)[..., None]
+        y = (sums * scale.to(x.dtype).reshape(nb, b, groups).transpose(-1, -2)).sum(-2)
     y = y.reshape(*lead, nb * b)
     return y if bias is None else y + bias
