@@ -6,14 +6,15 @@ Prints the CPU capability and the kernel each scheme runs, then:
      F.linear;
   2. SmolLM2-135M prefill (1 x 512, 8 x 128): fp32 eager / inductor, each W8A8 scheme eager and
      compiled with backend="fxquant";
-  3. SmolLM2 decode with a KV cache (greedy, 128 new tokens): fp32 eager, w8a16 / w4a16 eager and
-     compiled;
+  3. SmolLM2 decode with a KV cache (greedy, 128 new tokens): fp32 eager and inductor, w8a16 /
+     w4a16 / w8a16 with an int8 lm_head, eager and compiled (compilation of a whole decoder takes
+     minutes on 2 cores: the warm-up column);
   4. perplexity of each W8A8 scheme on GPL-3 (4 x 512): eager grad / eager no_grad / compiled /
      Ascend checkpoint reload / the float model compiled with fxquant.quantizing_backend;
   5. parameter + buffer bytes (unique storages) per scheme;
   6. MiniLM (w8a8_dynamic, 32 x 128) and the digits CNN (w8a8) against fp32.
 
-    python benchmarks/inference_speed.py [--skip decode minilm cnn] [--repeat 3]
+    python benchmarks/inference_speed.py [--skip decode minilm cnn] [--repeat 3] [--decode w8a16 w4a16]
 
 Emulate an AVX2-only CPU on a VNNI machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2.
 """
@@ -154,34 +155,45 @@ def prefill_table(model, tok, calib, repeat: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def decode_table(model, tok, calib, new_tokens: int) -> None:
+def decode_table(model, tok, new_tokens: int, configs: list[str]) -> None:
+    """Greedy decode with a KV cache; configs are "<scheme>" (lm_head float) or "<scheme>+lm_head".
+    Each model runs eager and compiled; warm-up is the first generate() (8 tokens: compilation)."""
     prompt = tok("The GNU General Public License is a free, copyleft license for", return_tensors="pt")
 
-    def gen_seconds(m) -> tuple[float, torch.Tensor]:
+    def gen_seconds(m) -> tuple[float, float, torch.Tensor]:
         with torch.no_grad():
-            m.generate(**prompt, max_new_tokens=8, do_sample=False)  # warm-up (and compilation)
+            start = time.perf_counter()
+            m.generate(**prompt, max_new_tokens=8, do_sample=False)
+            warm = time.perf_counter() - start
             start = time.perf_counter()
             out = m.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        return time.perf_counter() - start, out
+        return warm, time.perf_counter() - start, out
 
-    base, _ = gen_seconds(model)
-    rows = [["fp32 eager", base / new_tokens * 1e3, 1.0, "-"]]
-    configs = {"w8a16": ("w8a16", True), "w8a16 + lm_head": ("w8a16", False), "w4a16": ("w4a16", True),
-               "w8a8_dynamic": ("w8a8_dynamic", True)}  # name: (scheme, lm_head float)
-    for name, (scheme, head_float) in configs.items():
+    def compile_forward(m, backend: str):
+        torch._dynamo.reset()
+        m.forward = torch.compile(m.forward, backend=backend, dynamic=True)
+        return m
+
+    _, base, _ = gen_seconds(model)
+    rows = [["fp32 eager", base / new_tokens * 1e3, 1.0, "-", "-"]]
+    warm, t, _ = gen_seconds(compile_forward(copy.deepcopy(model), "inductor"))
+    rows.append(["fp32 inductor", t / new_tokens * 1e3, base / t, warm, "-"])
+    for config in configs:
+        scheme, _, head = config.partition("+")
         tokens = {}
         for mode in ("eager", "fxquant"):
             small = copy.deepcopy(model)
             fxquant.quantize(small, scheme=scheme, example_inputs=[prompt.input_ids], progress=False,
-                             options=GROUP, inplace=True, disable_last_layer=head_float)
+                             options=GROUP, inplace=True, disable_last_layer=head != "lm_head")
             if mode == "fxquant":
-                torch._dynamo.reset()
-                small.forward = torch.compile(small.forward, backend="fxquant", dynamic=True)
-            t, tokens[mode] = gen_seconds(small)
+                compile_forward(small, "fxquant")
+            warm, t, tokens[mode] = gen_seconds(small)
             same = "-" if mode == "eager" else str(torch.equal(tokens["eager"], tokens["fxquant"]))
-            rows.append([f"{name} {mode}", t / new_tokens * 1e3, base / t, same])
+            rows.append([f"{config} {mode}", t / new_tokens * 1e3, base / t, warm if mode == "fxquant" else "-",
+                         same])
+            del small
     table(f"SmolLM2 decode, KV cache, {new_tokens} new tokens (greedy)",
-          ["model", "ms / token", "vs fp32 eager", "compiled tokens = eager tokens"], rows)
+          ["model", "ms / token", "vs fp32 eager", "warm-up s", "compiled tokens = eager tokens"], rows)
 
 
 def perplexity_table(model, tok, calib) -> None:
@@ -265,6 +277,8 @@ def main() -> None:
                     choices=["gemm", "prefill", "decode", "ppl", "size", "minilm", "cnn"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--decode", nargs="*", default=["w8a16", "w4a16", "w8a16+lm_head"],
+                    help="decode configs: <scheme> (lm_head float) or <scheme>+lm_head (lm_head quantized too)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -280,7 +294,7 @@ def main() -> None:
     if "prefill" not in args.skip:
         models = prefill_table(model, tok, calib, args.repeat)
     if "decode" not in args.skip:
-        decode_table(model, tok, calib, args.new_tokens)
+        decode_table(model, tok, args.new_tokens, args.decode)
     if "ppl" not in args.skip:
         perplexity_table(model, tok, calib)
     if "size" not in args.skip:

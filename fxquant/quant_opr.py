@@ -253,7 +253,14 @@ class _QWeighted(QuantOpr):
             return self.weight
         codes = self._weight_codes()
         scale, zp = wq.broadcast_qparams(codes if wq.spec.granularity != "group" else codes[..., 0])
-        return dequantize_codes(codes, scale, zp).reshape(self.weight_shape).to(self.weight_dtype)
+        if self._stored_codes_in_use() and not torch.is_grad_enabled():
+            # codes is a float tensor of our own: dequantize it in place (a fresh weight-sized
+            # tensor per op costs page faults each call: 3.5 ms instead of 0.12 ms at 1536 x 576)
+            weight = codes if wq.spec.symmetric and wq.spec.signed else codes.sub_(zp)
+            weight = weight.mul_(scale)
+        else:
+            weight = dequantize_codes(codes, scale, zp)
+        return weight.reshape(self.weight_shape).to(self.weight_dtype)
 
     def active_input_quantizer(self) -> Quantizer:
         """The input quantizer now in use (a TimestepQuantizer's one for the current step)."""
