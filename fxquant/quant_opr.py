@@ -102,7 +102,6 @@ class _QWeighted(QuantOpr):
         self.register_buffer("weight_codes", None, persistent=False)
         self.register_buffer("weight_row_sums", None, persistent=False)
         self.codes_fixed = False
-        self.weight_only = scheme.activation is None
         self.kernel = "simulated"  # what forward runs; freeze() picks the device's kernel
         self.weight_shape = tuple(layer.weight.shape)
         self.weight_dtype = layer.weight.dtype
@@ -219,8 +218,9 @@ class _QWeighted(QuantOpr):
         cached = self.__dict__.get("_split_packed")
         if torch.compiler.is_compiling():
             return cached  # built by freeze(), a copy or a load (packing cannot be traced)
-        if cached is None or not cached.matches(self._row_codes()):
-            cached = self.__dict__["_split_packed"] = SplitPackedWeight(self._row_codes())
+        codes = self._row_codes()
+        if cached is None or not cached.matches(codes):
+            cached = self.__dict__["_split_packed"] = SplitPackedWeight(codes)
         return cached
 
     def __setstate__(self, state: dict) -> None:
@@ -349,7 +349,8 @@ class QLinear(_QWeighted):
         group = spec.group_size if spec.granularity == "group" else None
         per_channel = spec.granularity == "channel" and spec.axis == 0 and spec.bits == 8
         grouped = spec.granularity == "group" and spec.signed
-        return self.weight_only and (per_channel or grouped) and gemv_layout_ok(self.weight_shape, spec.bits, group)
+        weight_only = isinstance(self.input_quantizer, IdentityQuantizer)
+        return weight_only and (per_channel or grouped) and gemv_layout_ok(self.weight_shape, spec.bits, group)
 
     def _gemm_weight_codes(self) -> torch.Tensor:
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in
