@@ -4,8 +4,8 @@ Prints the CPU capability and the kernel each scheme runs, then:
   1. GEMM table: SmolLM2's layer 5 gate_proj (576 -> 1536) on its inputs from held-out text, at
      M = 1, 32, 512, 2048 rows, per scheme, eager and compiled (backend="fxquant"), against fp32
      F.linear;
-  2. SmolLM2-135M prefill (1 x 512, 8 x 128): fp32 eager / inductor, each W8A8 scheme eager and
-     compiled with backend="fxquant";
+  2. SmolLM2-135M prefill (1 x 512, 8 x 128): fp32 eager / inductor, each W8A8 scheme (lm_head
+     float, and quantized: "+lm_head") eager and compiled with backend="fxquant", with its perplexity;
   3. SmolLM2 decode with a KV cache (greedy, 128 new tokens): fp32 eager and inductor, w8a16 /
      w4a16 / w8a16 with an int8 lm_head, eager and compiled (compilation of a whole decoder takes
      minutes on 2 cores: the warm-up column);
@@ -14,7 +14,7 @@ Prints the CPU capability and the kernel each scheme runs, then:
   5. parameter + buffer bytes (unique storages) per scheme;
   6. MiniLM (w8a8_dynamic, 32 x 128) and the digits CNN (w8a8) against fp32.
 
-    python benchmarks/inference_speed.py [--skip decode minilm cnn] [--repeat 3] [--decode w8a16 w4a16]
+    python benchmarks/inference_speed.py [--skip decode minilm cnn] [--repeat 3] [--prefill w8a8_dynamic w8a8+lm_head] [--decode w8a16 w4a16]
 
 Emulate an AVX2-only CPU on a VNNI machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2.
 """
@@ -65,6 +65,25 @@ def seconds(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, tuple[float, float]]:
+    """{name: (median seconds, median speed-up over the first fn)}: after one warm-up each, the
+    fns run in turn `repeat` times and each round's times are divided by the first fn's time of
+    the same round, so that the CPU's drift between minutes (up to 20% on shared machines) cancels
+    in the ratios."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeat):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    base = times[next(iter(fns))]
+    return {name: (statistics.median(t), statistics.median(b / x for b, x in zip(base, t)))
+            for name, t in times.items()}
+
+
 def compiled(module: torch.nn.Module, backend: str = "fxquant") -> torch.nn.Module:
     return torch.compile(module, backend=backend, dynamic=False)
 
@@ -77,11 +96,13 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> None:
         print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row) + " |")
 
 
-def quantize_smollm2(model, tok, scheme: str, calib: list[torch.Tensor]):
+def quantize_smollm2(model, tok, scheme: str, calib: list[torch.Tensor], lm_head: bool = False):
+    """SmolLM2 quantized as the tables use it; lm_head float unless `lm_head`."""
     if scheme == "w8a8":
         return fxquant.quantize(model, [[w] for w in calib], scheme="w8a8", progress=False,
-                                smooth_alpha=0.5)
-    return fxquant.quantize(model, scheme=scheme, example_inputs=[calib[0]], progress=False, options=GROUP)
+                                smooth_alpha=0.5, disable_last_layer=not lm_head)
+    return fxquant.quantize(model, scheme=scheme, example_inputs=[calib[0]], progress=False, options=GROUP,
+                            disable_last_layer=not lm_head)
 
 
 def quantizing_backend_for(scheme: str, calib: list[torch.Tensor]) -> fxquant.compiler.QuantizingBackend:
@@ -132,26 +153,33 @@ def gemm_table(model, tok, repeat: int) -> None:
     print("\nkernels: " + ", ".join(f"{s}: {layer.kernel}" for s, layer in layers.items()))
 
 
-def prefill_table(model, tok, calib, repeat: int) -> dict[str, torch.nn.Module]:
+def prefill_table(model, tok, calib, repeat: int, configs: list[str]) -> dict[str, torch.nn.Module]:
+    """Prefill of random token ids with all logits; configs are "<scheme>" (lm_head float) or
+    "<scheme>+lm_head". The perplexity column (GPL-3, 4 x 512, eager no_grad) states what each
+    configuration costs in accuracy."""
     shapes = {"1x512": torch.randint(0, 40000, (1, 512)), "8x128": torch.randint(0, 40000, (8, 128))}
+    windows = token_windows(tok, license_text("GPL-3"), 4, 512)
     models = {"fp32": model}
-    models.update({s: quantize_smollm2(model, tok, s, calib) for s in W8A8_SCHEMES})
+    for config in configs:
+        scheme, _, head = config.partition("+")
+        models[config] = quantize_smollm2(model, tok, scheme, calib, lm_head=head == "lm_head")
+    ppl = {name: perplexity(m, windows) for name, m in models.items()}
     rows = []
     for shape, ids in shapes.items():
         def run(m, ids=ids):
             return lambda: m(input_ids=ids, use_cache=False)
-        fp32 = seconds(run(model), repeat)
         torch._dynamo.reset()
-        fp32_compiled = seconds(run(compiled(model, "inductor")), repeat)
-        rows.append([shape, "fp32 eager", fp32 * 1e3, 1.0, fp32_compiled / fp32])
-        rows.append([shape, "fp32 inductor", fp32_compiled * 1e3, fp32 / fp32_compiled, 1.0])
-        for name in W8A8_SCHEMES:
-            eager = seconds(run(models[name]), repeat)
-            torch._dynamo.reset()
-            comp = seconds(run(compiled(models[name])), repeat)
-            rows.append([shape, f"{name} eager", eager * 1e3, fp32 / eager, fp32_compiled / eager])
-            rows.append([shape, f"{name} fxquant", comp * 1e3, fp32 / comp, fp32_compiled / comp])
-    table("SmolLM2 prefill (all logits)", ["shape", "model", "ms", "vs fp32 eager", "vs fp32 inductor"], rows)
+        fns = {"fp32 eager": run(model), "fp32 inductor": run(compiled(model, "inductor"))}
+        for name in configs:
+            fns[f"{name} eager"] = run(models[name])
+            fns[f"{name} fxquant"] = run(compiled(models[name]))
+        timed = interleaved(fns, repeat)
+        inductor_ratio = timed["fp32 inductor"][1]
+        for name, (t, ratio) in timed.items():
+            config = name.rpartition(" ")[0]
+            rows.append([shape, name, t * 1e3, ratio, ratio / inductor_ratio, ppl.get(config, ppl["fp32"])])
+    table(f"SmolLM2 prefill (all logits; median of {repeat} interleaved rounds); lm_head float unless +lm_head",
+          ["shape", "model", "ms", "vs fp32 eager", "vs fp32 inductor", "perplexity GPL-3 4x512"], rows)
     return models
 
 
@@ -277,6 +305,8 @@ def main() -> None:
                     choices=["gemm", "prefill", "decode", "ppl", "size", "minilm", "cnn"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefill", nargs="*", default=["w8a8_dynamic", "w8a8", "w8a8_dynamic+lm_head", "w8a8+lm_head"],
+                    help="prefill configs: <scheme> (lm_head float) or <scheme>+lm_head (lm_head quantized too)")
     ap.add_argument("--decode", nargs="*", default=["w8a16", "w4a16", "w8a16+lm_head"],
                     help="decode configs: <scheme> (lm_head float) or <scheme>+lm_head (lm_head quantized too)")
     args = ap.parse_args()
@@ -292,7 +322,7 @@ def main() -> None:
         gemm_table(model, tok, args.repeat)
     models: dict[str, torch.nn.Module] = {}
     if "prefill" not in args.skip:
-        models = prefill_table(model, tok, calib, args.repeat)
+        models = prefill_table(model, tok, calib, args.repeat, args.prefill)
     if "decode" not in args.skip:
         decode_table(model, tok, args.new_tokens, args.decode)
     if "ppl" not in args.skip:

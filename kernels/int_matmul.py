@@ -59,38 +59,42 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str | None = None) -> 
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_matmul takes int8 operands, got {a.dtype} and {b.dtype}")
     kernel = kernel or default_kernel(a.device)
-    if kernel == "int_mm":
-        try:
-            return torch._int_mm(a, b)
-        except RuntimeError:
-            kernel = "fp64"
     if kernel == "onednn_split":
         return split_codes_matmul(a, SplitPackedWeight(b.t().contiguous())).to(torch.int32)
-    if kernel == "fp32_split":
-        k = a.shape[1]
-        if k <= EXACT_FP32_K:
-            return (a.float() @ b.float()).to(torch.int32)
-        out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
-        for start in range(0, k, EXACT_FP32_K):
-            stop = start + EXACT_FP32_K
-            out += (a[:, start:stop].float() @ b[start:stop].float()).to(torch.int32)
-        return out
-    if kernel == "fp64":
-        return (a.double() @ b.double()).to(torch.int32)
-    raise ValueError(f"unknown int8_matmul kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+    return _plain_codes_matmul(a, b.t(), kernel).to(torch.int32)
 
 
 def codes_matmul(xc: torch.Tensor, wc: torch.Tensor, kernel: str | None = None,
-                 packed: SplitPackedWeight | None = None) -> torch.Tensor:
-    """xc [m, k] @ wc^T ([n, k]) of integer codes (int8, or float holding integers in [-128, 127])
-    -> [m, n] exact sums: int32 where the kernel accumulates in integers (int_mm, k chunks),
-    float32 where every sum is exact in float32 (one chunk of k <= EXACT_FP32_K).
+                 packed: SplitPackedWeight | None = None, zero: int = 0,
+                 wsum: torch.Tensor | None = None) -> torch.Tensor:
+    """(xc - zero) @ wc^T of integer codes xc [m, k], wc [n, k] (int8, or float holding integers in
+    [-128, 127]) and a Python int zero point -> [m, n] exact sums: int32 where the kernel
+    accumulates in integers (int_mm, k chunks) or the sums may pass 2^24, float32 where every sum
+    is exact in float32.
 
     No round trip through int8 where the kernel computes in float: "fp32_split" multiplies float
     codes as they are, "int_mm" converts them to int8 once. `packed`: the layer's cached operands of
-    wc for "onednn_split" (built here, per call, when missing or stale).
+    wc for "onednn_split" (built here, per call, when missing or stale), which splits the codes
+    around the zero point; wsum: int32 [n] row sums of wc when known.
     """
     kernel = kernel or default_kernel(xc.device)
+    if kernel == "onednn_split":
+        if torch.compiler.is_compiling():
+            if packed is not None:
+                return split_codes_matmul(xc, packed, zero)
+            kernel = "fp32_split"  # packing cannot be traced: the exact float path
+        else:
+            if packed is None or not packed.matches(wc):
+                packed = SplitPackedWeight(wc if wc.dtype == torch.int8 else wc.to(torch.int8))
+            return split_codes_matmul(xc, packed, zero)
+    acc = _plain_codes_matmul(xc, wc, kernel)
+    if not zero:
+        return acc
+    return acc.to(torch.int32) - zero * (code_row_sums(wc) if wsum is None else wsum)
+
+
+def _plain_codes_matmul(xc: torch.Tensor, wc: torch.Tensor, kernel: str) -> torch.Tensor:
+    """xc @ wc^T, exact, by the kernels that take no zero point."""
     if kernel == "int_mm":
         a = xc if xc.dtype == torch.int8 else xc.to(torch.int8)
         b = wc if wc.dtype == torch.int8 else wc.to(torch.int8)
@@ -98,15 +102,6 @@ def codes_matmul(xc: torch.Tensor, wc: torch.Tensor, kernel: str | None = None,
             return torch._int_mm(a, b.t())
         except RuntimeError:
             kernel = "fp64"
-    if kernel == "onednn_split":
-        if torch.compiler.is_compiling():
-            if packed is not None:
-                return split_codes_matmul(xc, packed)
-            kernel = "fp32_split"  # packing cannot be traced: the exact float path
-        else:
-            if packed is None or not packed.matches(wc):
-                packed = SplitPackedWeight(wc if wc.dtype == torch.int8 else wc.to(torch.int8))
-            return split_codes_matmul(xc, packed)
     if kernel == "fp32_split":
         a, b = xc.float(), wc.float()
         k = a.shape[1]
@@ -147,15 +142,10 @@ def code_row_sums(wc: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate(xc, wc, zx: int, qbias, kernel: str | None, wsum, packed=None) -> torch.Tensor:
-    acc = codes_matmul(xc, wc, kernel, packed)
-    if not zx and qbias is None:
+    acc = codes_matmul(xc, wc, kernel, packed, zx, wsum)
+    if qbias is None:
         return acc.float()
-    acc = acc.to(torch.int32)  # offsets in int32: their sums may pass 2^24
-    if zx:
-        acc = acc - zx * (code_row_sums(wc) if wsum is None else wsum)
-    if qbias is not None:
-        acc = acc + qbias.to(torch.int32)
-    return acc.float()
+    return (acc.to(torch.int32) + qbias.to(torch.int32)).float()  # in int32: sums may pass 2^24
 
 
 def code_matmul(xc: torch.Tensor, wc: torch.Tensor, zx: int = 0, qbias: torch.Tensor | None = None,

@@ -12,6 +12,11 @@ and the few large codes are added back exactly from a transposed byte table of t
 (FBGEMM's rowwise embedding bag: for each row of xc, the weighted sum of the weight columns its
 large codes select). Each part returns float32 sums, exact while |sums| <= 2^24: k is cut into
 chunks of CHUNK_K, and the parts are added in int32 where their sum could pass 2^24.
+
+Static activations with a zero point z are split around it (small = clamp(xc, c - 64, c + 63),
+c = z clipped so that every part stays exact), so (xc - c) @ codes^T comes out of the split
+itself: a per-tensor zero point far from 0 (SmolLM2's gated MLP products: -66) would otherwise
+make most codes large (61% in that layer, 0.2% centred).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ SMALL_MIN, SMALL_MAX, SMALL_ZERO = -64, 63, 64
 CHUNK_K = 2048
 #: the largest k whose float32 sums of whole int8 products are exact (1024 * 128 * 128 = 2^24)
 EXACT_FP32_K = 1024
+#: float32 integers are exact up to this magnitude
+FP32_EXACT = 2**24
 
 
 def available() -> bool:
@@ -47,6 +54,8 @@ class SplitPackedWeight:
         n, k = codes.shape
         self.source = (codes.data_ptr(), codes._version, tuple(codes.shape))
         self.ones, self.zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)  # oneDNN's weight scales, zero points
+        self.row_sums = codes.to(torch.int32).sum(dim=1, dtype=torch.int32)  # [n], for zero points
+        self.k = k
         self.chunks = []  # (first column, packed weight, byte table) per chunk of k
         for start in range(0, k, CHUNK_K):
             part = codes[:, start:start + CHUNK_K].contiguous()
@@ -69,17 +78,30 @@ def _no_cache() -> None:
     return None
 
 
-def _split(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(low, big): uint8 [m, k] codes of 7 bits (clamp(xc, -64, 63) + 64) and int8 [m, k] the rest."""
-    small = xc.clamp(SMALL_MIN, SMALL_MAX)
-    return (small + SMALL_ZERO).to(torch.uint8), (xc - small).to(torch.int8)
+def split_center(zero: int, k: int) -> int:
+    """The zero point, clipped to where the split stays exact for k columns: the large part of a
+    code split around c reaches 64 + |c| (at most 127, int8), and its sums over a chunk of k must
+    stay below 2^24 in float32."""
+    width = min(k, CHUNK_K)
+    limit = min(SMALL_MAX, FP32_EXACT // (128 * width) - SMALL_ZERO)
+    return max(-limit, min(limit, zero)) if limit > 0 else 0
 
 
-def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight) -> torch.Tensor:
-    """xc [m, k] (integer codes in [-128, 127], int8 or float) @ codes^T -> exact integer sums [m, n]:
-    float32 while k <= EXACT_FP32_K (every sum below 2^24), else int32."""
-    low, big = _split(xc)
-    in_float = xc.shape[1] <= EXACT_FP32_K
+def _split(xc: torch.Tensor, center: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, big): uint8 [m, k] codes of 7 bits (clamp(xc, c - 64, c + 63) - c + 64) and int8 [m, k]
+    the rest (|big| <= 64 + |c|), for a center c with |c| <= 63."""
+    small = xc.clamp(center + SMALL_MIN, center + SMALL_MAX)
+    return (small + (SMALL_ZERO - center)).to(torch.uint8), (xc - small).to(torch.int8)
+
+
+def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight, zero: int = 0) -> torch.Tensor:
+    """(xc - zero) @ codes^T -> exact integer sums [m, n] for xc [m, k] (integer codes in
+    [-128, 127], int8 or float) and a Python int zero point: float32 where every sum is below 2^24,
+    else int32."""
+    center = split_center(zero, weight.k)
+    low, big = _split(xc, center)
+    k = xc.shape[1]
+    in_float = zero == center and k * (128 + abs(center)) * 128 <= FP32_EXACT
     out = None
     for start, packed, table in weight.chunks:
         cols = slice(start, start + CHUNK_K)
@@ -87,6 +109,8 @@ def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight) -> torch.Ten
                                           weight.ones, weight.zeros, not in_float)
         part = part if in_float else part.to(torch.int32).sum(0, dtype=torch.int32)
         out = part if out is None else out + part
+    if zero != center:
+        out = out - (zero - center) * weight.row_sums
     return out
 
 

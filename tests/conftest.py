@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# The repository root holds kernels/ and passes/, installed as fxquant.kernels and fxquant.passes.
+# On sys.path (`python -m pytest` puts the working directory there) kernels/ would shadow the PyPI
+# package `kernels` that transformers >= 5.25 imports; the tests import the installed fxquant.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # pytest-xdist workers share the cores: each takes its share of them, so that workers do not

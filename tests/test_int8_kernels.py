@@ -23,6 +23,29 @@ def test_int8_matmul_is_exact(kernel, m, k, n):
     assert torch.equal(out.to(torch.int64), ref), f"kernel {kernel or default_kernel(a.device)}"
 
 
+@pytest.mark.parametrize("kernel", ["onednn_split", "fp32_split", "fp64"])
+@pytest.mark.parametrize("zero", [0, -66, 21, -128, 127])
+@pytest.mark.parametrize("m, k, n", [(64, 576, 96), (9, 1536, 40), (5, 4100, 24)])
+def test_codes_matmul_with_a_zero_point_is_exact(kernel, zero, m, k, n):
+    """(xc - zero) @ wc^T at full range, for zero points that onednn_split splits around (clipped
+    where a part could pass 2^24) and those it cannot (k > 2048)."""
+    from fxquant.kernels.int_matmul import codes_matmul
+    from fxquant.kernels.onednn_split import available
+
+    if kernel == "onednn_split" and not available():
+        pytest.skip("this torch has no oneDNN quantized linear")
+    gen = torch.Generator().manual_seed(k + n - zero)
+    xc = (torch.randint(-12, 13, (m, k), generator=gen) + zero).clamp(-128, 127).to(torch.int8)
+    xc[0] = 127  # the full-range rows: the largest sums either way
+    xc[1] = -128
+    wc = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    wc[0] = 127
+    wc[1] = -127
+    ref = ((xc.double() - zero) @ wc.double().t()).to(torch.int64)
+    out = codes_matmul(xc, wc, kernel, zero=zero)
+    assert torch.equal(out.to(torch.int64), ref)
+
+
 def test_fp32_split_chunks_keep_sums_exact():
     """The worst case of one chunk: 1024 products of -128 * -128 = 2^24, still exact in fp32."""
     a = torch.full((2, 3 * EXACT_FP32_K), -128, dtype=torch.int8)
