@@ -17,5 +17,4 @@ export HF_HUB_OFFLINE=1  # scripts, not the library, keep Hugging Face offline
 ruff check fxquant passes kernels tests benchmarks examples
 # two workers (pytest-xdist), one file each at a time: capture and calibration are largely
 # single-threaded Python, so two processes of one torch thread each use both cores
-# PYTHONSAFEPATH: the working directory is not put on sys.path (see tests/conftest.py)
-PYTHONSAFEPATH=1 python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 "$@"
+python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 "$@"

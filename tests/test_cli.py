@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,8 +12,10 @@ from fxquant.real_models import license_text, perplexity, text_corpus, token_win
 
 
 def fxq(*args, timeout=900):
+    # run from tests/, not the repository root: `python -m` puts its working directory on sys.path,
+    # where the root's kernels/ folder would shadow the PyPI `kernels` package transformers imports
     return subprocess.run([sys.executable, "-m", "fxquant.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, cwd=Path(__file__).parent)
 
 
 @pytest.fixture(scope="module")
