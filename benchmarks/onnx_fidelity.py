@@ -96,7 +96,7 @@ def main() -> None:
     import torch
 
     from fxquant import Calibrator, QuantConfig
-    from fxquant.onnx_reference import ascend_reference_session
+    from fxquant.formats.onnx_reference import ascend_reference_session
     from fxquant.real_models import (
         encoder_batches,
         encoder_inputs,

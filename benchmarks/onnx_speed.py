@@ -34,7 +34,7 @@ def _latency_ms(path: Path, feeds: dict, runs: int, threads: int) -> float:
 
 
 def _fp32_onnx(model, args, kwargs, names, path: Path) -> Path:
-    from fxquant.onnx_export import to_onnx_model, write_onnx
+    from fxquant.formats.onnx_export import to_onnx_model, write_onnx
 
     return write_onnx(to_onnx_model(model, args, kwargs, names), path)
 

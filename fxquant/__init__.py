@@ -1,13 +1,12 @@
 """fxquant: post-training quantization for PyTorch as composable torch.fx passes."""
 
 from .api import quantize
-from .ascend_checkpoint import load_ascend, save_ascend
 from .calibration import CalibrationRunner
-from .calibrator import Calibrator
+from .calibrator import Calibrator, QuantConfig
 from .capture import capture
 from .compiler import compile_backend, quantizing_backend
-from .config import QuantConfig
 from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantError
+from .formats.ascend_checkpoint import load_ascend, save_ascend
 from .inspection import compare, draw_graph, inspect, report, to_networkx
 from .install import apply
 from .quant_opr import QBMM, QAdd, QConv1d, QConv2d, QLinear, QMatMul, QuantOpr

@@ -21,6 +21,7 @@ from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
     codes_gemv,
     from_gemv_layout,
+    gemv_block,
     gemv_layout_ok,
     linear_from_weight,
     pack_codes,
@@ -153,7 +154,7 @@ class _QWeighted(QuantOpr):
         layout where the layer takes the fused GEMV (_gemv_layout_fits)."""
         stored = pack_codes(codes, self.weight_quantizer.spec.bits)
         self.codes_blocked = self._gemv_layout_fits()
-        self.weight_codes = to_gemv_layout(stored) if self.codes_blocked else stored
+        self.weight_codes = to_gemv_layout(stored, gemv_block()) if self.codes_blocked else stored
 
     def _gemv_layout_fits(self) -> bool:
         """True where compiled decode runs codes_gemv over this layer's codes (QLinear overrides)."""
@@ -350,7 +351,7 @@ class QLinear(_QWeighted):
         per_channel = spec.granularity == "channel" and spec.axis == 0 and spec.bits == 8
         grouped = spec.granularity == "group" and spec.signed
         weight_only = isinstance(self.input_quantizer, IdentityQuantizer)
-        return weight_only and (per_channel or grouped) and gemv_layout_ok(self.weight_shape, spec.bits, group)
+        return weight_only and (per_channel or grouped) and gemv_layout_ok(self.weight_shape, spec.bits, group, gemv_block())
 
     def _gemm_weight_codes(self) -> torch.Tensor:
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in

@@ -7,11 +7,11 @@ few rows (decode: one token per sequence) take the form of a broadcast multiply 
 codes once instead of writing a float weight and reading it back.
 
 For that GEMV a linear layer keeps its codes in the GEMV layout (`to_gemv_layout`): the bytes of
-GEMV_BLOCK output rows interleaved word by word, [n / B, k_bytes / 4, 4 B]. Inductor's generated
-loop then loads each int32 word of B rows as one vector, takes it apart with shifts (4 int8 or 8
-int4 codes) and multiplies by one input value broadcast to the vector, with no transposes. The
-words are loaded through a float32 view of the bytes: inductor's int32 vector loads go through a
-stack buffer (a store-forwarding stall per load, 4-5x slower on AVX2), its float loads do not.
+B output rows interleaved word by word, [n / B, k_bytes / 4, 4 B], B = `gemv_block()` (one vector
+of floats). Inductor's generated loop then loads each int32 word of B rows as one vector, takes it
+apart with shifts (4 int8 or 8 int4 codes) and multiplies it by one input value broadcast to the
+vector, with no transposes. B and the dtype the words are loaded as depend on the CPU
+(GEMV_BLOCKS, GEMV_WORD_DTYPES).
 """
 
 from __future__ import annotations
@@ -23,8 +23,22 @@ import torch.nn.functional as F
 
 #: inputs with at most this many rows take the fused GEMV form under torch.compile
 GEMV_MAX_ROWS = 8
-#: output rows per block of the GEMV layout: 8 float lanes, one AVX2 vector (half an AVX-512 one)
-GEMV_BLOCK = 8
+#: per CPU capability, the GEMV layout's rows per block: the float lanes of one vector of the ISA
+#: inductor generates code for
+GEMV_BLOCKS = {"AVX512": 16}
+DEFAULT_GEMV_BLOCK = 8
+#: per block size, the dtype codes_gemv loads the layout's words as (float32: then bit cast).
+#: Measured at 576 -> 1536, one row, against an fp32 F.linear in cache: on AVX-512, blocks of 8
+#: rows ran at 0.06x (a loop shorter than the vector), 16 rows loaded as float 0.25x (the bit cast
+#: goes through a stack buffer), 16 rows loaded as int32 0.63x; on AVX2 (AMD EPYC) 8 rows loaded
+#: as float 0.70-0.86x, where int32 loads went through a stack buffer, 4-5x slower.
+GEMV_WORD_DTYPES = {8: torch.float32, 16: torch.int32}
+
+
+def gemv_block() -> int:
+    """Output rows per block of the GEMV layout on this CPU (honours ATEN_CPU_CAPABILITY, as
+    inductor's choice of vector ISA does)."""
+    return GEMV_BLOCKS.get(torch.backends.cpu.get_cpu_capability(), DEFAULT_GEMV_BLOCK)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -57,27 +71,27 @@ def linear_from_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(x, weight, bias)
 
 
-def gemv_layout_ok(shape: tuple[int, ...], bits: int, group_size: int | None = None) -> bool:
-    """True when codes of a weight of `shape` ([n, k]) fit the GEMV layout: n a multiple of
-    GEMV_BLOCK, whole int32 words per row (and per group), a little-endian machine."""
+def gemv_layout_ok(shape: tuple[int, ...], bits: int, group_size: int | None = None, block: int = 8) -> bool:
+    """True when codes of a weight of `shape` ([n, k]) fit the GEMV layout with `block` rows per
+    block: n a multiple of block, whole int32 words per row (and per group), a little-endian machine."""
     per_word = 32 // bits
-    return (len(shape) == 2 and bits in (4, 8) and sys.byteorder == "little" and shape[0] % GEMV_BLOCK == 0
+    return (len(shape) == 2 and bits in (4, 8) and sys.byteorder == "little" and shape[0] % block == 0
             and shape[1] % per_word == 0 and (group_size is None or group_size % per_word == 0))
 
 
-def to_gemv_layout(stored: torch.Tensor) -> torch.Tensor:
+def to_gemv_layout(stored: torch.Tensor, block: int) -> torch.Tensor:
     """pack_codes' storage [n, kb] (int8 [n, k] or uint8 [n, k / 2]) -> the same bytes as
-    [n / B, kb / 4, 4 B] (B = GEMV_BLOCK): 4-byte word j of rows B i .. B i + B - 1 side by side."""
+    [n / B, kb / 4, 4 B] (B = block): 4-byte word j of rows B i .. B i + B - 1 side by side."""
     n, kb = stored.shape
-    return (stored.reshape(n // GEMV_BLOCK, GEMV_BLOCK, kb // 4, 4).transpose(1, 2)
-            .reshape(n // GEMV_BLOCK, kb // 4, 4 * GEMV_BLOCK).contiguous())
+    return (stored.reshape(n // block, block, kb // 4, 4).transpose(1, 2)
+            .reshape(n // block, kb // 4, 4 * block).contiguous())
 
 
 def from_gemv_layout(blocked: torch.Tensor) -> torch.Tensor:
-    """Inverse of to_gemv_layout: [n / B, w, 4 B] -> [n, 4 w], rows in order (a new tensor). The
-    words move as int32 (10x faster than moving the bytes with runs of 4)."""
-    nb, w, _ = blocked.shape
-    words = blocked.view(torch.int32).transpose(1, 2).reshape(nb * GEMV_BLOCK, w)
+    """Inverse of to_gemv_layout (B read from the shape): [n / B, w, 4 B] -> [n, 4 w], rows in
+    order (a new tensor). The words move as int32 (10x faster than moving the bytes in runs of 4)."""
+    nb, w, four_b = blocked.shape
+    words = blocked.view(torch.int32).transpose(1, 2).reshape(nb * (four_b // 4), w).contiguous()
     return words.view(blocked.dtype)
 
 
@@ -91,7 +105,7 @@ def codes_gemv(x: torch.Tensor, blocked: torch.Tensor, bits: int, scale: torch.T
     group. The weight is (code - zero_point) * scale; the result equals F.linear of it up to float
     rounding (sums in another order)."""
     per_word = 32 // bits
-    words = blocked.view(torch.float32).view(torch.int32)  # [n / B, w, B]; float view: see module doc
+    words = blocked.view(GEMV_WORD_DTYPES.get(blocked.shape[-1] // 4, torch.int32)).view(torch.int32)  # [n / B, w, B]
     nb, w, b = words.shape
     lead, k = x.shape[:-1], x.shape[-1]
     xt = x.reshape(-1, 1, w, per_word, 1).unbind(-2)  # per code t of a word: x [m, 1, w, 1]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from fxquant.ascend_format import layer_tensors, savable
-from fxquant.ascend_modules import build_ascend_layer
+from fxquant.formats.ascend_format import layer_tensors, savable
+from fxquant.formats.ascend_modules import build_ascend_layer
 from fxquant.kernels import AscendOps
 from fxquant.quant_opr import QuantOpr
 

@@ -6,14 +6,14 @@ import copy
 
 from torch import fx
 
-from fxquant.qdq_modules import to_qdq_module
+from fxquant.formats.qdq_modules import to_qdq_module
 from fxquant.quant_opr import QuantOpr
 
 from .pass_manager import replace_submodule
 
 
 def lower_to_qdq(gm: fx.GraphModule) -> fx.GraphModule:
-    """Pass: a copy of `gm` whose QuantOprs are export modules (fxquant.qdq_modules) computing
+    """Pass: a copy of `gm` whose QuantOprs are export modules (fxquant.formats.qdq_modules) computing
     with quantize/dequantize ops and int8 weights; `gm` itself is left as it is."""
     out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out.meta.update(gm.meta)

@@ -122,7 +122,7 @@ def test_failed_save_leaves_no_partial_files_and_keeps_existing_folder(calibrate
     cal.save(str(tmp_path))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     calls = {"n": 0}
-    real = fxquant.safetensors_io.save_file
+    real = fxquant.formats.safetensors_io.save_file
 
     def failing(tensors, path, metadata=None):
         calls["n"] += 1
@@ -132,7 +132,7 @@ def test_failed_save_leaves_no_partial_files_and_keeps_existing_folder(calibrate
             raise OSError("disk full (injected)")
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(fxquant.safetensors_io, "save_file", failing)
+    monkeypatch.setattr(fxquant.formats.safetensors_io, "save_file", failing)
     with pytest.raises(OSError, match="injected"):
         calibrated["w8a8_dynamic"].save(str(tmp_path), part_file_size=0.05)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fxquant import Calibrator, ConfigError, QuantConfig
-from fxquant.onnx_reference import ascend_reference_session
+from fxquant.formats.onnx_reference import ascend_reference_session
 
 from digits import accuracy, train
 from models import MobileNetStyle, ResNetStyle

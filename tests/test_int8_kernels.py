@@ -86,11 +86,12 @@ def test_frozen_layer_gives_the_same_values_on_every_kernel(scheme):
         assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), kernel
 
 
+@pytest.mark.parametrize("block", [8, 16])
 @pytest.mark.parametrize("bits, group, asym", [(8, None, False), (8, None, True), (4, 32, True), (4, 64, False),
                                               (8, 32, True)])
-def test_codes_gemv_is_the_linear_of_the_dequantized_weight(bits, group, asym):
+def test_codes_gemv_is_the_linear_of_the_dequantized_weight(bits, group, asym, block):
     """The fused weight-only decode form over stored codes read as int32 words: int8 per channel,
-    int4 / int8 per group, with and without offsets."""
+    int4 / int8 per group, with and without offsets, in blocks of 8 (AVX2) or 16 (AVX-512) rows."""
     from fxquant.kernels.weight_only import (
         codes_gemv,
         from_gemv_layout,
@@ -105,10 +106,12 @@ def test_codes_gemv_is_the_linear_of_the_dequantized_weight(bits, group, asym):
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
     codes = torch.randint(lo, hi, (n, k), generator=gen).float()
     stored = pack_codes(codes, bits)
-    assert gemv_layout_ok((n, k), bits, group) and torch.equal(unpack_codes(stored, bits, (n, k)).float(), codes)
-    blocked = to_gemv_layout(stored)
+    assert gemv_layout_ok((n, k), bits, group, block)
+    assert torch.equal(unpack_codes(stored, bits, (n, k)).float(), codes)
+    blocked = to_gemv_layout(stored, block)
     assert torch.equal(from_gemv_layout(blocked), stored)
-    assert torch.equal(blocked[1, 2, 4 * 3:4 * 4], stored[8 + 3, 4 * 2:4 * 3])  # word 2 of row 11, block 1 lane 3
+    assert torch.equal(from_gemv_layout(to_gemv_layout(stored[:block], block)), stored[:block])  # one block
+    assert torch.equal(blocked[1, 2, 4 * 3:4 * 4], stored[block + 3, 4 * 2:4 * 3])  # word 2 of block 1's lane 3
     groups = 1 if group is None else k // group
     scale = torch.rand(n, groups, generator=gen) / 100
     zero = torch.randint(-3, 4, (n, groups), generator=gen).float() if asym else torch.zeros(n, groups)

@@ -10,7 +10,7 @@ from torch import nn
 
 from fxquant import QuantOpr, linger
 from fxquant.errors import ConfigError
-from fxquant.onnx_export import to_onnx_model
+from fxquant.formats.onnx_export import to_onnx_model
 from fxquant.passes import lower_to_qdq
 from fxquant.pow2_quantizer import LearnedPow2Quantizer, MomentumPow2Quantizer
 

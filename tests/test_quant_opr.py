@@ -3,6 +3,7 @@ import torch
 
 from fxquant import QBMM, QAdd, QConv2d, QLinear, QMatMul, make_scheme
 from fxquant.errors import ConfigError
+from fxquant.kernels.weight_only import gemv_block
 from fxquant.quantizer import StaticQuantizer
 
 
@@ -75,8 +76,10 @@ def test_weight_only_schemes():
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 16)
     x = torch.randn(5, 256)
-    # weight bytes in the GEMV layout: 8 rows' 4-byte words side by side, [n / 8, k_bytes / 4, 32]
-    for scheme, tol, stored in (("w8a16", 0.02, (torch.int8, (2, 64, 32))), ("w4a16", 0.3, (torch.uint8, (2, 32, 32)))):
+    # weight bytes in the GEMV layout: B rows' 4-byte words side by side, [n / B, k_bytes / 4, 4 B]
+    b = gemv_block()
+    for scheme, tol, stored in (("w8a16", 0.02, (torch.int8, (16 // b, 64, 4 * b))),
+                                ("w4a16", 0.3, (torch.uint8, (16 // b, 32, 4 * b)))):
         q = _calibrate(QLinear(lin, make_scheme(scheme)), x)
         before = q(x)
         assert (before - lin(x)).abs().max() < tol

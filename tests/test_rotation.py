@@ -11,8 +11,8 @@ from torch import nn
 
 import fxquant
 from fxquant.capture import capture
+from fxquant.formats.onnx_export import to_onnx_model, write_onnx
 from fxquant.hadamard import HadamardTransform, hadamard_matrix, random_rotation
-from fxquant.onnx_export import to_onnx_model, write_onnx
 from fxquant.passes import HadamardRotation, lower_to_qdq
 
 from models import RMSNorm

@@ -5,7 +5,7 @@ import torch
 from pydantic import ValidationError
 
 import fxquant
-from fxquant.ascend_checkpoint import load_ascend, read_description
+from fxquant.formats.ascend_checkpoint import load_ascend, read_description
 from fxquant.real_models import perplexity
 from fxquant.session import (
     FA3ProcessorConfig,

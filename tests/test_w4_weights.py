@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import fxquant
-from fxquant.ascend_checkpoint import load_ascend, read_description, save_ascend
+from fxquant.formats.ascend_checkpoint import load_ascend, read_description, save_ascend
 from fxquant.ir import fxq_meta
 from fxquant.keep_acc import GPTQWeights
 from fxquant.keep_acc.layer_problem import LayerProblem
+from fxquant.kernels.weight_only import gemv_block
 from fxquant.passes import AWQScale
 from fxquant.real_models import perplexity
 from fxquant.schemes import SchemeOptions
@@ -35,7 +36,7 @@ def test_per_group_gptq_codes_keep_the_group_grid_and_lower_the_error(w4_models,
     name = "model.layers.2.mlp.down_proj"
     q, r = gptq.get_submodule(name), rtn.get_submodule(name)
     # packed two per byte, in the GEMV layout: 8 rows' 4-byte words side by side
-    assert q.codes_blocked and q.weight_codes.dtype == torch.uint8 and q.weight_codes.shape == (72, 192, 32)
+    assert q.codes_blocked and q.weight_codes.dtype == torch.uint8 and q.weight_codes.shape == (576 // gemv_block(), 192, 4 * gemv_block())
     codes = q.weight_int8()
     assert int(codes.min()) >= -8 and int(codes.max()) <= 7
     assert torch.equal(q.weight_quantizer.scale, r.weight_quantizer.scale)  # static groups: same qparams

@@ -85,7 +85,7 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any, di
     the architecture from its config.json, every tensor from the checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from fxquant.ascend_checkpoint import load_ascend
+    from fxquant.formats.ascend_checkpoint import load_ascend
 
     p = Path(folder)
     if not (p / "config.json").is_file():

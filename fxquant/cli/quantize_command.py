@@ -100,7 +100,7 @@ def writable_folder(path: str) -> Path:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    from fxquant.config import parse_disable_level
+    from fxquant.calibrator.quant_config import parse_disable_level
     from fxquant.schemes import make_scheme
 
     make_scheme(args.scheme)  # ConfigError lists the valid schemes
@@ -173,13 +173,13 @@ def _quantize(fxquant: Any, model: Any, calib: list, args: argparse.Namespace, m
 
 def _write(gm: Any, model: Any, tok: Any, out: Path, args: argparse.Namespace, scheme: str, calib: list) -> list[str]:
     if args.format == "ascend":
-        from fxquant.ascend_checkpoint import save_ascend
+        from fxquant.formats.ascend_checkpoint import save_ascend
 
         files = [] if args.session else save_ascend(gm, model, out, default_scheme=scheme)
         if args.session:
             files = sorted(p.name for p in out.glob("quant_model_*"))
     else:
-        from fxquant.onnx_export import to_onnx_model, write_onnx
+        from fxquant.formats.onnx_export import to_onnx_model, write_onnx
         from fxquant.passes import lower_to_qdq
 
         proto = to_onnx_model(CausalLMLogits(lower_to_qdq(gm)), (calib[0]["input_ids"],), {}, ["input_ids"])

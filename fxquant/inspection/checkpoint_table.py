@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from fxquant.ascend_checkpoint import NON_TENSOR_KEYS, read_description
-from fxquant.safetensors_io import read_safetensors_folder
+from fxquant.formats.ascend_checkpoint import NON_TENSOR_KEYS, read_description
+from fxquant.formats.safetensors_io import read_safetensors_folder
 
 from .text_table import text_table
 

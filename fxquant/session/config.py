@@ -6,8 +6,8 @@ from typing import Any, Dict, List, Optional  # noqa: UP035  (the seed's annotat
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from ..ascend_checkpoint import SAVE_TYPES
 from ..errors import ConfigError
+from ..formats.ascend_checkpoint import SAVE_TYPES
 from ..keep_acc.w_method import W_METHODS
 
 ACT_METHODS = ("minmax", "histogram", "mixed")

@@ -10,9 +10,9 @@ from torch import fx
 from fxquant.passes import AWQScale, FlexSmooth, HadamardRotation, IterSmooth
 
 from ..api import quantize
-from ..ascend_checkpoint import save_ascend
 from ..calib_data import synthetic_example
 from ..errors import CalibrationDataError, ConfigError
+from ..formats.ascend_checkpoint import save_ascend
 from ..install import apply
 from ..keep_acc import weight_rounding
 from ..resources import release_freed_memory

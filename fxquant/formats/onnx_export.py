@@ -15,9 +15,9 @@ import onnx
 import torch
 from torch import fx
 
-from .errors import ConfigError, FxquantError
+from ..errors import ConfigError, FxquantError
+from ..tracing import TRACE_LOCK
 from .safetensors_io import PUBLISHED_MODE
-from .tracing import TRACE_LOCK
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import torch
 
 from fxquant.kernels import encode_scale_int64
 
-from .errors import ConfigError
-from .quant_opr import QAttentionInput, QLinear, QuantOpr, _QConvNd, _QWeighted
+from ..errors import ConfigError
+from ..quant_opr import QAttentionInput, QLinear, QuantOpr, _QConvNd, _QWeighted
 
 QUANT_TYPES = {"float": "FLOAT", "w8a8": "W8A8", "w8a8_dynamic": "W8A8_DYNAMIC", "w8a16": "W8A16",
                "w4a16": "W4A16", "w8a8_timestep": "W8A8_TIMESTEP"}

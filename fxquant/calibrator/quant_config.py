@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .keep_acc import KeepAcc, check_w_method
-from .schemes import ACT_METHODS, SchemeOptions
+from ..errors import ConfigError
+from ..keep_acc import KeepAcc, check_w_method
+from ..schemes import ACT_METHODS, SchemeOptions
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import FxquantError
+from ..errors import FxquantError
 
 #: permissions of a written artifact (temporary files start owner-only)
 PUBLISHED_MODE = 0o644

@@ -13,14 +13,14 @@ from torch import fx
 
 from fxquant.kernels import AscendOps
 
+from ..errors import ConfigError, FxquantError
+from ..hadamard import HadamardTransform
+from ..ir import get_attr_path, set_tensor
+from ..quant_opr import QAttentionInput, QuantOpr
+from ..timestep import TimestepQuantizer
 from .ascend_format import attention_tensors, layer_tensors, quant_type, savable
 from .ascend_modules import ASCEND_MODULES, build_ascend_layer
-from .errors import ConfigError, FxquantError
-from .hadamard import HadamardTransform
-from .ir import get_attr_path, set_tensor
-from .quant_opr import QAttentionInput, QuantOpr
 from .safetensors_io import AtomicFolderWriter, read_safetensors_folder, write_safetensors
-from .timestep import TimestepQuantizer
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .quant_opr import QAttentionInput, QLinear, QuantOpr, _QBinary, _QConvNd, _QWeighted
-from .quant_rnn import _QRecurrent, run_recurrent
-from .quantizer import IdentityQuantizer, Quantizer, StaticQuantizer
+from ..errors import ConfigError
+from ..quant_opr import QAttentionInput, QLinear, QuantOpr, _QBinary, _QConvNd, _QWeighted
+from ..quant_rnn import _QRecurrent, run_recurrent
+from ..quantizer import IdentityQuantizer, Quantizer, StaticQuantizer
 
 _qd = torch.ops.quantized_decomposed
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fxquant.kernels import AscendOps, ascend_ops, decode_scale
 
-from .errors import FxquantError
+from ..errors import FxquantError
 
 
 class _AscendLinear(torch.nn.Module):

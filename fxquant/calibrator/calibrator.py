@@ -25,21 +25,21 @@ from fxquant.passes.lower_onnx_to_ascend import lower_onnx_to_ascend
 from fxquant.passes.lower_to_qdq import lower_to_qdq
 from fxquant.passes.rollback import Rollback
 
-from .amp import select_amp_rollback
-from .calib_data import (
+from ..calib_data import (
     check_fits_signature,
     normalise_calib_data,
     synthetic_example,
     synthetic_inputs,
 )
-from .capture import capture
-from .config import QuantConfig, parse_disable_level
-from .errors import CalibrationDataError, ConfigError
-from .ir import scheme_decisions
-from .keep_acc import AdaRound, ADMMWeights, EasyQuantScales, weight_rounding
-from .onnx_export import ONNX_TARGETS, to_onnx_model, write_onnx
-from .quant_opr import QuantOpr, _QWeighted
-from .quantizer import StaticQuantizer
+from ..capture import capture
+from ..errors import CalibrationDataError, ConfigError
+from ..formats.onnx_export import ONNX_TARGETS, to_onnx_model, write_onnx
+from ..ir import scheme_decisions
+from ..keep_acc import AdaRound, ADMMWeights, EasyQuantScales, weight_rounding
+from ..quant_opr import QuantOpr, _QWeighted
+from ..quantizer import StaticQuantizer
+from .amp import select_amp_rollback
+from .quant_config import QuantConfig, parse_disable_level
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class Calibrator:
     def save(self, output_path: str, save_type: list[str] | None = None, safetensors_name: str | None = None,
              json_name: str | None = None, part_file_size: float | None = None) -> None:
         """Write the Ascend-ready checkpoint (see docs/formats.md) atomically into output_path."""
-        from .ascend_checkpoint import save_ascend
+        from ..formats.ascend_checkpoint import save_ascend
 
         save_ascend(self.model, self.float_model, output_path, default_scheme=self.cfg.scheme,
                     save_type=save_type, safetensors_name=safetensors_name, json_name=json_name,

@@ -11,8 +11,8 @@ from torch import fx
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
-from .calib_data import CalibBatch
-from .quant_opr import QuantOpr, _QWeighted
+from ..calib_data import CalibBatch
+from ..quant_opr import QuantOpr, _QWeighted
 
 log = logging.getLogger(__name__)
 
