@@ -130,7 +130,7 @@ def gemm_table(model, tok, repeat: int) -> None:
     misstate it."""
     name = "model.layers.5.mlp.gate_proj"
     lin = model.get_submodule(name)
-    inputs = layer_inputs(model, name, token_windows(tok, text_corpus("eval"), 4, 512)[0].reshape(1, -1))
+    inputs = torch.cat([layer_inputs(model, name, w) for w in token_windows(tok, text_corpus("eval"), 4, 512)])
     calib = [[layer_inputs(model, name, w)] for w in token_windows(tok, text_corpus("calib"), 2, 512)]
     layers = {s: fxquant.quantize(torch.nn.Sequential(copy.deepcopy(lin)), calib, scheme=s, disable_last_layer=False,
                                   progress=False, options=GROUP).get_submodule("0")

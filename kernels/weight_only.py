@@ -105,6 +105,11 @@ def codes_gemv(x: torch.Tensor, blocked: torch.Tensor, bits: int, scale: torch.T
     group. The weight is (code - zero_point) * scale; the result equals F.linear of it up to float
     rounding (sums in another order)."""
     per_word = 32 // bits
+    # x as a buffer of its own: inductor would otherwise inline the ops that made it (the RMSNorm
+    # before lm_head and q/k/v, SiLU * up before down_proj) into the loop over output blocks and
+    # recompute them once per block (lm_head: 3072 times; its GEMV ran 3x slower). as_strided is a
+    # view eager; inductor's lowering of it realizes its input.
+    x = torch.as_strided(x, x.shape, x.stride())
     words = blocked.view(GEMV_WORD_DTYPES.get(blocked.shape[-1] // 4, torch.int32)).view(torch.int32)  # [n / B, w, B]
     nb, w, b = words.shape
     lead, k = x.shape[:-1], x.shape[-1]
