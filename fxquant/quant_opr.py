@@ -367,13 +367,19 @@ class QLinear(_QWeighted):
         packed = self._split_packed_weight()
         if isinstance(aq, DynamicQuantizer):
             acc = code_matmul(xc, self._gemm_weight_codes(), kernel=kernel, packed=packed)  # exact sums, float32 [m, n]
-            y = acc * wscale * sx.reshape(-1, 1)  # kernel order: scale, then per-token scale
-            if self.bias is not None:
-                y = y + self.bias.float()
+            # kernel order: scale, then per-token scale, then bias; in place where no gradient
+            # needs acc (each fresh [m, n] buffer costs page faults that eager prefill felt)
+            if acc.requires_grad:
+                y = acc * wscale * sx.reshape(-1, 1)
+                y = y if self.bias is None else y + self.bias.float()
+            else:
+                y = acc.mul_(wscale).mul_(sx.reshape(-1, 1))
+                y = y if self.bias is None else y.add_(self.bias.float())
         else:
             deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
-            y = code_matmul(xc, self._gemm_weight_codes(), zero, self.quantized_bias(deq), kernel,
-                            self.weight_row_sums, packed) * deq
+            acc = code_matmul(xc, self._gemm_weight_codes(), zero, self.quantized_bias(deq), kernel,
+                              self.weight_row_sums, packed)
+            y = acc * deq if acc.requires_grad else acc.mul_(deq)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
