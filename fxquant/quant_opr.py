@@ -153,11 +153,13 @@ class _QWeighted(QuantOpr):
         """Keep integer codes (weight's shape) as weight_codes: pack_codes' storage, in the GEMV
         layout where the layer takes the fused GEMV (_gemv_layout_fits)."""
         stored = pack_codes(codes, self.weight_quantizer.spec.bits)
-        self.codes_blocked = self._gemv_layout_fits()
-        self.weight_codes = to_gemv_layout(stored, gemv_block()) if self.codes_blocked else stored
+        block = gemv_block()
+        self.codes_blocked = self._gemv_layout_fits(block)
+        self.weight_codes = to_gemv_layout(stored, block) if self.codes_blocked else stored
 
-    def _gemv_layout_fits(self) -> bool:
-        """True where compiled decode runs codes_gemv over this layer's codes (QLinear overrides)."""
+    def _gemv_layout_fits(self, block: int) -> bool:
+        """True where compiled decode runs codes_gemv over this layer's codes, kept in blocks of
+        `block` rows (QLinear overrides)."""
         return False
 
     def _static_codes(self) -> torch.Tensor:
@@ -343,7 +345,7 @@ class QLinear(_QWeighted):
                 and self.weight_quantizer.enabled and self._stored_codes_in_use()
                 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1])
 
-    def _gemv_layout_fits(self) -> bool:
+    def _gemv_layout_fits(self, block: int) -> bool:
         """Weight-only layers with int8 codes per output channel or int4 / int8 codes per group,
         of a shape the GEMV layout takes."""
         spec = self.weight_quantizer.spec
@@ -351,7 +353,7 @@ class QLinear(_QWeighted):
         per_channel = spec.granularity == "channel" and spec.axis == 0 and spec.bits == 8
         grouped = spec.granularity == "group" and spec.signed
         weight_only = isinstance(self.input_quantizer, IdentityQuantizer)
-        return weight_only and (per_channel or grouped) and gemv_layout_ok(self.weight_shape, spec.bits, group, gemv_block())
+        return weight_only and (per_channel or grouped) and gemv_layout_ok(self.weight_shape, spec.bits, group, block)
 
     def _gemm_weight_codes(self) -> torch.Tensor:
         """The weight codes [n, k] the integer GEMM takes: the frozen int8 ones where they are in
@@ -367,20 +369,20 @@ class QLinear(_QWeighted):
         packed = self._split_packed_weight()
         if isinstance(aq, DynamicQuantizer):
             acc = code_matmul(xc, self._gemm_weight_codes(), kernel=kernel, packed=packed)  # exact sums, float32 [m, n]
-            # kernel order: scale, then per-token scale, then bias; in place where no gradient
-            # needs acc (each fresh [m, n] buffer costs page faults that eager prefill felt)
-            if acc.requires_grad:
-                y = acc * wscale * sx.reshape(-1, 1)
-                y = y if self.bias is None else y + self.bias.float()
-            else:
-                y = acc.mul_(wscale).mul_(sx.reshape(-1, 1))
-                y = y if self.bias is None else y.add_(self.bias.float())
+            y = _scaled(_scaled(acc, wscale), sx.reshape(-1, 1))  # kernel order: scale, then per-token scale
+            if self.bias is not None:
+                y = y + self.bias.float() if y.requires_grad else y.add_(self.bias.float())
         else:
             deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
-            acc = code_matmul(xc, self._gemm_weight_codes(), zero, self.quantized_bias(deq), kernel,
-                              self.weight_row_sums, packed)
-            y = acc * deq if acc.requires_grad else acc.mul_(deq)
+            y = _scaled(code_matmul(xc, self._gemm_weight_codes(), zero, self.quantized_bias(deq), kernel,
+                                    self.weight_row_sums, packed), deq)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _scaled(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """acc * scale, in place where no gradient needs acc (a fresh [m, n] buffer per step cost eager
+    prefill its page faults); the same float products either way."""
+    return acc * scale if acc.requires_grad else acc.mul_(scale)
 
 
 class _QConvNd(_QWeighted):

@@ -71,7 +71,7 @@ def linear_from_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(x, weight, bias)
 
 
-def gemv_layout_ok(shape: tuple[int, ...], bits: int, group_size: int | None = None, block: int = 8) -> bool:
+def gemv_layout_ok(shape: tuple[int, ...], bits: int, group_size: int | None, block: int) -> bool:
     """True when codes of a weight of `shape` ([n, k]) fit the GEMV layout with `block` rows per
     block: n a multiple of block, whole int32 words per row (and per group), a little-endian machine."""
     per_word = 32 // bits
