@@ -106,6 +106,33 @@ def test_backend_is_found_by_name_and_matches_eager():
             assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (scheme, rows)
 
 
+def test_backend_inductor_options_reach_inductor_and_unknown_ones_are_refused(monkeypatch):
+    from torch._inductor import compile_fx as inductor
+
+    seen = []
+    real = inductor.compile_fx
+
+    def recording(gm, example_inputs, **kwargs):
+        seen.append(kwargs.get("config_patches"))
+        return real(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", recording)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    q = fxquant.quantize(model, [[torch.randn(4, 64)]], scheme="w8a16", progress=False, disable_last_layer=False)
+    x = torch.randn(2, 64)
+    for options in (None, {"cpp.enable_floating_point_contract_flag": "off"}):
+        torch._dynamo.reset()
+        seen.clear()
+        with torch.no_grad():
+            out = torch.compile(q, backend=fxquant.compile_backend(inductor_options=options))(x)
+            ref = q(x)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        assert seen[0] == (options or {"cpp.enable_floating_point_contract_flag": "fast"})  # first: ours
+    with pytest.raises(ValueError, match="unknown inductor options.*cpp.no_such_flag"):
+        fxquant.compile_backend(inductor_options={"cpp.no_such_flag": True})
+    torch._dynamo.reset()
+
+
 def test_apply_refuses_graph_rewrites_the_model_has_no_place_for():
     class AddModel(torch.nn.Module):
         def __init__(self) -> None:
