@@ -6,7 +6,8 @@ perplexity on the disjoint "eval" split (32 x 512 tokens), one process per combi
 
 A combination is processor names joined by "+": one of w8a8 / w8a8_dynamic, optionally one of
 m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, quarot / quarot=<online layer patterns> (Hadamard rotation, before smoothing; e.g. quarot=*down_proj), fa3 (with w8a8_dynamic), and gptq (the quant
-config's w_method="gptq"; otherwise weights are rounded to nearest). 4-bit weights: w4a16/g<group>
+config's w_method="gptq"; otherwise weights are rounded to nearest), and mix=<layer pattern>:<scheme>
+(session.run's mix_cfg, e.g. mix=*down_proj:w8a8_dynamic). 4-bit weights: w4a16/g<group>
 optionally +awq (activation-aware scale search on the scheme's own grid) and +gptq (per-group GPTQ),
 through fxquant.quantize. Rows quantize in place (`inplace=True`: the model becomes the quantized
 one, as torchao and llm-compressor do it), which is what the peak RSS column measures.
@@ -36,7 +37,7 @@ def session_for(combo: str, calib: list):
     w_method = "gptq" if "gptq" in parts else "minmax"
     for part in parts:
         name, _, value = part.partition("=")
-        if name == "gptq":
+        if name in ("gptq", "mix"):
             continue
         if name == "w8a8":
             procs[name] = s.W8A8ProcessorConfig(cfg=s.W8A8QuantConfig(w_method=w_method), disable_names=[])
@@ -85,7 +86,10 @@ def quantize_combo(model, combo: str, calib: list):
 
     if combo.startswith("w4a16"):
         return quantize_w4a16(model, combo, calib)
-    return session.run(model, session_for(combo, calib), progress=False, inplace="fa3" not in combo.split("+"))
+    parts = combo.split("+")
+    mix = dict(p.partition("=")[2].rsplit(":", 1) for p in parts if p.startswith("mix="))
+    return session.run(model, session_for(combo, calib), progress=False, inplace="fa3" not in parts,
+                       mix_cfg=mix or None)
 
 
 def run_one(combo: str, n_calib: int, n_eval: int, eval_text: str = "docs") -> dict:

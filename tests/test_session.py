@@ -111,6 +111,27 @@ def test_static_session_with_suppression_saves_ascend_format(smollm2, smollm2_wi
     assert perplexity(q, evals) < 1.2 * perplexity(model, evals)
 
 
+def test_session_mix_cfg_gives_layers_their_own_scheme_in_the_checkpoint(smollm2, smollm2_windows, tmp_path):
+    model, _ = smollm2
+    calib, evals = smollm2_windows
+    session = SessionConfig(processor_cfg_map={
+        "m6": M6ProcessorConfig(cfg=M6Config(alpha=0.85, beta=0.15)), "w8a8": w8a8(),
+        "save": SaveProcessorConfig(output_path=str(tmp_path), save_type=["safe_tensor", "ascendV1"])},
+        calib_data=[{"input_ids": w} for w in calib[:2]])
+    q = run(model, session, progress=False, mix_cfg={"*down_proj": "w8a8_dynamic"})
+    decisions = q.meta["fxquant_decisions"]
+    assert decisions["model.layers.4.mlp.down_proj"][0] == "w8a8_dynamic"
+    assert decisions["model.layers.4.mlp.up_proj"][0] == "w8a8"
+    desc = read_description(tmp_path)
+    assert desc["model_quant_type"] == "W8A8"
+    assert desc["model.layers.4.mlp.down_proj.weight"] == "W8A8_DYNAMIC"
+    assert desc["model.layers.4.mlp.up_proj.deq_scale"] == "W8A8"
+    reloaded = load_ascend(type(model)(model.config), tmp_path)
+    x = evals[0][:, :64]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, use_cache=False).logits, q(x).logits)
+
+
 def test_dynamic_session_with_fa3_saves_fakquant(smollm2, smollm2_windows, tmp_path):
     model, _ = smollm2
     calib, evals = smollm2_windows

@@ -55,7 +55,7 @@ def _rotation(session: SessionConfig) -> HadamardRotation | None:
 
 
 def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = True,
-        inplace: bool = False) -> fx.GraphModule | torch.nn.Module:
+        inplace: bool = False, mix_cfg: dict[str, str] | None = None) -> fx.GraphModule | torch.nn.Module:
     """Quantize `model` as the session says and write what its save processor asks.
 
     Returns the quantized GraphModule, called like `model`. Pass list: capture, resolve schemes
@@ -64,6 +64,9 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
     weight rounding when the quant config's w_method is "gptq"), freeze. inplace: as in
     fxquant.quantize, install the quantized layers into `model` and return it (smoothing then
     folds into the model's own weights: less memory); the checkpoint is saved all the same.
+    mix_cfg: {layer name or pattern: scheme} for layers that take another scheme than the quant
+    processor's (seed 000's mix_cfg, e.g. {"*down_proj": "w8a8_dynamic"}); the Ascend checkpoint
+    records each layer's type.
     """
     procs = session_config.processor_cfg_map
     if inplace and "fa3" in procs:
@@ -80,7 +83,7 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
             raise CalibrationDataError(f"w_method={quant.cfg.w_method!r} rounds weights on calibration inputs: "
                                        "pass calib_data")
         example = synthetic_example(model)
-    gm = quantize(model, calib, scheme=name, disable_names=list(quant.disable_names), options=options,
+    gm = quantize(model, calib, scheme=name, mix_cfg=mix_cfg, disable_names=list(quant.disable_names), options=options,
                   example_inputs=example, rotation=_rotation(session_config) or False,
                   suppression=_suppression(session_config),
                   attention_quant="fa3" in procs, device=session_config.device, progress=progress,
