@@ -328,22 +328,27 @@ class QLinear(_QWeighted):
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._integer_path(x):
-            return self._int_forward(x)
+        # the fused GEMV first: it is the compiled decode step, whose every attribute read becomes a
+        # guard that Dynamo checks per token (codes_blocked is False for every other layer)
         if self._fused_gemv(x):
-            wq, spec = self.weight_quantizer, self.weight_quantizer.spec
+            wq = self.weight_quantizer
+            spec = wq.spec
             group = spec.group_size if spec.granularity == "group" else None
             scale, zero = (wq.scale, wq.zero_point) if group else (wq.scale.reshape(-1), wq.zero_point.reshape(-1))
             return codes_gemv(x, self._static_codes(), spec.bits, scale, None if spec.symmetric else zero, group,
                               self.bias)
+        if self._integer_path(x):
+            return self._int_forward(x)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
 
     def _fused_gemv(self, x: torch.Tensor) -> bool:
         """True for weight-only layers with stored codes in the GEMV layout, under torch.compile, on
-        inputs of at most GEMV_MAX_ROWS rows (decode): codes_gemv."""
-        return (self.codes_blocked and torch.compiler.is_compiling() and not self.input_quantizer.enabled
-                and self.weight_quantizer.enabled and self._stored_codes_in_use()
-                and x.numel() <= GEMV_MAX_ROWS * x.shape[-1])
+        inputs of at most GEMV_MAX_ROWS rows (decode): codes_gemv. (Such a layer's input quantizer
+        is an IdentityQuantizer, so it never takes the integer path.)"""
+        if not (self.codes_blocked and torch.compiler.is_compiling()):
+            return False
+        return (not self.input_quantizers[0].enabled and self.weight_quantizer.enabled
+                and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and self._stored_codes_in_use())
 
     def _gemv_layout_fits(self, block: int) -> bool:
         """Weight-only layers with int8 codes per output channel or int4 / int8 codes per group,
