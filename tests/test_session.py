@@ -26,6 +26,14 @@ from fxquant.session import (
 from fxquant.timestep import TimestepQuantizer, set_timestep
 
 
+def assert_reload_reproduces(model, q, path, evals):
+    """The Ascend checkpoint at `path`, loaded into a fresh model, gives q's logits exactly."""
+    reloaded = load_ascend(type(model)(model.config), path)
+    x = evals[0][:, :64]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, use_cache=False).logits, q(x).logits)
+
+
 def w8a8(**kw):
     return W8A8ProcessorConfig(cfg=W8A8QuantConfig(**kw), disable_names=[])
 
@@ -104,10 +112,7 @@ def test_static_session_with_suppression_saves_ascend_format(smollm2, smollm2_wi
     desc = read_description(tmp_path)
     assert desc["model_quant_type"] == "W8A8"
     assert desc["model.layers.0.self_attn.o_proj.deq_scale"] == "W8A8"
-    reloaded = load_ascend(type(model)(model.config), tmp_path)
-    x = evals[0][:, :64]
-    with torch.no_grad():
-        assert torch.equal(reloaded(x, use_cache=False).logits, q(x).logits)
+    assert_reload_reproduces(model, q, tmp_path, evals)
     assert perplexity(q, evals) < 1.2 * perplexity(model, evals)
 
 
@@ -126,10 +131,7 @@ def test_session_mix_cfg_gives_layers_their_own_scheme_in_the_checkpoint(smollm2
     assert desc["model_quant_type"] == "W8A8"
     assert desc["model.layers.4.mlp.down_proj.weight"] == "W8A8_DYNAMIC"
     assert desc["model.layers.4.mlp.up_proj.deq_scale"] == "W8A8"
-    reloaded = load_ascend(type(model)(model.config), tmp_path)
-    x = evals[0][:, :64]
-    with torch.no_grad():
-        assert torch.equal(reloaded(x, use_cache=False).logits, q(x).logits)
+    assert_reload_reproduces(model, q, tmp_path, evals)
 
 
 def test_dynamic_session_with_fa3_saves_fakquant(smollm2, smollm2_windows, tmp_path):

@@ -62,6 +62,14 @@ class CompileBackend:
     inductor_options: Mapping[str, Any] = field(default_factory=lambda: dict(INDUCTOR_OPTIONS))
     graphs: list[fx.GraphModule] = field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        from torch._inductor import config
+        known = config.get_config_copy()
+        unknown = sorted(k for k in self.inductor_options if k not in known)
+        if unknown:
+            raise ValueError(f"unknown inductor options {unknown}; valid ones are the entries of "
+                             f"torch._inductor.config, e.g. {sorted(INDUCTOR_OPTIONS)} or 'size_asserts'")
+
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         for graph_pass in self.passes:
             gm = graph_pass(gm)
@@ -82,14 +90,8 @@ def compile_backend(passes: Sequence[GraphPass] | None = None, inner: str | Call
     record_kernels) on each Dynamo graph, then `inner`; `inductor_options` (default INDUCTOR_OPTIONS)
     are inductor config entries for inner "inductor", e.g. {"cpp.enable_floating_point_contract_flag":
     "off"} for inductor's own rounding."""
-    options = INDUCTOR_OPTIONS if inductor_options is None else inductor_options
-    from torch._inductor import config
-    known = config.get_config_copy()
-    unknown = sorted(k for k in options if k not in known)
-    if unknown:
-        raise ValueError(f"unknown inductor options {unknown}; valid ones are the entries of "
-                         f"torch._inductor.config, e.g. {sorted(INDUCTOR_OPTIONS)} or 'size_asserts'")
-    return CompileBackend(tuple(passes) if passes is not None else (record_kernels,), inner, dict(options))
+    return CompileBackend(tuple(passes) if passes is not None else (record_kernels,), inner,
+                          dict(INDUCTOR_OPTIONS if inductor_options is None else inductor_options))
 
 
 def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:

@@ -83,8 +83,8 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
             raise CalibrationDataError(f"w_method={quant.cfg.w_method!r} rounds weights on calibration inputs: "
                                        "pass calib_data")
         example = synthetic_example(model)
-    gm = quantize(model, calib, scheme=name, mix_cfg=mix_cfg, disable_names=list(quant.disable_names), options=options,
-                  example_inputs=example, rotation=_rotation(session_config) or False,
+    gm = quantize(model, calib, scheme=name, mix_cfg=mix_cfg, disable_names=list(quant.disable_names),
+                  options=options, example_inputs=example, rotation=_rotation(session_config) or False,
                   suppression=_suppression(session_config),
                   attention_quant="fa3" in procs, device=session_config.device, progress=progress,
                   weight_optimizers=weight_rounding(quant.cfg.w_method), consume_model=inplace)
