@@ -7,7 +7,9 @@ perplexity on the disjoint "eval" split (32 x 512 tokens), one process per combi
 A combination is processor names joined by "+": one of w8a8 / w8a8_dynamic, optionally one of
 m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, quarot / quarot=<online layer patterns> (Hadamard rotation, before smoothing; e.g. quarot=*down_proj), fa3 (with w8a8_dynamic), and gptq (the quant
 config's w_method="gptq"; otherwise weights are rounded to nearest), and mix=<layer pattern>:<scheme>
-(session.run's mix_cfg, e.g. mix=*down_proj:w8a8_dynamic). 4-bit weights: w4a16/g<group>
+(session.run's mix_cfg, e.g. mix=*down_proj:w8a8_dynamic), and float=<layer name>,<layer name>... (the
+quant processor's disable_names: those layers stay float), and act=<observer> (the quant config's
+act_method: minmax, histogram, mixed). 4-bit weights: w4a16/g<group>
 optionally +awq (activation-aware scale search on the scheme's own grid) and +gptq (per-group GPTQ),
 through fxquant.quantize. Rows quantize in place (`inplace=True`: the model becomes the quantized
 one, as torchao and llm-compressor do it), which is what the peak RSS column measures.
@@ -35,15 +37,17 @@ def session_for(combo: str, calib: list):
     procs = {}
     parts = combo.split("+")
     w_method = "gptq" if "gptq" in parts else "minmax"
+    act = next((p.partition("=")[2] for p in parts if p.startswith("act=")), "minmax")
+    disable = [n for p in parts if p.startswith("float=") for n in p.partition("=")[2].split(",")]
     for part in parts:
         name, _, value = part.partition("=")
-        if name in ("gptq", "mix"):
+        if name in ("gptq", "mix", "float", "act"):
             continue
         if name == "w8a8":
-            procs[name] = s.W8A8ProcessorConfig(cfg=s.W8A8QuantConfig(w_method=w_method), disable_names=[])
+            procs[name] = s.W8A8ProcessorConfig(cfg=s.W8A8QuantConfig(act_method=act, w_method=w_method), disable_names=disable)
         elif name == "w8a8_dynamic":
-            procs[name] = s.W8A8DynamicProcessorConfig(cfg=s.W8A8DynamicQuantConfig(w_method=w_method),
-                                                       disable_names=[])
+            procs[name] = s.W8A8DynamicProcessorConfig(cfg=s.W8A8DynamicQuantConfig(act_method=act, w_method=w_method),
+                                                       disable_names=disable)
         elif name == "fa3":
             procs[name] = s.FA3ProcessorConfig()
         elif name == "quarot":
