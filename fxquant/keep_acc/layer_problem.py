@@ -116,6 +116,13 @@ class LayerProblem:
             codes = self.module._weight_codes() if self.module.codes_fixed else self.rtn_codes()
         return self.error_with(codes)
 
+    def sampled(self, max_rows: int, seed: int = 0) -> LayerProblem:
+        """The same problem on at most max_rows of its rows (Linear) or images (conv), drawn with seed."""
+        if self.x.shape[0] <= max_rows:
+            return self
+        idx = torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
+        return LayerProblem(self.module, self.x[idx], self.y[idx])
+
     def keep_if_better(self, keeper: str, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """Fix `codes` (and `scale`) in the layer only if they lower its output error."""
         before, after = self.current_error(), self.error_with(codes, scale)
@@ -169,11 +176,13 @@ def supports(module: torch.nn.Module, groups: bool = False) -> bool:
 class CodeKeeper:
     """Base of the keepers that propose new weight codes: `keeper(module, inputs, targets)` gathers
     the layer's LayerProblem (at most max_rows rows or 256 images, sampled with seed), calls
-    `solve`, and keeps the result only if it lowers the layer's output error."""
+    `solve`, and keeps the result only if it lowers the layer's output error on at most
+    check_rows of those rows (two forwards of the layer: GPTQ solves on up to 16384 rows)."""
 
     name: ClassVar[str] = ""
     handles_groups: ClassVar[bool] = False  # True: also per-group weights (w4a16)
     max_rows: int = field(default=4096, kw_only=True)
+    check_rows: int = field(default=4096, kw_only=True)  # rows the keep-if-better check scores
     seed: int = field(default=0, kw_only=True)
 
     def solve(self, prob: LayerProblem) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -186,4 +195,4 @@ class CodeKeeper:
         prob = LayerProblem.gather(module, inputs, targets, max_rows=self.max_rows, seed=self.seed)
         with torch.no_grad():
             codes, scale = self.solve(prob)
-        prob.keep_if_better(self.name, codes, scale)
+        prob.sampled(self.check_rows, self.seed).keep_if_better(self.name, codes, scale)
