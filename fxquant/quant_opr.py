@@ -227,10 +227,34 @@ class _QWeighted(QuantOpr):
         return cached
 
     def __setstate__(self, state: dict) -> None:
-        """A copy or an unpickled layer rebuilds its own "onednn_split" operands (not copied)."""
+        """A copy or an unpickled layer takes this CPU's GEMV layout and rebuilds its own
+        "onednn_split" operands (not copied)."""
         super().__setstate__(state)
+        if self.codes_blocked and self.weight_codes is not None:
+            self.weight_codes = self._in_this_cpu_layout(self.weight_codes)
         if state.get("kernel") == "onednn_split":
             self._split_packed_weight()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """weight_codes saved on a CPU of another GEMV block size load in this CPU's layout."""
+        key = prefix + "weight_codes"
+        codes = state_dict.get(key)
+        if codes is not None and self.weight_codes is not None and codes.shape != self.weight_codes.shape:
+            state_dict[key] = self._in_this_cpu_layout(codes)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _in_this_cpu_layout(self, codes: torch.Tensor) -> torch.Tensor:
+        """Linear weight codes in the GEMV layout of another block size B' ([n / B', w, 4 B'], from
+        a CPU with other vectors) re-blocked to this CPU's B, or back in row order where B does not
+        fit the weight's shape; codes_blocked follows. Other codes come back as they are."""
+        if len(self.weight_shape) != 2 or codes.dim() != 3:
+            return codes
+        block = gemv_block()
+        self.codes_blocked = self._gemv_layout_fits(block)
+        if self.codes_blocked and codes.shape[-1] == 4 * block:
+            return codes
+        rows = from_gemv_layout(codes)
+        return to_gemv_layout(rows, block) if self.codes_blocked else rows
 
     def _stored_codes_in_use(self) -> bool:
         """True when forward reads the stored integer codes (frozen, fixed, or released float

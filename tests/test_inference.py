@@ -148,3 +148,39 @@ def test_apply_refuses_graph_rewrites_the_model_has_no_place_for():
     with pytest.raises(ConfigError, match="QAdd"):
         fxquant.apply(model, q)
     assert isinstance(model.a, torch.nn.Linear)  # nothing installed: all or nothing
+
+
+@pytest.mark.parametrize("scheme, rows", [("w4a16", 48), ("w8a16", 48), ("w4a16", 40)])
+def test_gemv_codes_take_the_loading_cpus_block_size(monkeypatch, scheme, rows):
+    """A layer frozen where the GEMV layout has blocks of 8 rows (AVX2), copied or loaded where it
+    has 16 (AVX-512), is re-blocked (or kept in row order where 16 does not divide the rows) and
+    computes the same; its state_dict loads into a layer frozen with the other block size."""
+    import fxquant.quant_opr as quant_opr
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, rows)).eval()
+    calib = [[torch.randn(3, 64)]]
+    options = fxquant.SchemeOptions(group_size=32)
+
+    def frozen(block: int) -> torch.nn.Module:
+        monkeypatch.setattr(quant_opr, "gemv_block", lambda: block)
+        return fxquant.quantize(model, calib, scheme, options=options, disable_last_layer=False, progress=False)
+
+    def layer(m: torch.nn.Module):
+        return next(x for x in m.modules() if isinstance(x, quant_opr.QLinear))
+
+    on_avx2, on_avx512 = frozen(8), frozen(16)
+    assert layer(on_avx2).weight_codes.shape[-1] == 32  # 4 bytes x 8 rows
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = on_avx2(x)
+    moved = copy.deepcopy(on_avx2)  # under the 16-row block (monkeypatched above)
+    fits = rows % 16 == 0
+    assert layer(moved).codes_blocked == fits
+    assert layer(moved).weight_codes.shape[-1] == 64 if fits else layer(moved).weight_codes.dim() == 2
+    assert torch.equal(layer(moved).weight_int8(), layer(on_avx2).weight_int8())
+    with torch.no_grad():
+        assert torch.equal(moved(x), expected)
+    layer(on_avx512).load_state_dict(layer(on_avx2).state_dict())
+    assert layer(on_avx512).weight_codes.shape == layer(moved).weight_codes.shape
+    assert torch.equal(layer(on_avx512).weight_int8(), layer(on_avx2).weight_int8())
