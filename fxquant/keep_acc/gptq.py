@@ -63,7 +63,10 @@ class GPTQWeights(CodeKeeper):
                 j = start + i
                 q, e = codes[j], err[i]  # quantize_codes and dequantize_codes, in place
                 torch.div(wb[i], st[j], out=q)
-                q.round_() if half_even else q.add_(0.5).floor_()
+                if half_even:
+                    q.round_()
+                else:
+                    q.add_(0.5).floor_()
                 q.add_(zt[j]).clamp_(wq.qmin, wq.qmax)
                 torch.sub(q, zt[j], out=e).mul_(st[j])
                 torch.sub(wb[i], e, out=e).div_(hb[i, i])
