@@ -152,10 +152,14 @@ class _QWeighted(QuantOpr):
     def _store_codes(self, codes: torch.Tensor) -> None:
         """Keep integer codes (weight's shape) as weight_codes: pack_codes' storage, in the GEMV
         layout where the layer takes the fused GEMV (_gemv_layout_fits)."""
-        stored = pack_codes(codes, self.weight_quantizer.spec.bits)
+        self.weight_codes = self._laid_out(pack_codes(codes, self.weight_quantizer.spec.bits))
+
+    def _laid_out(self, stored: torch.Tensor) -> torch.Tensor:
+        """pack_codes' storage [n, kb] in this CPU's layout: GEMV blocks where the layer takes the
+        fused GEMV, else as it is; codes_blocked follows."""
         block = gemv_block()
         self.codes_blocked = self._gemv_layout_fits(block)
-        self.weight_codes = to_gemv_layout(stored, block) if self.codes_blocked else stored
+        return to_gemv_layout(stored, block) if self.codes_blocked else stored
 
     def _gemv_layout_fits(self, block: int) -> bool:
         """True where compiled decode runs codes_gemv over this layer's codes, kept in blocks of
@@ -249,12 +253,9 @@ class _QWeighted(QuantOpr):
         fit the weight's shape; codes_blocked follows. Other codes come back as they are."""
         if len(self.weight_shape) != 2 or codes.dim() != 3:
             return codes
-        block = gemv_block()
-        self.codes_blocked = self._gemv_layout_fits(block)
-        if self.codes_blocked and codes.shape[-1] == 4 * block:
+        if self.codes_blocked and codes.shape[-1] == 4 * gemv_block():
             return codes
-        rows = from_gemv_layout(codes)
-        return to_gemv_layout(rows, block) if self.codes_blocked else rows
+        return self._laid_out(from_gemv_layout(codes))
 
     def _stored_codes_in_use(self) -> bool:
         """True when forward reads the stored integer codes (frozen, fixed, or released float

@@ -38,10 +38,7 @@ class LayerProblem:
             x = torch.cat([t.detach().float() for t in inputs])
             y = torch.cat([t.detach().float() for t in targets])
             limit = max_images
-        if x.shape[0] > limit:
-            idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
-            x, y = x[idx], y[idx]
-        return cls(module, x, y)
+        return cls(module, x, y).sampled(limit, seed)
 
     @property
     def weight_quantizer(self) -> StaticQuantizer:
