@@ -15,6 +15,7 @@ import logging
 from functools import lru_cache
 
 import torch
+from torch import fx
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,10 @@ def random_rotation(n: int, seed: int = 0) -> torch.Tensor:
     """An orthogonal float64 [n, n]: diag(random signs) H / sqrt(n) with H a Hadamard matrix of
     order n, or, where none is known, Q of the QR decomposition of a Gaussian matrix. Deterministic
     for a given (n, seed)."""
-    if hadamard_factors(n) is not None:
-        return HadamardTransform(n, seed).matrix()
+    factors = hadamard_factors(n)
+    if factors is not None:
+        signs = _random_signs(n, torch.Generator().manual_seed(seed))
+        return signs[:, None] * torch.kron(*factors) / n ** 0.5
     log.info("no Hadamard matrix of order %d is built here; rotating with a random orthogonal matrix", n)
     q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))[None, :]
@@ -99,10 +102,13 @@ def _random_signs(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class HadamardTransform(torch.nn.Module):
-    """x [..., n] -> x R [..., n] at run time, R = diag(signs) kron(B, S) / sqrt(n) orthogonal
-    (B [m, m] Paley, S [p, p] Sylvester, n = m p): two small matmuls, m + p multiply-adds per
-    element instead of n. The online rotation of an input whose producer cannot absorb one (the
-    gated product before an MLP's down projection); the consumer's weight takes R (W R)."""
+    """x [..., n] -> x R [..., n] at run time, R = kron(M, N) orthogonal with M [m, m] =
+    diag(signs) B / sqrt(m) and N [p, p] = diag(signs) S / sqrt(p) (B Paley, S Sylvester, n = m p):
+    x viewed [..., m, p] becomes M^T X N, two small matmuls, m + p multiply-adds per element instead
+    of n. The online rotation of an input whose producer cannot absorb one (the gated product before
+    an MLP's down projection); the consumer's weight takes R (W R). M and N are what msModelSlim's
+    Ascend checkpoint stores as `kronecker_rotation_m` / `kronecker_rotation_n`, with this meaning.
+    """
 
     def __init__(self, n: int, seed: int = 0) -> None:
         super().__init__()
@@ -110,22 +116,36 @@ class HadamardTransform(torch.nn.Module):
         if factors is None:
             raise ValueError(f"no Hadamard matrix of order {n} is built here (orders m 2^k, m = 1 or a Paley "
                              "order q + 1 / 2 (q + 1))")
-        base, sylvester = factors
+        gen = torch.Generator().manual_seed(seed)
+        base, sylvester = (_random_signs(f.shape[0], gen)[:, None] * f / f.shape[0] ** 0.5 for f in factors)
         self.n = n
-        self.register_buffer("signs", _random_signs(n, torch.Generator().manual_seed(seed)).float())
         self.register_buffer("left", base.float())
         self.register_buffer("right", sylvester.float())
 
+    @classmethod
+    def from_factors(cls, left: torch.Tensor, right: torch.Tensor) -> HadamardTransform:
+        """The transform x -> M^T X N of two given orthogonal factors (M = left [m, m], N = right
+        [p, p], float); raises ValueError when either is not square and orthogonal."""
+        for name, f in (("M", left), ("N", right)):
+            eye = torch.eye(f.shape[0], dtype=torch.float64)
+            if f.dim() != 2 or f.shape[0] != f.shape[1] or not torch.allclose(f.double() @ f.double().T, eye, atol=1e-4):
+                raise ValueError(f"rotation factor {name} {tuple(f.shape)} is not a square orthogonal matrix")
+        transform = cls.__new__(cls)
+        torch.nn.Module.__init__(transform)
+        transform.n = left.shape[0] * right.shape[0]
+        transform.register_buffer("left", left.detach().float().clone())
+        transform.register_buffer("right", right.detach().float().clone())
+        return transform
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, p = self.left.shape[0], self.right.shape[0]
-        y = (x * self.signs.to(x.dtype)).reshape(*x.shape[:-1], m, p)
+        y = x.reshape(*x.shape[:-1], m, p)
         y = torch.matmul(self.left.t().to(x.dtype), torch.matmul(y, self.right.to(x.dtype)))
-        return y.reshape(x.shape) * self.n ** -0.5
+        return y.reshape(x.shape)
 
     def matrix(self) -> torch.Tensor:
-        """R as a dense float64 [n, n]."""
-        base, sylvester = self.left.double(), self.right.double()
-        return self.signs.double()[:, None] * torch.kron(base, sylvester) / self.n ** 0.5
+        """R = kron(M, N) as a dense float64 [n, n]."""
+        return torch.kron(self.left.double(), self.right.double())
 
     def extra_repr(self) -> str:
         return f"n={self.n} ({self.left.shape[0]} x {self.right.shape[0]})"
@@ -142,3 +162,16 @@ class RotatedInput(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(self.transform(x))
+
+
+def online_rotations(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """{layer node: the HadamardTransform node that feeds it and nothing else}: the online input
+    rotations (OnlineHadamard) of a graph, each installable as RotatedInput(transform, layer)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), HadamardTransform) \
+                and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "call_module" and user.args[:1] == (node,):
+                out[user] = node
+    return out

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from .errors import ConfigError
-from .hadamard import HadamardTransform, RotatedInput
+from .hadamard import RotatedInput, online_rotations
 from .ir import get_attr_path
 from .quant_opr import QuantOpr, _QWeighted
 
@@ -32,7 +32,7 @@ def apply(model: torch.nn.Module, qmodel: fx.GraphModule) -> torch.nn.Module:
         raise ConfigError("the quantized graph folded BatchNorm layers into convolutions "
                           f"({len(qmodel.meta['fxquant_folded_bn'])} of them); use the GraphModule itself")
     modules, tensors, problems = [], [], []
-    rotations = _online_rotations(qmodel)
+    rotations = online_rotations(qmodel)
     for node in qmodel.graph.nodes:
         if node.op == "call_module":
             new = qmodel.get_submodule(node.target)
@@ -77,18 +77,6 @@ def apply(model: torch.nn.Module, qmodel: fx.GraphModule) -> torch.nn.Module:
     log.info("installed %d modules and %d tensors of the quantized graph into %s",
              len(modules), len(tensors), type(model).__name__)
     return model
-
-
-def _online_rotations(qmodel: fx.GraphModule) -> dict[fx.Node, fx.Node]:
-    """{layer node: the HadamardTransform node that alone feeds it} (HadamardRotation's online inputs)."""
-    out = {}
-    for node in qmodel.graph.nodes:
-        if node.op == "call_module" and isinstance(qmodel.get_submodule(node.target), HadamardTransform) \
-                and len(node.users) == 1:
-            user = next(iter(node.users))
-            if user.op == "call_module" and user.args[:1] == (node,):
-                out[user] = node
-    return out
 
 
 def _stateless(module: torch.nn.Module) -> bool:

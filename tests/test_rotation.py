@@ -2,6 +2,7 @@
 change what the model computes."""
 
 import copy
+import json
 
 import numpy as np
 import onnxruntime as ort
@@ -12,6 +13,7 @@ from torch import nn
 import fxquant
 from fxquant.capture import capture
 from fxquant.formats.onnx_export import to_onnx_model, write_onnx
+from fxquant.formats.safetensors_io import read_safetensors_folder
 from fxquant.hadamard import HadamardTransform, hadamard_matrix, random_rotation
 from fxquant.passes import HadamardRotation, lower_to_qdq
 
@@ -148,19 +150,52 @@ def test_rotation_refuses_graphs_it_would_change_and_says_why():
         fxquant.quantize(model, data, "w8a8", rotation=HadamardRotation(data, online=["*nothing"]), progress=False)
 
 
-def test_online_rotation_installs_into_the_model_and_is_refused_by_the_ascend_checkpoint(tmp_path):
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8_dynamic"])
+def test_online_rotation_installs_into_the_model_and_reloads_from_the_ascend_checkpoint(tmp_path, scheme):
     model, data = _tiny()
-    kept = fxquant.quantize(copy.deepcopy(model), data, "w8a8_dynamic", rotation=HadamardRotation(data, online=["*down"]),
+    fresh = copy.deepcopy(model)
+    kept = fxquant.quantize(copy.deepcopy(model), data, scheme, rotation=HadamardRotation(data, online=["*down"]),
                             progress=False)
-    with pytest.raises(fxquant.ConfigError, match="no op for the online Hadamard rotation"):
-        fxquant.save_ascend(kept, model, tmp_path / "ckpt", default_scheme="w8a8_dynamic")
-    assert not (tmp_path / "ckpt").exists()
-    out = fxquant.quantize(model, data, "w8a8_dynamic", rotation=HadamardRotation(data, online=["*down"]),
+    fxquant.save_ascend(kept, model, tmp_path / "ckpt", default_scheme=scheme)
+    desc = json.loads((tmp_path / "ckpt" / f"quant_model_description_{scheme}.json").read_text())
+    assert desc["metadata"]["quarot"]["kronecker_rotation"]["layers"] == ["blocks.0.down.", "blocks.1.down."]
+    assert desc["metadata"]["quarot"]["heads_rotation"]["layers"] == []
+    saved = read_safetensors_folder(tmp_path / "ckpt")
+    m, n = saved["blocks.0.down.kronecker_rotation_m"], saved["blocks.0.down.kronecker_rotation_n"]
+    assert m.dtype == n.dtype == torch.float32 and m.shape[0] * n.shape[0] == 96
+    assert "blocks.0.down.kronecker_rotation_m" not in desc  # msModelSlim lists them in metadata only
+    x = data[2][0]
+    t = kept.get_submodule("blocks.0.down_hadamard")
+    h = torch.randn(2, 3, 96)
+    want = (m.T @ h.reshape(2, 3, m.shape[0], n.shape[0]) @ n).reshape(2, 3, 96)  # msModelSlim's M^T X N
+    assert torch.allclose(t(h), want, atol=1e-5)
+    loaded = fxquant.load_ascend(fresh, tmp_path / "ckpt")
+    assert type(loaded.blocks[0].down).__name__ == "RotatedInput"
+    out = fxquant.quantize(model, data, scheme, rotation=HadamardRotation(data, online=["*down"]),
                            progress=False, inplace=True)
     assert type(out.blocks[0].down).__name__ == "RotatedInput"
-    x = data[2][0]
     with torch.no_grad():
-        assert torch.allclose(out(x), kept(x), atol=1e-5, rtol=1e-5)
+        ref = kept(x)
+        assert torch.allclose(out(x), ref, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(loaded(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_ascend_loader_refuses_a_rotation_it_cannot_run(tmp_path):
+    model, data = _tiny()
+    kept = fxquant.quantize(copy.deepcopy(model), data, "w8a8", rotation=HadamardRotation(data, online=["*down"]),
+                            progress=False)
+    fxquant.save_ascend(kept, model, tmp_path, default_scheme="w8a8", save_type=["ascendV1"])
+    path = tmp_path / "quant_model_description.json"
+    desc = json.loads(path.read_text())
+    desc["metadata"]["quarot"]["heads_rotation"]["layers"] = ["blocks.0.o."]
+    path.write_text(json.dumps(desc))
+    with pytest.raises(fxquant.FxquantError, match="heads_rotation"):
+        fxquant.load_ascend(copy.deepcopy(model), tmp_path)
+    desc["metadata"]["quarot"]["heads_rotation"]["layers"] = []
+    desc["metadata"]["quarot"]["kronecker_rotation"]["layers"].append("blocks.0.up.")
+    path.write_text(json.dumps(desc))
+    with pytest.raises(fxquant.FxquantError, match="blocks.0.up.kronecker_rotation_m is not saved"):
+        fxquant.load_ascend(copy.deepcopy(model), tmp_path)
 
 
 def test_smollm2_rotation_keeps_fp32_logits_and_spreads_outliers(smollm2, smollm2_windows):
@@ -193,14 +228,15 @@ def test_smollm2_rotation_keeps_fp32_logits_and_spreads_outliers(smollm2, smollm
 
 def test_rotated_static_checkpoint_reloads_and_reproduces_logits(smollm2_windows, tmp_path):
     """A quarot + w8a8 session saved in the Ascend format: the rotated embedding (untied from the
-    head) and ones-norms reload into a fresh SmolLM2 and reproduce the quantized logits."""
+    head), ones-norms and the down projections' online rotations (kronecker_rotation_m / _n) reload
+    into a fresh SmolLM2 and reproduce the quantized logits."""
     from fxquant import session as s
     from fxquant.real_models import load_smollm2
 
     calib, evals = smollm2_windows
     model, _ = load_smollm2()
     config = s.SessionConfig(processor_cfg_map={
-        "quarot": s.QuaRotProcessorConfig(),
+        "quarot": s.QuaRotProcessorConfig(online=["*down_proj"]),
         "w8a8": s.W8A8ProcessorConfig(cfg=s.W8A8QuantConfig(), disable_names=[]),
         "save": s.SaveProcessorConfig(output_path=str(tmp_path)),
     }, calib_data=[[w] for w in calib[:2]])
@@ -209,6 +245,7 @@ def test_rotated_static_checkpoint_reloads_and_reproduces_logits(smollm2_windows
     fresh, _ = load_smollm2()
     loaded = fxquant.load_ascend(fresh, tmp_path)
     assert loaded.model.embed_tokens.weight.data_ptr() != loaded.lm_head.weight.data_ptr()
+    assert type(loaded.model.layers[7].mlp.down_proj).__name__ == "RotatedInput"
     with torch.no_grad():
         want = q(input_ids=evals[0], use_cache=False).logits
         got = loaded(input_ids=evals[0], use_cache=False).logits
@@ -221,8 +258,5 @@ def test_quarot_processor_validates_with_the_session():
 
     cfg = s.session_from_dict({"processors": {"quarot": {"online": ["*down_proj"]}, "w8a8_dynamic": {"cfg": {}, "disable_names": []}}})
     assert cfg.processor_cfg_map["quarot"].online == ["*down_proj"]
-    with pytest.raises(fxquant.ConfigError, match="no op for quarot's online rotation"):
-        s.session_from_dict({"processors": {"quarot": {"online": ["*down_proj"]}, "w8a8": {"cfg": {}, "disable_names": []},
-                                            "save": {"output_path": "/tmp/x"}}})
     with pytest.raises(fxquant.ConfigError, match="quarot.*seeds"):
         s.session_from_dict({"processors": {"quarot": {"seeds": 1}, "w8a8": {"cfg": {}, "disable_names": []}}})

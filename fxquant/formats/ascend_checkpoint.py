@@ -14,7 +14,7 @@ from torch import fx
 from fxquant.kernels import AscendOps
 
 from ..errors import ConfigError, FxquantError
-from ..hadamard import HadamardTransform
+from ..hadamard import HadamardTransform, RotatedInput, online_rotations
 from ..ir import get_attr_path, set_tensor
 from ..quant_opr import QAttentionInput, QuantOpr
 from ..timestep import TimestepQuantizer
@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 SAVE_TYPES = ("safe_tensor", "ascendV1")
 ASCEND_V1_DESCRIPTION = "quant_model_description.json"
-NON_TENSOR_KEYS = ("model_quant_type", "fa_quant_type", "timestep_sep", "version")
+NON_TENSOR_KEYS = ("model_quant_type", "fa_quant_type", "timestep_sep", "version", "metadata")
+#: msModelSlim's tensors of a layer's online input rotation x -> M^T X N (x viewed [..., m, p]),
+#: float32, listed in the description's metadata.quarot.kronecker_rotation.layers, not described per tensor
+KRONECKER_SUFFIXES = ("kronecker_rotation_m", "kronecker_rotation_n")
 #: the tensors each saved layer type must have, and the dtypes fixed by the format
 LAYER_TENSORS = {
     "W8A8": ("weight", "input_scale", "input_offset", "quant_bias", "deq_scale", "weight_scale", "weight_offset"),
@@ -86,7 +89,33 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
     if timestep:
         extra["timestep_sep"] = timestep[0].spec.timestep_sep
     description = {"model_quant_type": quant_type(default_scheme), **extra, **types}
+    rotated = _online_rotation_tensors(gm)
+    if rotated:
+        tensors.update(rotated)
+        layers = sorted({k.rsplit(".", 1)[0] + "." for k in rotated})
+        # the rotation mixes all of a layer's input channels: a tensor-parallel shard of the layer
+        # would need its peers' inputs, so the checkpoint is valid for tp_size 1
+        description["metadata"] = {"quarot": {"max_tp_size": 1, "heads_rotation": {"layers": []},
+                                              "kronecker_rotation": {"layers": layers}}}
     return tensors, description
+
+
+def _online_rotation_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """{"<layer>.kronecker_rotation_m" / "_n": M / N float32} of each layer whose input a
+    HadamardTransform rotates online; ConfigError for a transform that feeds anything else."""
+    rotations = online_rotations(gm)
+    stray = [n.target for n in gm.graph.nodes if n.op == "call_module"
+             and isinstance(gm.get_submodule(n.target), HadamardTransform) and n not in rotations.values()]
+    if stray:
+        raise ConfigError(f"the Ascend checkpoint stores an online rotation only as the input rotation of one "
+                          f"layer (kronecker_rotation_m / _n), but {stray[0]} feeds something else; export the "
+                          "QDQ ONNX, which expresses it")
+    tensors = {}
+    for layer, node in rotations.items():
+        transform = gm.get_submodule(node.target)
+        tensors[f"{layer.target}.{KRONECKER_SUFFIXES[0]}"] = transform.left.detach().float().clone()
+        tensors[f"{layer.target}.{KRONECKER_SUFFIXES[1]}"] = transform.right.detach().float().clone()
+    return tensors
 
 
 def _graph_tensor(gm: fx.GraphModule, name: str, original: torch.Tensor) -> torch.Tensor:
@@ -115,11 +144,6 @@ def save_ascend(gm: fx.GraphModule, float_model: torch.nn.Module, output_path: s
     bad = [t for t in save_type if t not in SAVE_TYPES]
     if bad or not save_type:
         raise ConfigError(f"unknown save_type {bad or save_type}; valid: {', '.join(SAVE_TYPES)}")
-    online = [n for n, m in gm.named_modules() if isinstance(m, HadamardTransform)]
-    if online:
-        raise ConfigError(f"the Ascend checkpoint has no op for the online Hadamard rotation of {len(online)} layer "
-                          f"inputs (e.g. {online[0]}); rotate with HadamardRotation(online=()) (quarot's online: []) "
-                          "for this target, or export the QDQ ONNX, which expresses it")
     suffix = default_scheme.lower()
     weights_name = safetensors_name or f"quant_model_weight_{suffix}.safetensors"
     json_names = []
@@ -214,6 +238,7 @@ def load_ascend(model: torch.nn.Module, path: str | os.PathLike, json_name: str 
     tensors = read_safetensors_folder(path)
     where = str(path)
     types = {k: v for k, v in description.items() if k not in NON_TENSOR_KEYS}
+    rotations = _read_online_rotations(description, tensors, where)  # takes their tensors out
     if set(types) != set(tensors):
         only_desc, only_file = sorted(set(types) - set(tensors)), sorted(set(tensors) - set(types))
         raise FxquantError(f"{where}: description and weights disagree: described but not saved {only_desc[:5]}, "
@@ -245,11 +270,45 @@ def load_ascend(model: torch.nn.Module, path: str | os.PathLike, json_name: str 
         if t.shape != own[k].shape or t.is_floating_point() != own[k].is_floating_point():
             raise FxquantError(f"{where}: FLOAT tensor {k} is {t.dtype} {tuple(t.shape)}, the model's is "
                                f"{own[k].dtype} {tuple(own[k].shape)}")
+    for name, transform in rotations.items():
+        try:
+            width = replacements[name].in_features if name in replacements else model.get_submodule(name).in_features
+        except AttributeError:
+            raise FxquantError(f"{where}: rotated layer {name} is not a Linear of {type(model).__name__}") from None
+        if transform.n != width:
+            raise FxquantError(f"{where}: {name}'s online rotation is of order {transform.n}, its input has {width} "
+                               "channels")
     for name, module in replacements.items():  # every check passed: now change the model
         model.set_submodule(name, module)
     _untie_differing(model, own, float_state)
     model.load_state_dict(float_state, strict=False)
+    for name, transform in rotations.items():
+        model.set_submodule(name, RotatedInput(transform, model.get_submodule(name)))
     return model.eval()
+
+
+def _read_online_rotations(description: dict[str, Any], tensors: dict[str, torch.Tensor],
+                           where: str) -> dict[str, HadamardTransform]:
+    """{layer name: its online input rotation} from metadata.quarot of a description, popping each
+    layer's kronecker_rotation_m / _n from `tensors`. FxquantError for what this loader cannot run
+    (heads_rotation) or a listed layer without both factors."""
+    quarot = (description.get("metadata") or {}).get("quarot") or {}
+    heads = (quarot.get("heads_rotation") or {}).get("layers") or []
+    if heads:
+        raise FxquantError(f"{where}: online heads_rotation of o_proj inputs ({heads[0]}, ...) is not supported "
+                           "here; supported: kronecker_rotation")
+    out = {}
+    for layer in (quarot.get("kronecker_rotation") or {}).get("layers") or []:
+        name = layer.rstrip(".")
+        keys = [f"{name}.{s}" for s in KRONECKER_SUFFIXES]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise FxquantError(f"{where}: metadata.quarot lists {name} as rotated online, but {missing[0]} is not saved")
+        try:
+            out[name] = HadamardTransform.from_factors(*(tensors.pop(k) for k in keys))
+        except ValueError as exc:
+            raise FxquantError(f"{where}: {name}: {exc}") from None
+    return out
 
 
 def _untie_differing(model: torch.nn.Module, own: dict[str, torch.Tensor], float_state: dict[str, torch.Tensor]) -> None:

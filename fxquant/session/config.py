@@ -153,7 +153,8 @@ class QuaRotProcessorConfig(_Strict):
     randomised Hadamard matrices folded into the weights, before smoothing (QuaRot). seed picks the
     random signs; value_heads=False leaves the attention values unrotated; online: fnmatch patterns
     of Linear layers whose input is rotated at run time (e.g. ["*down_proj"], QuaRot's MLP
-    rotation: the QDQ ONNX and fxquant.apply take it, the Ascend checkpoint refuses it)."""
+    rotation: the QDQ ONNX, fxquant.apply and the Ascend checkpoint, as msModelSlim's
+    kronecker_rotation_m / _n, take it)."""
 
     seed: int = 0
     value_heads: bool = True
@@ -216,10 +217,6 @@ class SessionConfig(_Strict):
         if len(suppression) > 1:
             raise ValueError(f"conflicting processors {suppression}: use at most one outlier suppression "
                              f"processor of {', '.join(SUPPRESSION_PROCESSORS)}")
-        quarot = procs.get("quarot")
-        if "save" in procs and isinstance(quarot, QuaRotProcessorConfig) and quarot.online:
-            raise ValueError(f"the save processor writes the Ascend checkpoint, which has no op for quarot's online "
-                             f"rotation of {quarot.online}: set online=[] or drop the save processor")
         if "fa3" in procs and "w8a8_dynamic" not in procs:
             raise ValueError("processor 'fa3' needs 'w8a8_dynamic' in the same session")
         return self
