@@ -9,7 +9,9 @@ m3 / m4 / m6 (searched alpha, beta) / m6=<alpha>,<beta>, quarot / quarot=<online
 config's w_method="gptq"; otherwise weights are rounded to nearest), and mix=<layer pattern>:<scheme>
 (session.run's mix_cfg, e.g. mix=*down_proj:w8a8_dynamic), and float=<layer name>,<layer name>... (the
 quant processor's disable_names: those layers stay float), and act=<observer> (the quant config's
-act_method: minmax, histogram, mixed). 4-bit weights: w4a16/g<group>
+act_method: minmax, histogram, mixed), and save (the save processor writes the Ascend checkpoint, inside
+the timed calibration; after the peak RSS is read, the checkpoint is reloaded into a fresh SmolLM2 with
+fxquant.load_ascend and its perplexity is the "Ascend reload" column). 4-bit weights: w4a16/g<group>
 optionally +awq (activation-aware scale search on the scheme's own grid) and +gptq (per-group GPTQ),
 through fxquant.quantize. Rows quantize in place (`inplace=True`: the model becomes the quantized
 one, as torchao and llm-compressor do it), which is what the peak RSS column measures.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 
 from _rows import add_protocol_arguments, eval_windows, print_table, run_rows
@@ -31,7 +35,7 @@ ALL = ["w8a8", "m3+w8a8", "m4+w8a8", "m6=0.85,0.15+w8a8", "m6+w8a8",
        "w4a16/g64", "w4a16/g64+gptq", "w4a16/g64+awq", "w4a16/g64+awq+gptq"]
 
 
-def session_for(combo: str, calib: list):
+def session_for(combo: str, calib: list, save_dir: str | None = None):
     from fxquant import session as s
 
     procs = {}
@@ -42,6 +46,9 @@ def session_for(combo: str, calib: list):
     for part in parts:
         name, _, value = part.partition("=")
         if name in ("gptq", "mix", "float", "act"):
+            continue
+        if name == "save":
+            procs[name] = s.SaveProcessorConfig(output_path=save_dir, save_type=["ascendV1"])
             continue
         if name == "w8a8":
             procs[name] = s.W8A8ProcessorConfig(cfg=s.W8A8QuantConfig(act_method=act, w_method=w_method), disable_names=disable)
@@ -82,17 +89,19 @@ def quantize_w4a16(model, combo: str, calib: list):
                             weight_optimizers=[GPTQWeights()] if "gptq" in parts else [], inplace=True)
 
 
-def quantize_combo(model, combo: str, calib: list):
+def quantize_combo(model, combo: str, calib: list, save_dir: str | None = None):
     """`model` quantized as `combo` says, in place as the peers quantize (the model is handed over:
     smoothing folds into its weights, no float copy), except with fa3, whose attention inputs need
     the GraphModule."""
     from fxquant import session
 
     if combo.startswith("w4a16"):
+        if save_dir is not None:
+            raise SystemExit(f"save is a session processor; {combo!r} runs through fxquant.quantize")
         return quantize_w4a16(model, combo, calib)
     parts = combo.split("+")
     mix = dict(p.partition("=")[2].rsplit(":", 1) for p in parts if p.startswith("mix="))
-    return session.run(model, session_for(combo, calib), progress=False, inplace="fa3" not in parts,
+    return session.run(model, session_for(combo, calib, save_dir), progress=False, inplace="fa3" not in parts,
                        mix_cfg=mix or None)
 
 
@@ -105,12 +114,21 @@ def run_one(combo: str, n_calib: int, n_eval: int, eval_text: str = "docs") -> d
     model, tok = load_smollm2()
     evals = eval_windows(tok, eval_text, n_eval)
     calib_s = 0.0
+    save_dir = tempfile.mkdtemp(prefix="fxquant_combo_") if "save" in combo.split("+") else None
     if combo != "fp32":
         calib = [{"input_ids": w, "use_cache": False} for w in token_windows(tok, text_corpus("calib"), n_calib, 512)]
         start = time.perf_counter()
-        model = quantize_combo(model, combo, calib)
+        model = quantize_combo(model, combo, calib, save_dir)
         calib_s = time.perf_counter() - start
-    return {"row": combo, "ppl": perplexity(model, evals), "calib_s": calib_s, "peak_rss_mb": peak_rss_mb()}
+    result = {"row": combo, "ppl": perplexity(model, evals), "calib_s": calib_s, "peak_rss_mb": peak_rss_mb()}
+    if save_dir is not None:
+        from fxquant import load_ascend
+
+        del model
+        fresh, _ = load_smollm2()
+        result["reloaded_ppl"] = perplexity(load_ascend(fresh, save_dir), evals)
+        shutil.rmtree(save_dir)
+    return result
 
 
 def main() -> None:

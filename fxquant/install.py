@@ -87,7 +87,7 @@ def _stateless(module: torch.nn.Module) -> bool:
 def _can_replace(old: torch.nn.Module, new: torch.nn.Module) -> bool:
     """A quantized layer for its float layer, or a module of the same type (e.g. rescaled)."""
     if isinstance(new, _QWeighted):
-        return isinstance(old, type(new.to_float())) and tuple(old.weight.shape) == new.weight_shape
+        return isinstance(old, new.float_type) and tuple(old.weight.shape) == new.weight_shape
     if isinstance(new, QuantOpr):
         return False  # small ops and attention inputs are graph nodes, not model attributes
     return type(old) is type(new)

@@ -128,6 +128,11 @@ class _QWeighted(QuantOpr):
         out.weight = torch.nn.Parameter(self.quantized_weight().detach(), requires_grad=False)
         return out
 
+    @property
+    def float_type(self) -> type[torch.nn.Module]:
+        """The class of the float layer this stands for: to_float()'s type, without dequantizing."""
+        return type(self.__dict__["_float_module"])
+
     def set_quant(self, w_quant: bool = True, a_quant: bool = True) -> QuantOpr:
         """Turn fake quantization of the weight and of the inputs on or off (the weight stays
         quantized once freeze() released its float copy)."""
@@ -178,7 +183,10 @@ class _QWeighted(QuantOpr):
         return from_gemv_layout(self._static_codes()) if self.codes_blocked else self._static_codes()
 
     def weight_int8(self) -> torch.Tensor:
-        """The deployed integer codes of the weight as int8, weight's shape."""
+        """The deployed integer codes of the weight as int8, weight's shape (the frozen codes
+        themselves when they are kept unpacked: no float temporaries, no copy)."""
+        if self._stored_codes_in_use():
+            return unpack_codes(self._row_codes(), self.weight_quantizer.spec.bits, self.weight_shape)
         return self._weight_codes().round().reshape(self.weight_shape).to(torch.int8)
 
     def calibrate_weight(self) -> None:

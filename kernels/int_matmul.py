@@ -137,8 +137,10 @@ class _CodeMatmul(torch.autograd.Function):
 
 
 def code_row_sums(wc: torch.Tensor) -> torch.Tensor:
-    """Row sums of integer codes wc [n, k] (int8 or integer float) as int32 [n]."""
-    return wc.to(torch.int32).sum(dim=1, dtype=torch.int32)
+    """Row sums of integer codes wc [n, k] (int8 or integer float) as int32 [n], 64 rows at a time:
+    an int32 copy of the whole weight (4x its int8 size) would be a temporary that the allocator
+    of whichever thread ran the cast may keep resident."""
+    return torch.cat([rows.to(torch.int32).sum(dim=1, dtype=torch.int32) for rows in wc.split(64)])
 
 
 def _accumulate(xc, wc, zx: int, qbias, kernel: str | None, wsum, packed=None) -> torch.Tensor:

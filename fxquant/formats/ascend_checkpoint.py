@@ -58,8 +58,12 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
     folded = {bn: layer for bn, layer in gm.meta.get("fxquant_folded_bn", {}).items()
               if isinstance(gm.get_submodule(layer), QuantOpr)}  # float layers keep their BatchNorm
     unfolded = tuple(f"{layer}." for bn, layer in gm.meta.get("fxquant_folded_bn", {}).items() if bn not in folded)
+    quantized = {f"{name}.{suffix}" for name, module in gm.named_modules()
+                 if isinstance(module, QuantOpr) and not isinstance(module, QAttentionInput) and savable(module)
+                 for suffix in ("weight", "bias")}  # saved in the layer's format below: their float
+    # values are not read (a frozen layer would dequantize its codes into a float copy for each)
     tensors = {k: v if k.startswith(unfolded) else _graph_tensor(gm, k, v)
-               for k, v in float_model.state_dict().items()}
+               for k, v in float_model.state_dict().items() if k not in quantized}
     types = dict.fromkeys(tensors, "FLOAT")
     extra: dict[str, str] = {}
     for name, module in gm.named_modules():
@@ -76,9 +80,6 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
                         type(module).__name__, module.scheme)
             continue
         kind, layer = layer_tensors(module, dtype)
-        for suffix in ("weight", "bias"):
-            tensors.pop(f"{name}.{suffix}", None)
-            types.pop(f"{name}.{suffix}", None)
         for suffix, t in layer.items():
             tensors[f"{name}.{suffix}"] = t
             types[f"{name}.{suffix}"] = kind

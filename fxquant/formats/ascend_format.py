@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.kernels import encode_scale_int64
+from fxquant.kernels import code_row_sums, encode_scale_int64
 
 from ..errors import ConfigError
 from ..quant_opr import QAttentionInput, QLinear, QuantOpr, _QConvNd, _QWeighted
@@ -85,7 +85,7 @@ def layer_tensors(qopr: QuantOpr, model_dtype: torch.dtype) -> tuple[str, dict[s
     deq = input_scale * wscale[None, :]  # float32 [T, n], the exact product the integer path multiplies by
     on_grid = qopr.quantized_bias(deq)  # the same int32 bias the simulation adds
     on_grid = torch.zeros_like(deq) if on_grid is None else on_grid
-    colsum = codes.to(torch.int64).reshape(n, -1).sum(dim=1)
+    colsum = code_row_sums(codes.reshape(n, -1)).to(torch.int64)
     quant_bias = on_grid.to(torch.int64) - colsum[None, :] * input_offset.to(torch.int64)
     if scheme == "w8a8":  # [1], [n] as DESIGN's table
         input_scale, input_offset = input_scale.reshape(1), input_offset.reshape(1)
