@@ -48,8 +48,12 @@ def _normalise_item(index: int, item: Any) -> CalibBatch:
 
 
 def check_finite(value: Any, where: str) -> None:
-    """Raise CalibrationDataError if a floating tensor in `value` holds NaN or Inf."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    """Raise CalibrationDataError if a floating tensor in `value` holds NaN or Inf (tested on its
+    min and max, which NaN and +-Inf reach: one read, no bool tensor of value's size)."""
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel()):
+        return
+    lo, hi = torch.aminmax(value.detach())
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         n_nan = int(torch.isnan(value).sum())
         n_inf = int(torch.isinf(value).sum())
         raise CalibrationDataError(f"non-finite values in {where}: {n_nan} NaN, {n_inf} Inf")

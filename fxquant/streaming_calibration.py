@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .calib_data import check_finite, normalise_calib_data
 from .errors import CalibrationDataError
 from .ir import bind_inputs
+from .partial_forward import forward_until
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
 from .resources import release_freed_memory
@@ -61,17 +62,19 @@ def streaming_calibration(gm: fx.GraphModule, calib_data: Any, progress: bool = 
         if static:
             handles.append(m.register_forward_pre_hook(_observer_hook(name, static, producers.get(name, []), batch)))
     batches = normalise_calib_data(calib_data)
+    observed = [name for name, m in oprs.items() if any(isinstance(q, StaticQuantizer) for q in m.input_quantizers)]
     try:
-        for b, (args, kwargs) in enumerate(tqdm(batches, desc="calibrating", unit="sample", disable=not progress)):
-            batch[0] = b
-            try:
-                bound = bind_inputs(gm, args, kwargs)
-            except TypeError as exc:
-                raise CalibrationDataError(f"calib_data[{b}] does not fit the model's inputs: {exc}") from exc
-            for ph, value in bound.items():
-                check_finite(value, f"calibration input {ph.target!r} of calib_data[{b}]")
-            gm(*args, **kwargs)
-            release_freed_memory()
+        with forward_until(gm, observed) as run:
+            for b, (args, kwargs) in enumerate(tqdm(batches, desc="calibrating", unit="sample", disable=not progress)):
+                batch[0] = b
+                try:
+                    bound = bind_inputs(gm, args, kwargs)
+                except TypeError as exc:
+                    raise CalibrationDataError(f"calib_data[{b}] does not fit the model's inputs: {exc}") from exc
+                for ph, value in bound.items():
+                    check_finite(value, f"calibration input {ph.target!r} of calib_data[{b}]")
+                run(*args, **kwargs)
+                release_freed_memory()
     finally:
         for h in handles:
             h.remove()

@@ -13,6 +13,7 @@ from torch import fx
 
 from fxquant.calib_data import normalise_calib_data
 from fxquant.ir import fxq_meta
+from fxquant.partial_forward import forward_until
 from fxquant.quant_proxy import fake_quant_act, fake_quant_weight
 from fxquant.quantizer import QuantSpec, StaticQuantizer
 from fxquant.resources import release_freed_memory
@@ -44,9 +45,10 @@ def sample_inputs(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], m
             filled[name] = start + picked.shape[0]
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
     try:
-        for args, kwargs in batches:
-            gm(*args, **kwargs)
-            release_freed_memory()
+        with forward_until(gm, targets) as run:
+            for args, kwargs in batches:
+                run(*args, **kwargs)
+                release_freed_memory()
     finally:
         for h in handles:
             h.remove()

@@ -38,6 +38,7 @@ from fxquant.errors import ConfigError, FxquantError
 from fxquant.graph_patterns import attention_values
 from fxquant.ir import fxq_meta, get_attr_path, linear_from, module_of, mutable_storages, set_tensor
 from fxquant.layer_metrics import TensorStats, output_change
+from fxquant.partial_forward import forward_until
 
 from .pass_manager import replace_submodule
 
@@ -94,8 +95,9 @@ def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) -> 
             st.whole.add(x)
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
     try:
-        for args, kwargs in normalise_calib_data(calib_data):
-            gm(*args, **kwargs)  # the captured graph keeps the model's signature
+        with forward_until(gm, targets) as run:
+            for args, kwargs in normalise_calib_data(calib_data):
+                run(*args, **kwargs)  # the captured graph keeps the model's signature
     finally:
         for h in handles:
             h.remove()
