@@ -103,6 +103,21 @@ class ErrorStats:
         return {"sqnr_db": self.sqnr_db, "rel_error": self.rel_error}
 
 
+def output_sample(out: Any, max_elements: int = 1 << 20) -> list[torch.Tensor | None]:
+    """Every k-th element (k fixed by its size) of each floating tensor of a model output, at most
+    `max_elements` each, as copies; None for other leaves. Two samples of equally structured
+    outputs hold the same positions: enough for output_change to tell whether a fold changed the
+    function, without keeping a model's logits (SmolLM2: 100 MB per 512 tokens) between forwards."""
+    picked: list[torch.Tensor | None] = []
+    for t in tree_leaves(out):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            flat = t.detach().reshape(-1)
+            picked.append(flat[:: max(1, -(-flat.numel() // max_elements))].clone())
+        else:
+            picked.append(None)
+    return picked
+
+
 def output_change(before: Any, after: Any) -> float:
     """max over the floating tensors of two equally structured outputs of ||after - before|| / ||before||
     (computed in the outputs' own precision, no float64 copies: logits are large)."""

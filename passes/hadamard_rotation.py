@@ -47,7 +47,7 @@ from fxquant.ir import (
     scope_of,
     set_tensor,
 )
-from fxquant.layer_metrics import output_change
+from fxquant.layer_metrics import output_change, output_sample
 from fxquant.resources import release_freed_memory
 from fxquant.rotation_folds import rotate_linear, rows_rotated
 from fxquant.small_ops import Add
@@ -265,7 +265,7 @@ class HadamardRotation:
         before = None
         if first is not None:
             with torch.no_grad():
-                before = gm(*first[0], **first[1])
+                before = output_sample(gm(*first[0], **first[1]))
         q = random_rotation(stream.dim, self.seed).float()  # float32 once, not per layer
         with torch.no_grad():
             for emb in stream.embeddings:
@@ -291,7 +291,7 @@ class HadamardRotation:
             {"dim": stream.dim, "seed": self.seed, "value_heads": self.value_heads, "layers": layers})
         if before is not None:
             with torch.no_grad():
-                after = gm(*first[0], **first[1])
+                after = output_sample(gm(*first[0], **first[1]))
             err = output_change(before, after)
             if err > self.check_tolerance:
                 raise FxquantError(f"rotation changed the float model's output (relative error {err:.2e} > "

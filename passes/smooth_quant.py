@@ -37,8 +37,9 @@ from fxquant.calib_data import normalise_calib_data
 from fxquant.errors import ConfigError, FxquantError
 from fxquant.graph_patterns import attention_values
 from fxquant.ir import fxq_meta, get_attr_path, linear_from, module_of, mutable_storages, set_tensor
-from fxquant.layer_metrics import TensorStats, output_change
+from fxquant.layer_metrics import TensorStats, output_change, output_sample
 from fxquant.partial_forward import forward_until
+from fxquant.resources import release_freed_memory
 
 from .pass_manager import replace_submodule
 
@@ -98,6 +99,7 @@ def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) -> 
         with forward_until(gm, targets) as run:
             for args, kwargs in normalise_calib_data(calib_data):
                 run(*args, **kwargs)  # the captured graph keeps the model's signature
+                release_freed_memory()
     finally:
         for h in handles:
             h.remove()
@@ -194,7 +196,7 @@ class SmoothQuant:
         chosen = self.choose_scales(gm, groups, stats)  # leaves the weights as they are
         first = normalise_calib_data(self.calib_data)[0]
         with torch.no_grad():
-            before = gm(*first[0], **first[1])
+            before = output_sample(gm(*first[0], **first[1]))
         self.folded, self.scales = {}, {}
         for g in groups:
             mods = [module_of(gm, n) for n in g.members]
@@ -211,7 +213,7 @@ class SmoothQuant:
                 self.folded[n.target] = g.kind
         gm.recompile()
         with torch.no_grad():
-            after = gm(*first[0], **first[1])
+            after = output_sample(gm(*first[0], **first[1]))
         self._check_unchanged(before, after)
         log.info("smoothed %d linear layers", len(self.folded))
         return gm
