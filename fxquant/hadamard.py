@@ -101,41 +101,22 @@ def _random_signs(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
 
 
-class HadamardTransform(torch.nn.Module):
-    """x [..., n] -> x R [..., n] at run time, R = kron(M, N) orthogonal with M [m, m] =
-    diag(signs) B / sqrt(m) and N [p, p] = diag(signs) S / sqrt(p) (B Paley, S Sylvester, n = m p):
-    x viewed [..., m, p] becomes M^T X N, two small matmuls, m + p multiply-adds per element instead
-    of n. The online rotation of an input whose producer cannot absorb one (the gated product before
-    an MLP's down projection); the consumer's weight takes R (W R). M and N are what msModelSlim's
-    Ascend checkpoint stores as `kronecker_rotation_m` / `kronecker_rotation_n`, with this meaning.
-    """
+class KroneckerRotation(torch.nn.Module):
+    """x [..., m p] -> x R at run time, R = kron(M, N) with M [m, m] and N [p, p] orthogonal: x viewed
+    [..., m, p] becomes M^T X N, two small matmuls, m + p multiply-adds per element instead of
+    m p. What msModelSlim's Ascend checkpoint stores as a layer's `kronecker_rotation_m` (M) and
+    `kronecker_rotation_n` (N), with this meaning. Raises ValueError when a factor is not square
+    and orthogonal (within 1e-4)."""
 
-    def __init__(self, n: int, seed: int = 0) -> None:
+    def __init__(self, left: torch.Tensor, right: torch.Tensor) -> None:
         super().__init__()
-        factors = hadamard_factors(n)
-        if factors is None:
-            raise ValueError(f"no Hadamard matrix of order {n} is built here (orders m 2^k, m = 1 or a Paley "
-                             "order q + 1 / 2 (q + 1))")
-        gen = torch.Generator().manual_seed(seed)
-        base, sylvester = (_random_signs(f.shape[0], gen)[:, None] * f / f.shape[0] ** 0.5 for f in factors)
-        self.n = n
-        self.register_buffer("left", base.float())
-        self.register_buffer("right", sylvester.float())
-
-    @classmethod
-    def from_factors(cls, left: torch.Tensor, right: torch.Tensor) -> HadamardTransform:
-        """The transform x -> M^T X N of two given orthogonal factors (M = left [m, m], N = right
-        [p, p], float); raises ValueError when either is not square and orthogonal."""
         for name, f in (("M", left), ("N", right)):
-            eye = torch.eye(f.shape[0], dtype=torch.float64)
-            if f.dim() != 2 or f.shape[0] != f.shape[1] or not torch.allclose(f.double() @ f.double().T, eye, atol=1e-4):
+            if f.dim() != 2 or f.shape[0] != f.shape[1] or not torch.allclose(
+                    f.double() @ f.double().T, torch.eye(f.shape[0], dtype=torch.float64), atol=1e-4):
                 raise ValueError(f"rotation factor {name} {tuple(f.shape)} is not a square orthogonal matrix")
-        transform = cls.__new__(cls)
-        torch.nn.Module.__init__(transform)
-        transform.n = left.shape[0] * right.shape[0]
-        transform.register_buffer("left", left.detach().float().clone())
-        transform.register_buffer("right", right.detach().float().clone())
-        return transform
+        self.n = left.shape[0] * right.shape[0]
+        self.register_buffer("left", left.detach().float().clone())
+        self.register_buffer("right", right.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, p = self.left.shape[0], self.right.shape[0]
@@ -151,11 +132,27 @@ class HadamardTransform(torch.nn.Module):
         return f"n={self.n} ({self.left.shape[0]} x {self.right.shape[0]})"
 
 
+class HadamardTransform(KroneckerRotation):
+    """The randomised Hadamard KroneckerRotation of order n = m p: M = diag(signs) B / sqrt(m),
+    N = diag(signs) S / sqrt(p) (B Paley or 1 x 1, S Sylvester, signs drawn from `seed`). The online
+    rotation of an input whose producer cannot absorb one (the gated product before an MLP's down
+    projection); the consumer's weight takes R (W R)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        factors = hadamard_factors(n)
+        if factors is None:
+            raise ValueError(f"no Hadamard matrix of order {n} is built here (orders m 2^k, m = 1 or a Paley "
+                             "order q + 1 / 2 (q + 1))")
+        gen = torch.Generator().manual_seed(seed)
+        super().__init__(*(_random_signs(f.shape[0], gen)[:, None] * f / f.shape[0] ** 0.5 for f in factors))
+
+
 class RotatedInput(torch.nn.Module):
     """layer(transform(x)): a layer whose input is rotated online, installed under the layer's own
-    name when a graph with a HadamardTransform is written back into its model (fxquant.apply)."""
+    name when a graph with an online rotation is written back into its model (fxquant.apply) or
+    loaded from an Ascend checkpoint that lists the layer in metadata.quarot (load_ascend)."""
 
-    def __init__(self, transform: HadamardTransform, layer: torch.nn.Module) -> None:
+    def __init__(self, transform: KroneckerRotation, layer: torch.nn.Module) -> None:
         super().__init__()
         self.transform = transform
         self.layer = layer
@@ -165,11 +162,11 @@ class RotatedInput(torch.nn.Module):
 
 
 def online_rotations(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
-    """{layer node: the HadamardTransform node that feeds it and nothing else}: the online input
+    """{layer node: the KroneckerRotation node that feeds it and nothing else}: the online input
     rotations (OnlineHadamard) of a graph, each installable as RotatedInput(transform, layer)."""
     out = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), HadamardTransform) \
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), KroneckerRotation) \
                 and len(node.users) == 1:
             user = next(iter(node.users))
             if user.op == "call_module" and user.args[:1] == (node,):

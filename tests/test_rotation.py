@@ -14,7 +14,7 @@ import fxquant
 from fxquant.capture import capture
 from fxquant.formats.onnx_export import to_onnx_model, write_onnx
 from fxquant.formats.safetensors_io import read_safetensors_folder
-from fxquant.hadamard import HadamardTransform, hadamard_matrix, random_rotation
+from fxquant.hadamard import HadamardTransform, KroneckerRotation, hadamard_matrix, random_rotation
 from fxquant.passes import HadamardRotation, lower_to_qdq
 
 from models import RMSNorm
@@ -38,6 +38,8 @@ def test_orders_without_a_hadamard_matrix_rotate_with_a_random_orthogonal_one():
     assert torch.allclose(q @ q.T, torch.eye(9, dtype=torch.float64), atol=1e-12)
     with pytest.raises(ValueError, match="no Hadamard matrix of order 9"):
         HadamardTransform(9)
+    with pytest.raises(ValueError, match="factor M .* not a square orthogonal matrix"):
+        KroneckerRotation(torch.randn(3, 3), torch.eye(2))
 
 
 class TinyLlama(nn.Module):

@@ -14,7 +14,7 @@ from torch import fx
 from fxquant.kernels import AscendOps
 
 from ..errors import ConfigError, FxquantError
-from ..hadamard import HadamardTransform, RotatedInput, online_rotations
+from ..hadamard import KroneckerRotation, RotatedInput, online_rotations
 from ..ir import get_attr_path, set_tensor
 from ..quant_opr import QAttentionInput, QuantOpr
 from ..timestep import TimestepQuantizer
@@ -103,10 +103,10 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
 
 def _online_rotation_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """{"<layer>.kronecker_rotation_m" / "_n": M / N float32} of each layer whose input a
-    HadamardTransform rotates online; ConfigError for a transform that feeds anything else."""
+    KroneckerRotation rotates online; ConfigError for a transform that feeds anything else."""
     rotations = online_rotations(gm)
     stray = [n.target for n in gm.graph.nodes if n.op == "call_module"
-             and isinstance(gm.get_submodule(n.target), HadamardTransform) and n not in rotations.values()]
+             and isinstance(gm.get_submodule(n.target), KroneckerRotation) and n not in rotations.values()]
     if stray:
         raise ConfigError(f"the Ascend checkpoint stores an online rotation only as the input rotation of one "
                           f"layer (kronecker_rotation_m / _n), but {stray[0]} feeds something else; export the "
@@ -289,11 +289,16 @@ def load_ascend(model: torch.nn.Module, path: str | os.PathLike, json_name: str 
 
 
 def _read_online_rotations(description: dict[str, Any], tensors: dict[str, torch.Tensor],
-                           where: str) -> dict[str, HadamardTransform]:
+                           where: str) -> dict[str, KroneckerRotation]:
     """{layer name: its online input rotation} from metadata.quarot of a description, popping each
     layer's kronecker_rotation_m / _n from `tensors`. FxquantError for what this loader cannot run
     (heads_rotation) or a listed layer without both factors."""
-    quarot = (description.get("metadata") or {}).get("quarot") or {}
+    metadata = description.get("metadata") or {}
+    quarot = metadata.get("quarot") or {} if isinstance(metadata, dict) else None
+    if not isinstance(quarot, dict) or not all(isinstance(quarot.get(k, {}), dict)
+                                               for k in ("heads_rotation", "kronecker_rotation")):
+        raise FxquantError(f"{where}: metadata.quarot must be {{\"heads_rotation\": {{\"layers\": [...]}}, "
+                           f"\"kronecker_rotation\": {{\"layers\": [...]}}}}, got {description.get('metadata')!r:.200}")
     heads = (quarot.get("heads_rotation") or {}).get("layers") or []
     if heads:
         raise FxquantError(f"{where}: online heads_rotation of o_proj inputs ({heads[0]}, ...) is not supported "
@@ -306,7 +311,7 @@ def _read_online_rotations(description: dict[str, Any], tensors: dict[str, torch
         if missing:
             raise FxquantError(f"{where}: metadata.quarot lists {name} as rotated online, but {missing[0]} is not saved")
         try:
-            out[name] = HadamardTransform.from_factors(*(tensors.pop(k) for k in keys))
+            out[name] = KroneckerRotation(*(tensors.pop(k) for k in keys))
         except ValueError as exc:
             raise FxquantError(f"{where}: {name}: {exc}") from None
     return out
