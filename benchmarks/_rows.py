@@ -55,13 +55,15 @@ def print_table(first_column: str, rows: list[dict]) -> None:
     """Markdown table of the rows; the first row is the fp32 baseline."""
     base = rows[0]["ppl"]
     reloads = any("reloaded_ppl" in r for r in rows)  # rows that saved an Ascend checkpoint and reloaded it
-    extra = " Ascend reload vs fp32 |" if reloads else ""
-    print(f"| {first_column} | perplexity | vs fp32 | calibration s | peak RSS MB |{extra}")
-    print("|---|---|---|---|---|" + ("---|" if reloads else ""))
+    headers = [first_column, "perplexity", "vs fp32", "calibration s", "peak RSS MB"] + (["Ascend reload vs fp32"] if reloads else [])
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
     for r in rows:
         if "error" in r:
-            print(f"| {r['row']} | failed: {r['error'][:80]} | | | |" + (" |" if reloads else ""))
-            continue
-        reload = f" {100.0 * (r['reloaded_ppl'] / base - 1.0):+.2f}% |" if "reloaded_ppl" in r else (" |" if reloads else "")
-        print(f"| {r['row']} | {r['ppl']:.3f} | {100.0 * (r['ppl'] / base - 1.0):+.2f}% | "
-              f"{r['calib_s']:.1f} | {r['peak_rss_mb']:.0f} |{reload}")
+            cells = [r["row"], f"failed: {r['error'][:80]}"] + [""] * (len(headers) - 2)
+        else:
+            cells = [r["row"], f"{r['ppl']:.3f}", f"{100.0 * (r['ppl'] / base - 1.0):+.2f}%", f"{r['calib_s']:.1f}",
+                     f"{r['peak_rss_mb']:.0f}"]
+            if reloads:
+                cells.append(f"{100.0 * (r['reloaded_ppl'] / base - 1.0):+.2f}%" if "reloaded_ppl" in r else "")
+        print("| " + " | ".join(cells) + " |")

@@ -53,7 +53,7 @@ def streaming_calibration(gm: fx.GraphModule, calib_data: Any, progress: bool = 
         if node.op == "call_module" and node.target in oprs and node.target not in producers:
             producers[node.target] = [a.name for a in node.args if isinstance(a, fx.Node)]
     batch = [0]
-    handles = []
+    handles, observed = [], []
     for name, m in oprs.items():
         m.set_quant(False, False)
         static = [(i, q) for i, q in enumerate(m.input_quantizers) if isinstance(q, StaticQuantizer)]
@@ -61,8 +61,8 @@ def streaming_calibration(gm: fx.GraphModule, calib_data: Any, progress: bool = 
             q.reset_observer()
         if static:
             handles.append(m.register_forward_pre_hook(_observer_hook(name, static, producers.get(name, []), batch)))
+            observed.append(name)
     batches = normalise_calib_data(calib_data)
-    observed = [name for name, m in oprs.items() if any(isinstance(q, StaticQuantizer) for q in m.input_quantizers)]
     try:
         with forward_until(gm, observed) as run:
             for b, (args, kwargs) in enumerate(tqdm(batches, desc="calibrating", unit="sample", disable=not progress)):

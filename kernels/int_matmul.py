@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import onednn_split
-from .onednn_split import EXACT_FP32_K, SplitPackedWeight, split_codes_matmul
+from .onednn_split import EXACT_FP32_K, SplitPackedWeight, code_row_sums, split_codes_matmul
 
 #: implementations of int8_matmul, by name
 KERNELS = ("int_mm", "onednn_split", "fp32_split", "fp64")
@@ -134,13 +134,6 @@ class _CodeMatmul(torch.autograd.Function):
         grad_x = grad @ wc.to(grad.dtype)
         grad_w = grad.t() @ (xc - ctx.zx) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, grad_qbias, None, None, None
-
-
-def code_row_sums(wc: torch.Tensor) -> torch.Tensor:
-    """Row sums of integer codes wc [n, k] (int8 or integer float) as int32 [n], 64 rows at a time:
-    an int32 copy of the whole weight (4x its int8 size) would be a temporary that the allocator
-    of whichever thread ran the cast may keep resident."""
-    return torch.cat([rows.to(torch.int32).sum(dim=1, dtype=torch.int32) for rows in wc.split(64)])
 
 
 def _accumulate(xc, wc, zx: int, qbias, kernel: str | None, wsum, packed=None) -> torch.Tensor:

@@ -41,6 +41,13 @@ def available() -> bool:
             and hasattr(torch.ops.quantized, "embedding_bag_byte_rowwise_offsets"))
 
 
+def code_row_sums(wc: torch.Tensor) -> torch.Tensor:
+    """Row sums of integer codes wc [n, k] (int8 or integer float) as int32 [n], 64 rows at a time:
+    an int32 copy of the whole weight (4x its int8 size) would be a temporary that the allocator
+    of whichever thread ran the cast may keep resident."""
+    return torch.cat([rows.to(torch.int32).sum(dim=1, dtype=torch.int32) for rows in wc.split(64)])
+
+
 class SplitPackedWeight:
     """The operands of one weight for split_codes_matmul, derived from its int8 codes [n, k], per
     chunk of CHUNK_K columns: oneDNN's packed weight and the byte table [k, n + 8] (codes + 128,
@@ -54,7 +61,7 @@ class SplitPackedWeight:
         n, k = codes.shape
         self.source = (codes.data_ptr(), codes._version, tuple(codes.shape))
         self.ones, self.zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)  # oneDNN's weight scales, zero points
-        self.row_sums = codes.to(torch.int32).sum(dim=1, dtype=torch.int32)  # [n], for zero points
+        self.row_sums = code_row_sums(codes)  # [n], for zero points
         self.k = k
         self.chunks = []  # (first column, packed weight, byte table) per chunk of k
         for start in range(0, k, CHUNK_K):

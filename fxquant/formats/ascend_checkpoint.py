@@ -90,10 +90,9 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
     if timestep:
         extra["timestep_sep"] = timestep[0].spec.timestep_sep
     description = {"model_quant_type": quant_type(default_scheme), **extra, **types}
-    rotated = _online_rotation_tensors(gm)
-    if rotated:
+    rotated, layers = _online_rotation_tensors(gm)
+    if layers:
         tensors.update(rotated)
-        layers = sorted({k.rsplit(".", 1)[0] + "." for k in rotated})
         # the rotation mixes all of a layer's input channels: a tensor-parallel shard of the layer
         # would need its peers' inputs, so the checkpoint is valid for tp_size 1
         description["metadata"] = {"quarot": {"max_tp_size": 1, "heads_rotation": {"layers": []},
@@ -101,9 +100,9 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
     return tensors, description
 
 
-def _online_rotation_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """{"<layer>.kronecker_rotation_m" / "_n": M / N float32} of each layer whose input a
-    KroneckerRotation rotates online; ConfigError for a transform that feeds anything else."""
+def _online_rotation_tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """({"<layer>.kronecker_rotation_m" / "_n": M / N float32}, ["<layer>.", ...]) of the layers whose
+    input a KroneckerRotation rotates online; ConfigError for a transform that feeds anything else."""
     rotations = online_rotations(gm)
     stray = [n.target for n in gm.graph.nodes if n.op == "call_module"
              and isinstance(gm.get_submodule(n.target), KroneckerRotation) and n not in rotations.values()]
@@ -116,7 +115,7 @@ def _online_rotation_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
         transform = gm.get_submodule(node.target)
         tensors[f"{layer.target}.{KRONECKER_SUFFIXES[0]}"] = transform.left.detach().float().clone()
         tensors[f"{layer.target}.{KRONECKER_SUFFIXES[1]}"] = transform.right.detach().float().clone()
-    return tensors
+    return tensors, sorted(f"{layer.target}." for layer in rotations)
 
 
 def _graph_tensor(gm: fx.GraphModule, name: str, original: torch.Tensor) -> torch.Tensor:
