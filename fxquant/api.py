@@ -31,7 +31,7 @@ from .capture import capture
 from .errors import CalibrationDataError, ConfigError
 from .install import apply
 from .ir import scheme_decisions
-from .resources import peak_rss_bytes, release_freed_memory, storage_bytes
+from .resources import peak_rss_bytes, release_unused_memory, storage_bytes
 from .schemes import SchemeOptions, make_scheme
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,6 @@ def quantize(
     gm.meta["fxquant_decisions"] = scheme_decisions(gm)
     gm.meta["fxquant_float_bytes"] = float_bytes
     gm.meta["fxquant_peak_rss_bytes"] = peak_rss_bytes()
-    if inplace:
-        apply(model, gm)
-    release_freed_memory()  # what the passes freed (with inplace, the float layers just replaced)
-    return model if inplace else gm.eval()
+    result = apply(model, gm) if inplace else gm.eval()
+    release_unused_memory(result)  # what the passes freed (with inplace, the float layers just replaced)
+    return result

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
+import gc
+import logging
 import resource
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
 
 def storage_bytes(module: torch.nn.Module) -> int:
     """Bytes of the parameters and buffers of `module`, each storage counted once (tied weights too)."""
@@ -53,3 +57,71 @@ def release_freed_memory() -> None:
     trim = _libc_malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def file_mapped_ranges() -> list[tuple[int, int]]:
+    """Sorted [start, end) address ranges of this process mapped from regular files, read from
+    /proc/self/maps (Linux); [] elsewhere. Shared-memory files (/dev/shm, memfd, deleted files)
+    are not counted: tensors there were shared on purpose."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return []
+    ranges = []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith("/") or fields[5].startswith("/dev/"):
+            continue
+        if fields[5].endswith("(deleted)") or fields[4] == "0":
+            continue
+        start, end = (int(a, 16) for a in fields[0].split("-"))
+        ranges.append((start, end))
+    return sorted(ranges)
+
+
+def copy_out_of_file_mappings(module: torch.nn.Module) -> int:
+    """Give each parameter and buffer of `module` whose bytes lie in a file mapping its own memory.
+
+    A checkpoint loaded with mmap (transformers' safetensors loading) keeps one mapping of the
+    whole file alive while any of its tensors lives, and every page of it that calibration read
+    stays resident: a quantized SmolLM2 whose float embedding still views the file keeps about
+    400 MB of replaced float weights in its resident set. Tensors keep their identity (`.data` is
+    swapped) and ties (one copy per tensor view). Returns the bytes copied.
+    """
+    ranges = file_mapped_ranges()
+    if not ranges:
+        return 0
+    starts = [start for start, _ in ranges]
+
+    def mapped(t: torch.Tensor) -> bool:
+        if t.device.type != "cpu" or t.numel() == 0:
+            return False
+        address = t.untyped_storage().data_ptr()
+        i = bisect.bisect_right(starts, address) - 1
+        return i >= 0 and address < ranges[i][1]
+
+    copies: dict[tuple, torch.Tensor] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        if not mapped(t):
+            continue
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in copies:
+            copies[key] = t.detach().clone()
+        t.data = copies[key]
+    copied = sum(t.nbytes for t in copies.values())
+    if copied:
+        log.info("copied %d tensors (%.1f MB) out of file mappings", len(copies), copied / 2**20)
+    return copied
+
+
+def release_unused_memory(module: torch.nn.Module) -> None:
+    """Free what a finished quantization (or checkpoint load) leaves behind, keeping `module` whole.
+
+    Three steps: collect reference cycles (torch.export's module and graph refer to each other and
+    hold the float model's weights until Python's next full collection, which may never come), copy
+    `module`'s tensors out of file mappings (copy_out_of_file_mappings), give freed heap pages back
+    (release_freed_memory). On SmolLM2 w8a8_dynamic this takes the resident set after quantization
+    from about 1.0 GB to 0.7 GB.
+    """
+    gc.collect()
+    copy_out_of_file_mappings(module)
+    release_freed_memory()

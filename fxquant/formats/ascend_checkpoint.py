@@ -17,6 +17,7 @@ from ..errors import ConfigError, FxquantError
 from ..hadamard import KroneckerRotation, RotatedInput, online_rotations
 from ..ir import get_attr_path, set_tensor
 from ..quant_opr import QAttentionInput, QuantOpr
+from ..resources import release_unused_memory
 from ..timestep import TimestepQuantizer
 from .ascend_format import attention_tensors, layer_tensors, quant_type, savable
 from .ascend_modules import ASCEND_MODULES, build_ascend_layer
@@ -284,6 +285,7 @@ def load_ascend(model: torch.nn.Module, path: str | os.PathLike, json_name: str 
     model.load_state_dict(float_state, strict=False)
     for name, transform in rotations.items():
         model.set_submodule(name, RotatedInput(transform, model.get_submodule(name)))
+    release_unused_memory(model)  # the float layers just replaced may share a file mapping with what stays
     return model.eval()
 
 

@@ -15,7 +15,7 @@ from ..errors import CalibrationDataError, ConfigError
 from ..formats.ascend_checkpoint import save_ascend
 from ..install import apply
 from ..keep_acc import weight_rounding
-from ..resources import release_freed_memory
+from ..resources import release_unused_memory
 from ..schemes import SchemeOptions
 from .config import (
     SUPPRESSION_PROCESSORS,
@@ -96,5 +96,5 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
     if not inplace:
         return gm
     apply(model, gm)
-    release_freed_memory()  # the float layers just replaced
+    release_unused_memory(model)  # the float layers just replaced
     return model

@@ -1,0 +1,70 @@
+"""What a quantized model keeps resident: tensors out of file mappings, capture leftovers collected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.resources import copy_out_of_file_mappings, file_mapped_ranges
+
+
+def in_file_mapping(t: torch.Tensor) -> bool:
+    address = t.untyped_storage().data_ptr()
+    return any(start <= address < end for start, end in file_mapped_ranges())
+
+
+def mappings_of(suffix: str) -> int:
+    """How many address ranges of this process map a file whose path ends with `suffix`."""
+    return sum(1 for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(suffix))
+
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+
+
+def test_copy_out_keeps_values_identity_and_ties(tmp_path):
+    values = torch.randn(3 * 16 * 8)
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel())  # a private mapping of the file
+    assert in_file_mapping(mapped)
+    shared = torch.nn.Parameter(mapped[: 16 * 8].view(16, 8))
+    first, second = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+    first.weight = second.weight = shared  # tied: one Parameter in two modules
+    first.register_buffer("table", mapped[16 * 8: 2 * 16 * 8].view(16, 8))
+    second.register_buffer("table", mapped[16 * 8: 2 * 16 * 8].view(16, 8))  # another tensor, the same view
+    model = torch.nn.Sequential(first, second)
+    own_bias = first.bias
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    copied = copy_out_of_file_mappings(model)
+
+    assert copied == 2 * 16 * 8 * 4  # the weight once and the table once; the biases were never mapped
+    assert first.weight is shared and second.weight is shared and first.bias is own_bias
+    assert first.table.data_ptr() == second.table.data_ptr()
+    assert not any(in_file_mapping(t) for t in [*model.parameters(), *model.buffers()])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert copy_out_of_file_mappings(model) == 0
+
+
+@pytest.mark.slow
+def test_quantized_llm_lets_its_checkpoint_mapping_go():
+    from fxquant.real_models import load_smollm2
+
+    baseline = mappings_of("model.safetensors")  # other fixtures' models may map the same file
+    model, tok = load_smollm2()
+    assert mappings_of("model.safetensors") > baseline  # transformers maps the checkpoint
+    assert in_file_mapping(model.model.embed_tokens.weight)
+    prompt = tok("The GNU General Public License", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(input_ids=prompt).logits
+    q = fxquant.quantize(model, scheme="w8a8_dynamic", example_inputs=[prompt], progress=False, inplace=True)
+    # the float embedding (and tied head) that stays float no longer pins the mapping of the replaced weights
+    assert not any(in_file_mapping(t) for t in [*q.parameters(), *q.buffers()])
+    assert mappings_of("model.safetensors") == baseline
+    with torch.no_grad():
+        out = q(input_ids=prompt).logits
+    assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.8
