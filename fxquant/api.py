@@ -23,6 +23,7 @@ from fxquant.passes import (
     SmoothQuant,
     fold_batchnorm,
     functional_to_modules,
+    unmap_kept_tensors,
 )
 
 from .calib_data import check_fits_signature, normalise_calib_data
@@ -31,7 +32,7 @@ from .capture import capture
 from .errors import CalibrationDataError, ConfigError
 from .install import apply
 from .ir import scheme_decisions
-from .resources import peak_rss_bytes, release_unused_memory, storage_bytes
+from .resources import peak_rss_bytes, release_freed_memory, release_unused_memory, storage_bytes
 from .schemes import SchemeOptions, make_scheme
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def quantization_passes(
     keep_float_weight: bool = False,
 ) -> list[Callable[[fx.GraphModule], fx.GraphModule]]:
     """The passes fxquant.quantize runs on a captured graph, in order (the arguments are quantize's):
-    fold BatchNorm, small ops to modules, resolve schemes, rotation, suppression, online rotation,
+    fold BatchNorm, small ops to modules, resolve schemes, kept tensors out of file mappings, rotation, suppression, online rotation,
     insert QuantOprs, attention quantization, calibrate, freeze."""
     online = None
     if isinstance(rotation, HadamardRotation) and rotation.online:  # smoothing folds into the gated
@@ -65,6 +66,7 @@ def quantization_passes(
         fold_batchnorm,
         functional_to_modules,
         resolve,
+        unmap_kept_tensors,
         *smooth,
         InsertQuantOprs(options),
         *attention,
@@ -118,7 +120,8 @@ def quantize(
     (one more quantized run per layer) for fxquant.inspect and fxquant.report.
     consume_model: the model is handed over: smoothing folds change its weights in place rather
     than copying them (one float copy of the smoothed layers less at the peak), so it no longer
-    computes the float model. inplace: consume the model and install the quantized layers into it
+    computes the float model; its float layers stay in it until fxquant.apply replaces them (and
+    releases their memory). inplace: consume the model and install the quantized layers into it
     (fxquant.apply); returns `model`. Refused up front with attention_quant or quantized small
     ops, which have no place in the model.
     The result's gm.meta holds fxquant_timings (pass, seconds), fxquant_decisions,
@@ -165,6 +168,10 @@ def quantize(
     gm.meta["fxquant_decisions"] = scheme_decisions(gm)
     gm.meta["fxquant_float_bytes"] = float_bytes
     gm.meta["fxquant_peak_rss_bytes"] = peak_rss_bytes()
-    result = apply(model, gm) if inplace else gm.eval()
-    release_unused_memory(result)  # what the passes freed (with inplace, the float layers just replaced)
-    return result
+    if inplace:
+        return apply(model, gm)  # which releases the float layers it replaces
+    if consume_model:
+        release_freed_memory()  # the model's float layers, still installed, go with fxquant.apply
+    else:
+        release_unused_memory(gm)  # what the passes freed, capture's cycles, the checkpoint mapping
+    return gm.eval()

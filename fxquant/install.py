@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .hadamard import RotatedInput, online_rotations
 from .ir import get_attr_path
 from .quant_opr import QuantOpr, _QWeighted
+from .resources import release_unused_memory
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 def apply(model: torch.nn.Module, qmodel: fx.GraphModule) -> torch.nn.Module:
     """Write `qmodel`'s quantized layers (and the tensors its passes rescaled) into `model` in
     place, under the layers' original names; returns `model`. `qmodel` must come from
-    fxquant.quantize(model, ...) (or the passes) on this model. Raises ConfigError naming every
+    fxquant.quantize(model, ...) (or the passes) on this model. Then releases what the replaced
+    float layers held (fxquant.resources.release_unused_memory). Raises ConfigError naming every
     part of the graph that has no counterpart in the model."""
     if qmodel.meta.get("fxquant_folded_bn"):
         raise ConfigError("the quantized graph folded BatchNorm layers into convolutions "
@@ -76,6 +78,7 @@ def apply(model: torch.nn.Module, qmodel: fx.GraphModule) -> torch.nn.Module:
         _set(model, target, tensor)
     log.info("installed %d modules and %d tensors of the quantized graph into %s",
              len(modules), len(tensors), type(model).__name__)
+    release_unused_memory(model)
     return model
 
 

@@ -8,7 +8,7 @@ import functools
 import gc
 import logging
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -39,11 +39,12 @@ def peak_rss_bytes() -> int:
 
 
 @functools.cache
-def _libc_malloc_trim() -> Callable[[int], int] | None:
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """glibc's function `name`, or None off glibc."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
-        return None  # not glibc: nothing to release this way
+        return None
 
 
 def release_freed_memory() -> None:
@@ -54,7 +55,7 @@ def release_freed_memory() -> None:
     them, so a loop of forwards grows the resident set well past what is live. Calibration loops
     call this after each sample; it changes no allocator setting. No-op off glibc.
     """
-    trim = _libc_malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -78,14 +79,17 @@ def file_mapped_ranges() -> list[tuple[int, int]]:
     return sorted(ranges)
 
 
-def copy_out_of_file_mappings(module: torch.nn.Module) -> int:
-    """Give each parameter and buffer of `module` whose bytes lie in a file mapping its own memory.
+def copy_out_of_file_mappings(tensors: Iterable[torch.Tensor]) -> int:
+    """Give each of `tensors` (a module's parameters and buffers) whose bytes lie in a file mapping
+    its own memory.
 
     A checkpoint loaded with mmap (transformers' safetensors loading) keeps one mapping of the
     whole file alive while any of its tensors lives, and every page of it that calibration read
     stays resident: a quantized SmolLM2 whose float embedding still views the file keeps about
     400 MB of replaced float weights in its resident set. Tensors keep their identity (`.data` is
-    swapped) and ties (one copy per tensor view). Returns the bytes copied.
+    swapped) and ties (one copy per tensor view). The file pages each copy read are handed back
+    (madvise MADV_PAGEOUT, a reclaim hint that never loses data): while the mapping lives on, they
+    would stay resident beside the copy. Returns the bytes copied.
     """
     ranges = file_mapped_ranges()
     if not ranges:
@@ -100,17 +104,33 @@ def copy_out_of_file_mappings(module: torch.nn.Module) -> int:
         return i >= 0 and address < ranges[i][1]
 
     copies: dict[tuple, torch.Tensor] = {}
-    for t in [*module.parameters(), *module.buffers()]:
+    for t in tensors:
         if not mapped(t):
             continue
         key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if key not in copies:
             copies[key] = t.detach().clone()
+            source = t.untyped_storage()
+            _page_out(source.data_ptr(), source.nbytes())  # the pages the copy just read
         t.data = copies[key]
     copied = sum(t.nbytes for t in copies.values())
     if copied:
         log.info("copied %d tensors (%.1f MB) out of file mappings", len(copies), copied / 2**20)
     return copied
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def _page_out(address: int, nbytes: int) -> None:
+    """Ask the kernel to reclaim the whole pages of [address, address + nbytes) (MADV_PAGEOUT):
+    clean file pages leave the resident set and are read again from the file if touched; dirty
+    private pages stay unless they can be swapped. No-op where madvise is unavailable."""
+    madvise = _libc_function("madvise")
+    page = resource.getpagesize()
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    if madvise is not None and end > start:
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_PAGEOUT))
 
 
 def release_unused_memory(module: torch.nn.Module) -> None:
@@ -123,5 +143,5 @@ def release_unused_memory(module: torch.nn.Module) -> None:
     from about 1.0 GB to 0.7 GB.
     """
     gc.collect()
-    copy_out_of_file_mappings(module)
+    copy_out_of_file_mappings([*module.parameters(), *module.buffers()])
     release_freed_memory()

@@ -18,10 +18,11 @@ from .quantize_attention import QuantizeAttention
 from .resolve_schemes import ResolveSchemes, quantizable_nodes
 from .rollback import Rollback
 from .smooth_quant import SmoothQuant
+from .unmap_kept_tensors import unmap_kept_tensors
 
 __all__ = [
     "AWQScale", "Calibrate", "FlexSmooth", "HadamardRotation", "InsertQuantOprs", "IterSmooth", "LowerToAscend", "OnlineHadamard", "PassManager",
     "Freeze", "QuantizeAttention", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze", "functional_to_modules", "lint_ir",
     "lower_onnx_to_ascend", "lower_to_qdq",
-    "quantizable_nodes",
+    "quantizable_nodes", "unmap_kept_tensors",
 ]

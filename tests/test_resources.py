@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,33 +22,51 @@ def mappings_of(suffix: str) -> int:
     return sum(1 for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(suffix))
 
 
+def resident_kb_of(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header line: range perms offset dev inode [path]
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
 pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
 
 
 def test_copy_out_keeps_values_identity_and_ties(tmp_path):
-    values = torch.randn(3 * 16 * 8)
+    rows, cols = 256, 256  # 256 KiB per tensor: many whole pages
+    values = torch.randn(3 * rows * cols)
     path = tmp_path / "weights.bin"
-    values.numpy().tofile(path)
+    with open(path, "wb") as f:
+        f.write(values.numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # clean pages, as a checkpoint on disk has: reclaim skips dirty ones
     mapped = torch.from_file(str(path), shared=False, size=values.numel())  # a private mapping of the file
     assert in_file_mapping(mapped)
-    shared = torch.nn.Parameter(mapped[: 16 * 8].view(16, 8))
-    first, second = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+    shared = torch.nn.Parameter(mapped[: rows * cols].view(rows, cols))
+    first, second = torch.nn.Linear(cols, rows), torch.nn.Linear(cols, rows)
     first.weight = second.weight = shared  # tied: one Parameter in two modules
-    first.register_buffer("table", mapped[16 * 8: 2 * 16 * 8].view(16, 8))
-    second.register_buffer("table", mapped[16 * 8: 2 * 16 * 8].view(16, 8))  # another tensor, the same view
+    first.register_buffer("table", mapped[rows * cols: 2 * rows * cols].view(rows, cols))
+    second.register_buffer("table", mapped[rows * cols: 2 * rows * cols].view(rows, cols))  # another tensor, same view
     model = torch.nn.Sequential(first, second)
     own_bias = first.bias
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert resident_kb_of(path) >= 2 * rows * cols * 4 // 1024  # the clones above read every page
 
-    copied = copy_out_of_file_mappings(model)
+    copied = copy_out_of_file_mappings([*model.parameters(), *model.buffers()])
 
-    assert copied == 2 * 16 * 8 * 4  # the weight once and the table once; the biases were never mapped
+    assert copied == 2 * rows * cols * 4  # the weight once and the table once; the biases were never mapped
+    assert resident_kb_of(path) < rows * cols * 4 // 1024  # the pages the copies read were handed back
     assert first.weight is shared and second.weight is shared and first.bias is own_bias
     assert first.table.data_ptr() == second.table.data_ptr()
     assert not any(in_file_mapping(t) for t in [*model.parameters(), *model.buffers()])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert copy_out_of_file_mappings(model) == 0
+    assert copy_out_of_file_mappings([*model.parameters(), *model.buffers()]) == 0
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ from ..errors import CalibrationDataError, ConfigError
 from ..formats.ascend_checkpoint import save_ascend
 from ..install import apply
 from ..keep_acc import weight_rounding
-from ..resources import release_unused_memory
 from ..schemes import SchemeOptions
 from .config import (
     SUPPRESSION_PROCESSORS,
@@ -95,6 +94,4 @@ def run(model: torch.nn.Module, session_config: SessionConfig, progress: bool = 
                     part_file_size=save.part_file_size)
     if not inplace:
         return gm
-    apply(model, gm)
-    release_unused_memory(model)  # the float layers just replaced
-    return model
+    return apply(model, gm)
