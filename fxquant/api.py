@@ -54,8 +54,9 @@ def quantization_passes(
     keep_float_weight: bool = False,
 ) -> list[Callable[[fx.GraphModule], fx.GraphModule]]:
     """The passes fxquant.quantize runs on a captured graph, in order (the arguments are quantize's):
-    fold BatchNorm, small ops to modules, resolve schemes, kept tensors out of file mappings, rotation, suppression, online rotation,
-    insert QuantOprs, attention quantization, calibrate, freeze."""
+    fold BatchNorm, small ops to modules, resolve schemes, kept tensors out of file mappings,
+    rotation, suppression, online rotation, insert QuantOprs, attention quantization, calibrate,
+    freeze."""
     online = None
     if isinstance(rotation, HadamardRotation) and rotation.online:  # smoothing folds into the gated
         # product before the product is rotated online

@@ -11,6 +11,8 @@ import torch
 import fxquant
 from fxquant.resources import copy_out_of_file_mappings, file_mapped_ranges
 
+pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+
 
 def in_file_mapping(t: torch.Tensor) -> bool:
     address = t.untyped_storage().data_ptr()
@@ -32,9 +34,6 @@ def resident_kb_of(path: Path) -> int:
         elif inside and fields[0] == "Rss:":
             total += int(fields[1])
     return total
-
-
-pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
 
 
 def test_copy_out_keeps_values_identity_and_ties(tmp_path):
