@@ -86,3 +86,25 @@ def test_quantized_llm_lets_its_checkpoint_mapping_go():
     with torch.no_grad():
         out = q(input_ids=prompt).logits
     assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.8
+
+
+def test_unmap_pass_copies_only_what_stays_float(tmp_path):
+    from fxquant.passes import ResolveSchemes, functional_to_modules, unmap_kept_tensors
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flat = torch.cat([t.flatten() for t in state.values()])
+    path = tmp_path / "model.bin"
+    path.write_bytes(flat.numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=False, size=flat.numel())
+    offset = 0
+    for p in model.parameters():  # every tensor of the model now views the file, as after mmap loading
+        p.data = mapped[offset: offset + p.numel()].view_as(p)
+        offset += p.numel()
+    assert all(in_file_mapping(t) for t in model.state_dict().values())
+    gm = fxquant.capture(model, (torch.randn(2, 64),))
+    gm = unmap_kept_tensors(ResolveSchemes(default="w8a8_dynamic", disable_names=["2"])(functional_to_modules(gm)))
+    still_mapped = sorted(k for k, t in gm.state_dict().items() if in_file_mapping(t))
+    assert still_mapped == ["0.weight"]  # the quantized layer's float weight goes at freeze: no copy for it
+    for name, t in gm.state_dict().items():
+        assert torch.equal(t, state[name]), name
