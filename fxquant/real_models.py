@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -122,6 +124,7 @@ def converted_gguf_folder(gguf: Path, cache_dir: str | Path | None = None) -> Pa
         return target
     log.info("converting %s to a Hugging Face folder (once) in %s", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    check_tokenizer(tok, gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                  local_files_only=True)
     # the weights are dequantized floats: drop the GGUF marker so the folder loads as a plain model
@@ -148,8 +151,30 @@ def load_hf_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    check_tokenizer(tok, str(folder))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     return model.eval(), tok
+
+
+#: plain English that every LLM tokenizer encodes in well under one token per two characters
+TOKENIZER_PROBE = "The GNU General Public License is a free, copyleft license for software."
+
+
+def check_tokenizer(tok, source: str) -> None:
+    """Raise ModelLoadError unless `tok` encodes TOKENIZER_PROBE into fewer than half as many
+    tokens as it has characters and decodes it back. (transformers 5.17 converts Gemma 3's GGUF
+    tokenizer without its merges: one token per character, so a model sees text it was never
+    trained on and its perplexity is in the thousands: meaningless, not merely off.)"""
+    import transformers
+
+    ids = tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    back = tok.decode(ids).strip()
+    if len(ids) >= len(TOKENIZER_PROBE) / 2 or back != TOKENIZER_PROBE:
+        raise ModelLoadError(
+            f"the tokenizer of {source} is broken under transformers {transformers.__version__}: "
+            f"{TOKENIZER_PROBE!r} ({len(TOKENIZER_PROBE)} characters) -> {len(ids)} tokens {ids[:12]} "
+            f"-> {back[:80]!r}. "
+            "Load it with another transformers version (Gemma 3 GGUF: 5.25 works, 5.17 does not).")
 
 
 def load_gemma3(dtype: torch.dtype = torch.float32):

@@ -400,3 +400,23 @@ def test_to_networkx_mirrors_the_graph(mlp, digits):
     assert nx.has_path(g, "fc1", "fc3")
     order = {n: i for i, n in enumerate(nx.topological_sort(g))}
     assert all(order[s.name] < order[n.name] for n in nodes for s in n.all_input_nodes)
+
+
+def test_a_tokenizer_without_its_merges_is_refused(smollm2):
+    """A GGUF tokenizer converted without its BPE merges (transformers 5.17 on Gemma 3) encodes one
+    token per character: loading refuses it instead of measuring perplexity through it."""
+    from fxquant.errors import ModelLoadError
+    from fxquant.real_models import check_tokenizer
+
+    _, tok = smollm2
+    check_tokenizer(tok, "SmolLM2")  # a real tokenizer passes
+
+    class PerCharacter:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    with pytest.raises(ModelLoadError, match=r"broken under transformers .*72 characters\) -> 72 tokens"):
+        check_tokenizer(PerCharacter(), "a char-level tokenizer")
