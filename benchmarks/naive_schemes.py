@@ -17,8 +17,9 @@ evaluated with gradients enabled (realization 0): it runs the same integer arith
 Models: SmolLM2-135M (Llama), Gemma 3 270M (Gemma3), Qwen2.5-Coder 1.5B (Qwen2: q/k/v biases,
 tied embeddings; about 15 minutes per realization on 2 cores, so `--models qwen2 --seeds 2`).
 
-torchao is optional: `pip install -c <(echo torch==2.13.0) torchao`; its rows are skipped
-(with a note) where it does not import.
+torchao is optional: run this in `.venv-torchao` (`bash scripts/peers_env.sh`: torchao beside
+fxquant's own transformers, torch pinned to 2.13.0; not `.venv-peers`, whose transformers 5.17
+breaks Gemma 3's tokenizer); its rows are skipped (with a note) where it does not import.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def main() -> None:
                 v = torch.tensor(results[(method, text)], dtype=torch.float64)
                 for col, fmt in ((0, "+.2f"), (1, ".4f")):
                     c = v[:, col]
-                    spread = (f" +- {float(c.std()):{fmt[1:]}} [{float(c.min()):{fmt}}, {float(c.max()):{fmt}}]"
+                    spread = (f" +- {float(c.std()):{fmt.lstrip('+')}} [{float(c.min()):{fmt}}, {float(c.max()):{fmt}}]"
                               if len(c) > 1 else "")
                     cells.append(f"{float(c.mean()):{fmt}}{spread}")
             print(f"| {name} | {method} | {' | '.join(cells)} |")
