@@ -15,7 +15,7 @@ evaluated with gradients enabled (realization 0): it runs the same integer arith
     python benchmarks/naive_schemes.py [--models smollm2 gemma3 qwen2] [--eval 14] [--seeds 5]
 
 Models: SmolLM2-135M (Llama), Gemma 3 270M (Gemma3), Qwen2.5-Coder 1.5B (Qwen2: q/k/v biases,
-tied embeddings; about 15 minutes per realization on 2 cores, so `--models qwen2 --seeds 2`).
+tied embeddings; about 8 minutes per realization with `--eval 2` on 2 cores).
 
 torchao is optional: run this in `.venv-torchao` (`bash scripts/peers_env.sh`: torchao beside
 fxquant's own transformers, torch pinned to 2.13.0; not `.venv-peers`, whose transformers 5.17
