@@ -154,3 +154,21 @@ def test_lowering_pass_runs_the_ascend_ops(calibrated, smollm2_windows):
 def test_bad_save_type(calibrated, tmp_path):
     with pytest.raises(fxquant.ConfigError, match="unknown save_type.*valid: safe_tensor, ascendV1"):
         calibrated["w8a16"].save(str(tmp_path), save_type=["numpy"])
+
+
+@pytest.mark.parametrize("ascend_rounding", [False, True])
+def test_saving_onnx_rounded_static_layers_warns_that_the_reload_differs(smollm2, smollm2_windows, tmp_path, caplog,
+                                                                         ascend_rounding):
+    model, _ = smollm2
+    calib = [[w[:, :64]] for w in smollm2_windows[0][:2]]
+    q = fxquant.quantize(model, calib, "float", mix_cfg={"model.layers.0.mlp.*": "w8a8"}, progress=False,
+                         options=fxquant.SchemeOptions(offset_in_rounding=ascend_rounding))
+    assert float(q.get_submodule("model.layers.0.mlp.down_proj").input_quantizer.zero_point) != 0
+    with caplog.at_level("WARNING", logger="fxquant.formats.ascend_checkpoint"):
+        fxquant.save_ascend(q, model, tmp_path, default_scheme="w8a8")
+    warned = [r.getMessage() for r in caplog.records if "round their inputs as ONNX does" in r.getMessage()]
+    if ascend_rounding:
+        assert not warned
+    else:
+        assert len(warned) == 1 and "3 layers (e.g. model.layers.0.mlp.gate_proj" in warned[0]
+        assert "offset_in_rounding=True" in warned[0]

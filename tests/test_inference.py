@@ -106,6 +106,45 @@ def test_backend_is_found_by_name_and_matches_eager():
             assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (scheme, rows)
 
 
+@pytest.mark.slow
+def test_compiled_static_model_computes_eagers_floats_bit_for_bit(smollm2, smollm2_windows):
+    """Static w8a8 rounds activations at run time: one ulp of difference in a norm flips codes. With
+    the float ops before quantizers kept as ATen's kernels and no FMA contraction, the compiled
+    model's logits equal eager's exactly (every Linear quantized, lm_head too: no float GEMM left
+    whose summation order inductor chooses); without keep_eager_rounding they do not."""
+    model, _ = smollm2
+    small = truncated_smollm2(model, 6)
+    calib = [[w[:, :64]] for w in smollm2_windows[0][:2]]
+    q = fxquant.quantize(small, calib, scheme="w8a8", progress=False, smooth_alpha=0.5, disable_last_layer=False,
+                         options=fxquant.SchemeOptions(offset_in_rounding=True))
+    x = torch.cat(smollm2_windows[1][:2])  # [2, 256]
+    with torch.no_grad():
+        ref = q(input_ids=x, use_cache=False).logits
+        logits = {}
+        for name, passes in (("exact", None), ("without", [fxquant.compiler.record_kernels])):
+            torch._dynamo.reset()
+            backend = fxquant.compile_backend(passes=passes)
+            logits[name] = torch.compile(q, backend=backend, dynamic=False)(input_ids=x, use_cache=False).logits
+            if name == "exact":
+                wrapped = backend.graphs[0].meta["fxquant_eager_rounding"]
+                assert wrapped["fxquant.eager_mean_dim.default"] == 13  # 2 norms per layer and the final one
+                assert wrapped["fxquant.eager_silu.default"] == 6
+    assert torch.equal(logits["exact"], ref)
+    assert not torch.equal(logits["without"], ref)
+    torch._dynamo.reset()
+
+
+def test_weight_only_graphs_keep_fused_float_ops():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    q = fxquant.quantize(model, [[torch.randn(4, 64)]], scheme="w8a16", progress=False, disable_last_layer=False)
+    torch._dynamo.reset()
+    backend = fxquant.compile_backend()
+    with torch.no_grad():
+        torch.compile(q, backend=backend)(torch.randn(2, 64))
+    assert "fxquant_eager_rounding" not in backend.graphs[0].meta  # nothing rounds activations: GELU stays fused
+    torch._dynamo.reset()
+
+
 def test_backend_inductor_options_reach_inductor_and_unknown_ones_are_refused(monkeypatch):
     from torch._inductor import compile_fx as inductor
 

@@ -84,3 +84,17 @@ def test_quantizing_backend_refuses_bad_input():
                        backend=fxquant.quantizing_backend("w8a8", calib_data=[[torch.randn(2, 4)]]))
     with pytest.raises(Exception, match="compile an nn.Module"):
         fn(torch.randn(2, 4))
+
+
+def test_a_new_graph_after_smoothed_calibration_is_refused_not_run_unsmoothed():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    torch._dynamo.reset()
+    backend = fxquant.quantizing_backend("w8a8", calib_data=[[torch.randn(4, 16)] for _ in range(2)], smooth_alpha=0.5,
+                                         disable_last_layer=False)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randn(4, 16))  # calibration shape: the smoothed, quantized graph
+        with pytest.raises(Exception, match="smoothing scales folded into the first graph"):
+            compiled(torch.randn(7, 16))
+    torch._dynamo.reset()

@@ -2,7 +2,8 @@
 quantizes the float model it compiles."""
 
 from .backend import CompileBackend, compile_backend, fxquant_backend, record_kernels
+from .eager_rounding import keep_eager_rounding
 from .quantizing_backend import QuantizingBackend, quantizing_backend
 
-__all__ = ["CompileBackend", "QuantizingBackend", "compile_backend", "fxquant_backend", "quantizing_backend",
-           "record_kernels"]
+__all__ = ["CompileBackend", "QuantizingBackend", "compile_backend", "fxquant_backend", "keep_eager_rounding",
+           "quantizing_backend", "record_kernels"]

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .eager_rounding import keep_eager_rounding
+
 log = logging.getLogger(__name__)
 
 #: Dynamo graph targets that are integer GEMMs, by kernel name
@@ -30,6 +32,9 @@ GraphPass = Callable[[fx.GraphModule], fx.GraphModule]
 #: weight-only GEMVs are chains of them; SmolLM2 w4a16 decode on AVX-512 ran ~10% faster. Only the
 #: rounding of those float sums changes (one rounding per FMA instead of two).
 INDUCTOR_OPTIONS: dict[str, Any] = {"cpp.enable_floating_point_contract_flag": "fast"}
+#: the options that replace those for a graph keep_eager_rounding marked (it rounds activations, so
+#: every float before a quantizer must round as eager does: no contraction)
+EAGER_ROUNDING_OPTIONS: dict[str, Any] = {"cpp.enable_floating_point_contract_flag": "off"}
 
 
 def _int_gemm_kernel(target: object) -> str | None:
@@ -55,9 +60,10 @@ class CompileBackend:
     """A torch.compile backend: `passes` (each GraphModule -> GraphModule) run in order on every
     graph Dynamo hands over, then `inner` (a registered backend name such as "inductor" or
     "eager", or a backend callable) compiles the result; for inner "inductor", with the options of
-    `inductor_options` patched into inductor's config. The graphs seen are kept in `graphs`."""
+    `inductor_options` patched into inductor's config, and EAGER_ROUNDING_OPTIONS over them for a
+    graph that keep_eager_rounding marked. The graphs seen are kept in `graphs`."""
 
-    passes: Sequence[GraphPass] = (record_kernels,)
+    passes: Sequence[GraphPass] = (record_kernels, keep_eager_rounding)
     inner: str | Callable[..., Any] = "inductor"
     inductor_options: Mapping[str, Any] = field(default_factory=lambda: dict(INDUCTOR_OPTIONS))
     graphs: list[fx.GraphModule] = field(default_factory=list, repr=False)
@@ -77,7 +83,10 @@ class CompileBackend:
         inner = self.inner
         if inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
-            return compile_fx(gm, example_inputs, config_patches=dict(self.inductor_options))
+            options = dict(self.inductor_options)
+            if gm.meta.get("fxquant_eager_rounding"):
+                options.update(EAGER_ROUNDING_OPTIONS)
+            return compile_fx(gm, example_inputs, config_patches=options)
         if isinstance(inner, str):
             from torch._dynamo.backends.registry import lookup_backend
             inner = lookup_backend(inner)
@@ -87,10 +96,10 @@ class CompileBackend:
 def compile_backend(passes: Sequence[GraphPass] | None = None, inner: str | Callable[..., Any] = "inductor",
                     inductor_options: Mapping[str, Any] | None = None) -> CompileBackend:
     """A backend object for torch.compile(model, backend=compile_backend(...)): `passes` (default:
-    record_kernels) on each Dynamo graph, then `inner`; `inductor_options` (default INDUCTOR_OPTIONS)
+    record_kernels, keep_eager_rounding) on each Dynamo graph, then `inner`; `inductor_options` (default INDUCTOR_OPTIONS)
     are inductor config entries for inner "inductor", e.g. {"cpp.enable_floating_point_contract_flag":
     "off"} for inductor's own rounding."""
-    return CompileBackend(tuple(passes) if passes is not None else (record_kernels,), inner,
+    return CompileBackend(tuple(passes) if passes is not None else (record_kernels, keep_eager_rounding), inner,
                           dict(INDUCTOR_OPTIONS if inductor_options is None else inductor_options))
 
 

@@ -174,6 +174,12 @@ class QuantizingBackend:
         """A graph Dynamo hands over after calibration (a recompilation, e.g. for a new shape): layers
         calibration reached become the calibrated QuantOprs of the same names; a layer it never
         reached is quantized if its scheme needs no activation data, else CalibrationDataError."""
+        if self.smooth_alpha is not None:
+            raise ConfigError(
+                f"Dynamo compiled a new graph after calibration with smooth_alpha={self.smooth_alpha} (an input "
+                "of another shape or other arguments): the smoothing scales folded into the first graph's norms "
+                "are not carried into a new graph, whose quantized layers would read unsmoothed inputs. Run the "
+                "compiled model on the shapes of calib_data, or quantize without smooth_alpha")
         options = self.options or SchemeOptions()
         gm = PassManager([fold_batchnorm, functional_to_modules, self._resolve(strict_names=False),
                           InsertQuantOprs(options)])(graph.lifted.gm)
