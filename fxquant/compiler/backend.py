@@ -55,6 +55,10 @@ def record_kernels(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+#: the passes a backend runs on each Dynamo graph unless given others
+DEFAULT_PASSES: tuple[GraphPass, ...] = (record_kernels, keep_eager_rounding)
+
+
 @dataclass
 class CompileBackend:
     """A torch.compile backend: `passes` (each GraphModule -> GraphModule) run in order on every
@@ -63,7 +67,7 @@ class CompileBackend:
     `inductor_options` patched into inductor's config, and EAGER_ROUNDING_OPTIONS over them for a
     graph that keep_eager_rounding marked. The graphs seen are kept in `graphs`."""
 
-    passes: Sequence[GraphPass] = (record_kernels, keep_eager_rounding)
+    passes: Sequence[GraphPass] = DEFAULT_PASSES
     inner: str | Callable[..., Any] = "inductor"
     inductor_options: Mapping[str, Any] = field(default_factory=lambda: dict(INDUCTOR_OPTIONS))
     graphs: list[fx.GraphModule] = field(default_factory=list, repr=False)
@@ -96,10 +100,10 @@ class CompileBackend:
 def compile_backend(passes: Sequence[GraphPass] | None = None, inner: str | Callable[..., Any] = "inductor",
                     inductor_options: Mapping[str, Any] | None = None) -> CompileBackend:
     """A backend object for torch.compile(model, backend=compile_backend(...)): `passes` (default:
-    record_kernels, keep_eager_rounding) on each Dynamo graph, then `inner`; `inductor_options` (default INDUCTOR_OPTIONS)
+    DEFAULT_PASSES) on each Dynamo graph, then `inner`; `inductor_options` (default INDUCTOR_OPTIONS)
     are inductor config entries for inner "inductor", e.g. {"cpp.enable_floating_point_contract_flag":
     "off"} for inductor's own rounding."""
-    return CompileBackend(tuple(passes) if passes is not None else (record_kernels, keep_eager_rounding), inner,
+    return CompileBackend(tuple(passes) if passes is not None else DEFAULT_PASSES, inner,
                           dict(INDUCTOR_OPTIONS if inductor_options is None else inductor_options))
 
 

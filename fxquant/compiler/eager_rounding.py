@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -118,7 +119,7 @@ def keep_eager_rounding(gm: fx.GraphModule) -> fx.GraphModule:
     to inductor."""
     if not rounds_activations(gm):
         return gm
-    wrapped: dict[str, int] = {}
+    wrapped: Counter[str] = Counter()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in ROUNDING_SENSITIVE:
             if node.target == aten.pow.Tensor_Scalar and node.args[1] in _EXACT_POWERS:
@@ -132,9 +133,9 @@ def keep_eager_rounding(gm: fx.GraphModule) -> fx.GraphModule:
             node.op, node.target, node.args, node.kwargs = "call_function", eager_op(op), args, {}
         else:
             continue
-        wrapped[str(node.target)] = wrapped.get(str(node.target), 0) + 1
+        wrapped[str(node.target)] += 1
     gm.recompile()
-    gm.meta["fxquant_eager_rounding"] = wrapped
+    gm.meta["fxquant_eager_rounding"] = dict(wrapped)
     log.info("fxquant backend: %d float ops kept as ATen's kernels before quantizers: %s",
              sum(wrapped.values()), wrapped or "none")
     return gm
