@@ -1,5 +1,6 @@
 """Package discovery: fxquant/ with every subpackage, and passes/ and kernels/ installed as
-fxquant.passes and fxquant.kernels (with theirs). Metadata lives in pyproject.toml."""
+fxquant.passes and fxquant.kernels (with theirs), the C sources that kernels/ builds on first use
+included. Metadata lives in pyproject.toml."""
 
 from setuptools import find_packages, setup
 
@@ -9,4 +10,4 @@ packages = []
 for name, folder in FOLDERS.items():
     packages += [name] + [f"{name}.{sub}" for sub in find_packages(folder)]
 
-setup(packages=packages, package_dir=FOLDERS)
+setup(packages=packages, package_dir=FOLDERS, package_data={"fxquant.kernels": ["csrc/*.c"]})

@@ -8,10 +8,11 @@ the kernel is exact. Codes are therefore split:
     xc = small + big,   small = clamp(xc, -64, 63)   (exact in oneDNN, as u8 small + 64)
                         big = xc - small             (non-zero where |xc| > 63: about 1% of codes)
 
-and the few large codes are added back exactly from a transposed byte table of the weight
-(FBGEMM's rowwise embedding bag: for each row of xc, the weighted sum of the weight columns its
-large codes select). Each part returns float32 sums, exact while |sums| <= 2^24: k is cut into
-chunks of CHUNK_K, and the parts are added in int32 where their sum could pass 2^24.
+and the few large codes are added back exactly from a transposed byte table of the weight: for
+each row of xc, the weighted sum of the weight columns its large codes select (csrc/large_codes.c,
+built on first use; FBGEMM's rowwise byte embedding bag where no C compiler is found). Each part
+gives float32 sums, exact while |sums| <= 2^24: k is cut into chunks of CHUNK_K, and the parts are
+added in int32 where their sum could pass 2^24.
 
 Static activations with a zero point z are split around it (small = clamp(xc, c - 64, c + 63),
 c = z clipped so that every part stays exact), so (xc - c) @ codes^T comes out of the split
@@ -21,9 +22,12 @@ make most codes large (61% in that layer, 0.2% centred).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
+
+from . import c_kernels
 
 #: the 7-bit range of the part of the codes that oneDNN multiplies, and its zero point
 SMALL_MIN, SMALL_MAX, SMALL_ZERO = -64, 63, 64
@@ -62,6 +66,7 @@ class SplitPackedWeight:
         self.source = (codes.data_ptr(), codes._version, tuple(codes.shape))
         self.ones, self.zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)  # oneDNN's weight scales, zero points
         self.row_sums = code_row_sums(codes)  # [n], for zero points
+        self.native = native_large_codes()  # the large codes by the C kernel (decided here, not while tracing)
         self.k = k
         self.chunks = []  # (first column, packed weight, byte table) per chunk of k
         for start in range(0, k, CHUNK_K):
@@ -85,12 +90,13 @@ def _no_cache() -> None:
     return None
 
 
-def split_center(zero: int, k: int) -> int:
+def split_center(zero: int, k: int, large_in_int32: bool = False) -> int:
     """The zero point, clipped to where the split stays exact for k columns: the large part of a
-    code split around c reaches 64 + |c| (at most 127, int8), and its sums over a chunk of k must
-    stay below 2^24 in float32."""
-    width = min(k, CHUNK_K)
-    limit = min(SMALL_MAX, FP32_EXACT // (128 * width) - SMALL_ZERO)
+    code split around c reaches 64 + |c|, so |c| <= 63 (int8); where its sums are taken in float32
+    (FBGEMM's embedding bag, not large_in_int32) they must also stay below 2^24 over a chunk of k."""
+    limit = SMALL_MAX
+    if not large_in_int32:
+        limit = min(limit, FP32_EXACT // (128 * min(k, CHUNK_K)) - SMALL_ZERO)
     return max(-limit, min(limit, zero)) if limit > 0 else 0
 
 
@@ -101,11 +107,14 @@ def _split(xc: torch.Tensor, center: int = 0) -> tuple[torch.Tensor, torch.Tenso
     return (small + (SMALL_ZERO - center)).to(torch.uint8), (xc - small).to(torch.int8)
 
 
-def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight, zero: int = 0) -> torch.Tensor:
+def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight, zero: int = 0,
+                       native: bool | None = None) -> torch.Tensor:
     """(xc - zero) @ codes^T -> exact integer sums [m, n] for xc [m, k] (integer codes in
     [-128, 127], int8 or float) and a Python int zero point: float32 where every sum is below 2^24,
-    else int32."""
-    center = split_center(zero, weight.k)
+    else int32. native: add the large codes with the C kernel (None: where it builds, as `weight`
+    found when it was built)."""
+    native = weight.native if native is None else native and weight.native
+    center = split_center(zero, weight.k, large_in_int32=native)
     low, big = _split(xc, center)
     k = xc.shape[1]
     in_float = zero == center and k * (128 + abs(center)) * 128 <= FP32_EXACT
@@ -113,8 +122,7 @@ def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight, zero: int = 
     for start, packed, table in weight.chunks:
         cols = slice(start, start + CHUNK_K)
         part = torch.ops.fxquant.split_mm(low[:, cols].contiguous(), big[:, cols].contiguous(), packed, table,
-                                          weight.ones, weight.zeros, not in_float)
-        part = part if in_float else part.to(torch.int32).sum(0, dtype=torch.int32)
+                                          weight.ones, weight.zeros, in_float, native)
         out = part if out is None else out + part
     if zero != center:
         out = out - (zero - center) * weight.row_sums
@@ -122,22 +130,60 @@ def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight, zero: int = 
 
 
 def _split_mm(low: torch.Tensor, big: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
-              ones: torch.Tensor, zeros: torch.Tensor, apart: bool) -> torch.Tensor:
-    """(low - 64) @ codes^T + big @ codes^T, float32 [m, n] exact integer sums: low uint8 [m, k]
-    of 7 bits (oneDNN), big int8 [m, k], mostly zero (FBGEMM's byte embedding bag over the table),
-    ones float [n] and zeros int64 [n] (oneDNN's weight scales and zero points). apart: the two parts stacked, [2, m, n], each exact
-    (their float sum may not be, beyond EXACT_FP32_K)."""
+              ones: torch.Tensor, zeros: torch.Tensor, in_float: bool, native: bool) -> torch.Tensor:
+    """(low - 64) @ codes^T + big @ codes^T, exact integer sums [m, n]: low uint8 [m, k] of 7 bits
+    (oneDNN), big int8 [m, k], mostly zero (add_large_codes over the byte table), ones float [n]
+    and zeros int64 [n] (oneDNN's weight scales and zero points). float32 when in_float (every sum
+    below 2^24), else int32 (each part is exact in float32, their sum may not be). native: the
+    large codes by the C kernel."""
     out = torch.ops.onednn.qlinear_pointwise(low, 1.0, SMALL_ZERO, packed, ones, zeros, None, 1.0, 0,
                                              torch.float32, "none", [], "")
+    return add_large_codes(out, big, table, in_float, native)
+
+
+def add_large_codes(out: torch.Tensor, big: torch.Tensor, table: torch.Tensor, in_float: bool,
+                    native: bool = True) -> torch.Tensor:
+    """out + big @ codes^T for out float32 [m, n] (exact integers), big int8 [m, k] (mostly zero)
+    and the byte table uint8 [k, n + 8] of the codes: float32 [m, n] (out itself, added to in place)
+    when in_float, else int32 [m, n]. By the C kernel where it builds (native), else by FBGEMM's
+    byte embedding bag over the non-zero entries: the same integers."""
+    add = _native_add_large_codes() if native else None
+    if add is not None:
+        big, table = big.contiguous(), table.contiguous()
+        m, k = big.shape
+        result = None if in_float else torch.empty(out.shape, dtype=torch.int32)
+        if add(big.data_ptr(), m, k, table.data_ptr(), table.shape[1], out.shape[1], out.data_ptr(),
+               None if result is None else result.data_ptr()):
+            raise MemoryError("the large-code kernel could not allocate its row buffer")
+        return out if result is None else result
     rows, cols, values = _nonzero_entries(big)
     large = None
     if rows.numel():
         offsets = torch.searchsorted(rows, torch.arange(big.shape[0]))
         large = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
             table, cols, offsets, False, 0, False, values.float(), None, False)
-    if apart:
-        return torch.stack((out, large if large is not None else torch.zeros_like(out)))
+    if not in_float:
+        return out.to(torch.int32) if large is None else out.to(torch.int32) + large.to(torch.int32)
     return out if large is None else out.add_(large)
+
+
+def native_large_codes() -> bool:
+    """True where the C kernel of the large codes builds (else FBGEMM's embedding bag adds them)."""
+    return _native_add_large_codes() is not None
+
+
+@functools.cache
+def _native_add_large_codes() -> ctypes._CFuncPtr | None:
+    """csrc/large_codes.c's fxq_add_large_codes with its argument types, or None where it does
+    not build."""
+    lib = c_kernels.load("large_codes")
+    if lib is None:
+        return None
+    fn = lib.fxq_add_large_codes
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _nonzero_entries(big: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,6 +208,5 @@ def _register_op() -> None:
     op = torch.library.custom_op("fxquant::split_mm", _split_mm, mutates_args=())
 
     @op.register_fake
-    def _(low, big, packed, table, ones, zeros, apart):  # noqa: ANN001, ANN202
-        shape = (low.shape[0], ones.shape[0])
-        return low.new_empty((2, *shape) if apart else shape, dtype=torch.float32)
+    def _(low, big, packed, table, ones, zeros, in_float, native):  # noqa: ANN001, ANN202
+        return low.new_empty((low.shape[0], ones.shape[0]), dtype=torch.float32 if in_float else torch.int32)

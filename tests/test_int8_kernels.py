@@ -46,6 +46,36 @@ def test_codes_matmul_with_a_zero_point_is_exact(kernel, zero, m, k, n):
     assert torch.equal(out.to(torch.int64), ref)
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("zero", [0, -66, 30, -128])
+@pytest.mark.parametrize("m, k, n", [(64, 576, 960), (9, 1536, 40), (5, 4100, 24), (3, 13, 5)])
+def test_onednn_split_adds_large_codes_exactly_in_c_and_by_fbgemm(native, zero, m, k, n):
+    """The large codes are added back by the C kernel (csrc/large_codes.c, sums in int32, so the
+    split may centre on any zero point within int8) or by FBGEMM's embedding bag (float32 sums,
+    centre clipped): both give (xc - zero) @ wc^T exactly, for sparse large codes as real
+    activations have them and for full-range rows, k not a multiple of 8 included."""
+    from fxquant.kernels import c_kernels
+    from fxquant.kernels.onednn_split import (
+        SplitPackedWeight,
+        available,
+        native_large_codes,
+        split_codes_matmul,
+    )
+
+    if not available():
+        pytest.skip("this torch has no oneDNN quantized linear")
+    if native:
+        assert native_large_codes() == (c_kernels.compiler() is not None)
+    gen = torch.Generator().manual_seed(m + k + n - zero)
+    xc = (torch.randn(m, k, generator=gen) * 20 + zero).round().clamp(-128, 127)
+    xc[0] = 127
+    xc[-1, ::3] = -128
+    wc = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    ref = ((xc.double() - zero) @ wc.double().t()).to(torch.int64)
+    out = split_codes_matmul(xc, SplitPackedWeight(wc), zero, native=native)
+    assert torch.equal(out.to(torch.int64), ref)
+
+
 def test_fp32_split_chunks_keep_sums_exact():
     """The worst case of one chunk: 1024 products of -128 * -128 = 2^24, still exact in fp32."""
     a = torch.full((2, 3 * EXACT_FP32_K), -128, dtype=torch.int8)
