@@ -32,5 +32,9 @@ for name in names:
 for sub in ("fxquant.passes", "fxquant.kernels", "fxquant.session", "fxquant.keep_acc", "fxquant.cli",
             "fxquant.inspection", "fxquant.linger"):
     assert sub in names, f"{sub} missing from the wheel"
+from fxquant.kernels import c_kernels
+
+source = c_kernels.SOURCES / "large_codes.c"
+assert source.is_file(), f"{source} missing from the wheel (C kernels built on first use)"
 print(f"wheel OK: imported {len(names) + 1} modules from {where.parent}")
 PY
