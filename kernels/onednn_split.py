@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -149,7 +150,7 @@ def add_large_codes(out: torch.Tensor, big: torch.Tensor, table: torch.Tensor, i
     byte embedding bag over the non-zero entries: the same integers."""
     add = _native_add_large_codes() if native else None
     if add is not None:
-        big, table = big.contiguous(), table.contiguous()
+        out, big, table = out.contiguous(), big.contiguous(), table.contiguous()
         m, k = big.shape
         result = None if in_float else torch.empty(out.shape, dtype=torch.int32)
         if add(big.data_ptr(), m, k, table.data_ptr(), table.shape[1], out.shape[1], out.data_ptr(),
@@ -173,7 +174,7 @@ def native_large_codes() -> bool:
 
 
 @functools.cache
-def _native_add_large_codes() -> ctypes._CFuncPtr | None:
+def _native_add_large_codes() -> Callable[..., int] | None:
     """csrc/large_codes.c's fxq_add_large_codes with its argument types, or None where it does
     not build."""
     lib = c_kernels.load("large_codes")
