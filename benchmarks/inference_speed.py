@@ -16,7 +16,8 @@ Prints the CPU capability and the kernel each scheme runs, then:
 
     python benchmarks/inference_speed.py [--skip decode minilm cnn] [--repeat 3] [--prefill w8a8_dynamic w8a8+lm_head] [--decode w8a16 w4a16]
 
-Emulate an AVX2-only CPU on a VNNI machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2.
+Emulate an AVX2-only CPU on a VNNI machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 and
+a TORCHINDUCTOR_CACHE_DIR of its own (inductor's cache does not key on ATEN_CPU_CAPABILITY).
 """
 
 from __future__ import annotations
