@@ -2,7 +2,8 @@
 with ctypes, as inductor compiles its own kernels.
 
 A library is built once per source, compiler and CPU (`-march=native`: the CPU's own vector
-instructions), into $FXQUANT_KERNEL_CACHE or <user cache>/fxquant/kernels, written to a temporary
+instructions, capped on x86 at the capability ATen dispatches to, which ATEN_CPU_CAPABILITY may
+lower, as inductor caps its own kernels), into $FXQUANT_KERNEL_CACHE or <user cache>/fxquant/kernels, written to a temporary
 name and renamed when complete. Where there is no compiler or the build fails, `load` returns None
 (logged once) and callers take their torch-op path: the results are the same.
 """
@@ -14,16 +15,29 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
 #: compiler flags; OpenMP resolves to the runtime torch has already loaded (libgomp.so.1)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+#: on x86, per ATen CPU capability below AVX-512, the vector extensions the kernels may not use
+ISA_CAPS = {"AVX2": ("-mno-avx512f",), "DEFAULT": ("-mno-avx",)}
+
+
+def flags() -> tuple[str, ...]:
+    """FLAGS, capped on x86 at torch.backends.cpu.get_cpu_capability() (AVX2: no AVX-512 even on
+    a CPU that has it, so that ATEN_CPU_CAPABILITY=avx2 runs what an AVX2-only CPU runs)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return FLAGS
+    return FLAGS + ISA_CAPS.get(torch.backends.cpu.get_cpu_capability(), ())
 
 
 def compiler() -> str | None:
@@ -61,16 +75,17 @@ def load(name: str) -> ctypes.CDLL | None:
     if cc is None:
         logger.info("no C compiler found ($CC, cc, gcc, clang): %s runs as torch ops", name)
         return None
-    key = hashlib.sha256("\0".join([source.read_text(), cc, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    options = flags()
+    key = hashlib.sha256("\0".join([source.read_text(), cc, *options, _cpu_identity()]).encode()).hexdigest()[:16]
     try:
-        return ctypes.CDLL(str(_built(source, cc, key)))
+        return ctypes.CDLL(str(_built(source, cc, options, key)))
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
         detail = getattr(err, "stderr", None) or err
         logger.warning("could not build the C kernel %s (%s): it runs as torch ops", name, str(detail).strip()[-500:])
         return None
 
 
-def _built(source: Path, cc: str, key: str) -> Path:
+def _built(source: Path, cc: str, options: tuple[str, ...], key: str) -> Path:
     """The library of `source` in cache_dir(), compiled when not there yet (to a temporary name in
     the same folder, renamed when complete: concurrent builds do not see half a file)."""
     folder = cache_dir()
@@ -81,7 +96,7 @@ def _built(source: Path, cc: str, key: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(source), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([cc, *options, str(source), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

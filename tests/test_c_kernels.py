@@ -41,3 +41,12 @@ def test_no_compiler_gives_none(kernel_cache, monkeypatch):
     monkeypatch.setenv("PATH", str(kernel_cache))
     assert c_kernels.compiler() is None
     assert c_kernels.load.__wrapped__("large_codes") is None
+
+
+def test_flags_follow_the_capability_aten_dispatches_to(monkeypatch):
+    monkeypatch.setattr(c_kernels.platform, "machine", lambda: "x86_64")
+    for capability, cap in (("AVX512", ()), ("AVX2", ("-mno-avx512f",)), ("DEFAULT", ("-mno-avx",))):
+        monkeypatch.setattr(c_kernels.torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert c_kernels.flags() == c_kernels.FLAGS + cap
+    monkeypatch.setattr(c_kernels.platform, "machine", lambda: "aarch64")
+    assert c_kernels.flags() == c_kernels.FLAGS
