@@ -19,7 +19,8 @@ KERNEL_DESCRIPTIONS = {
     "onednn_split": "oneDNN u8 x s8 GEMM on 7-bit parts of the codes, large codes added back exactly (AVX2)",
     "fp32_split": "int8 codes multiplied in fp32, k split so that every partial sum is exact",
     "fp64": "int8 codes multiplied in fp64 (exact)",
-    "dequant_mm": "int8 / packed int4 weight dequantized, one float GEMM (fused GEMV when compiled)",
+    "dequant_mm": ("int8 / packed int4 weight dequantized, one float GEMM; up to 8 rows (decode) a GEMV over "
+                   "the codes (C kernel eager, fused by inductor when compiled)"),
     "float": "float weight and activations",
     "simulated": "fake-quantized float weight (not frozen yet)",
 }

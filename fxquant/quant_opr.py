@@ -23,7 +23,9 @@ from fxquant.kernels.weight_only import (
     from_gemv_layout,
     gemv_block,
     gemv_layout_ok,
+    gemv_offsets,
     linear_from_weight,
+    native_codes_gemv,
     pack_codes,
     to_gemv_layout,
     unpack_codes,
@@ -370,6 +372,10 @@ class QLinear(_QWeighted):
             scale, zero = (wq.scale, wq.zero_point) if group else (wq.scale.reshape(-1), wq.zero_point.reshape(-1))
             return codes_gemv(x, self._static_codes(), spec.bits, scale, None if spec.symmetric else zero, group,
                               self.bias)
+        if self._native_gemv(x):
+            y = self._codes_gemv_native(x)
+            if y is not None:
+                return y
         if self._integer_path(x):
             return self._int_forward(x)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
@@ -382,6 +388,28 @@ class QLinear(_QWeighted):
             return False
         return (not self.input_quantizers[0].enabled and self.weight_quantizer.enabled
                 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and self._stored_codes_in_use())
+
+    def _native_gemv(self, x: torch.Tensor) -> bool:
+        """True, eager, where codes_gemv's C kernel takes this call: a weight-only layer with stored
+        codes in the GEMV layout, float32 CPU inputs of at most GEMV_MAX_ROWS rows, and no
+        gradient to carry (the kernel is not differentiable)."""
+        if not self.codes_blocked or torch.compiler.is_compiling():
+            return False
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        return (not needs_grad and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and not self.input_quantizers[0].enabled
+                and self.weight_quantizer.enabled and self._stored_codes_in_use())
+
+    def _codes_gemv_native(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [..., k] @ the dequantized weight^T + bias by codes_gemv's C kernel -> float32 [..., n];
+        None where the kernel does not build on this machine."""
+        spec = self.weight_quantizer.spec
+        n = self.out_features
+        scale = self.weight_quantizer.scale.reshape(n, -1).to(torch.float32).contiguous()
+        zero = None if spec.symmetric else self.weight_quantizer.zero_point
+        bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
+        return native_codes_gemv(x, self.weight_codes, spec.bits, scale,
+                                 gemv_offsets(spec.bits, zero, n, scale.shape[1]), bias)
 
     def _gemv_layout_fits(self, block: int) -> bool:
         """Weight-only layers with int8 codes per output channel or int4 / int8 codes per group,

@@ -16,10 +16,15 @@ vector, with no transposes. B and the dtype the words are loaded as depend on th
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from . import c_kernels
 
 #: inputs with at most this many rows take the fused GEMV form under torch.compile
 GEMV_MAX_ROWS = 8
@@ -144,3 +149,48 @@ def codes_gemv(x: torch.Tensor, blocked: torch.Tensor, bits: int, scale: torch.T
         y = (sums * scale.to(x.dtype).reshape(nb, b, groups).transpose(-1, -2)).sum(-2)
     y = y.reshape(*lead, nb * b)
     return y if bias is None else y + bias
+
+
+def gemv_offsets(bits: int, zero_point: torch.Tensor | None, n: int, groups: int) -> torch.Tensor | None:
+    """What the stored codes carry above the real ones, float32 [n, groups]: the zero point, plus 8
+    for 4-bit codes (stored as code + 8); None where that is 0 (symmetric 8-bit codes)."""
+    if zero_point is None:
+        return None if bits == 8 else torch.full((n, groups), 8.0)
+    offset = zero_point.to(torch.float32).reshape(n, groups)
+    return (offset if bits == 8 else offset + 8).contiguous()
+
+
+def native_codes_gemv(x: torch.Tensor, blocked: torch.Tensor, bits: int, scale: torch.Tensor,
+                      offset: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """codes_gemv by the C kernel (csrc/codes_gemv.c), for float32 x [..., k] of at most
+    GEMV_MAX_ROWS rows, the GEMV layout `blocked` [n / B, w, 4 B], scale float32 [n, groups]
+    (contiguous), offset from gemv_offsets and bias float32 [n]: float32 [..., n]; None where the
+    kernel does not build here (the caller takes another path)."""
+    run = _native_codes_gemv()
+    if run is None:
+        return None
+    nb, w, four_b = blocked.shape
+    block, k = four_b // 4, x.shape[-1]
+    n, groups = scale.shape
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    status = run(rows.data_ptr(), rows.shape[0], k, blocked.data_ptr(), n, block, bits, groups, scale.data_ptr(),
+                 None if offset is None else offset.data_ptr(), None if bias is None else bias.data_ptr(),
+                 y.data_ptr())
+    if status:
+        raise ValueError(f"codes_gemv's C kernel refused x {tuple(x.shape)}, codes {tuple(blocked.shape)}, "
+                         f"{bits} bits, {groups} groups (status {status})")
+    return y.reshape(*x.shape[:-1], n)
+
+
+@functools.cache
+def _native_codes_gemv() -> Callable[..., int] | None:
+    """csrc/codes_gemv.c's fxq_codes_gemv with its argument types, or None where it does not build."""
+    lib = c_kernels.load("codes_gemv")
+    if lib is None:
+        return None
+    fn = lib.fxq_codes_gemv
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ctypes.c_int, i64, ptr, ptr, ptr, ptr]
+    fn.restype = ctypes.c_int
+    return fn

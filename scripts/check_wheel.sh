@@ -34,7 +34,8 @@ for sub in ("fxquant.passes", "fxquant.kernels", "fxquant.session", "fxquant.kee
     assert sub in names, f"{sub} missing from the wheel"
 from fxquant.kernels import c_kernels
 
-source = c_kernels.SOURCES / "large_codes.c"
-assert source.is_file(), f"{source} missing from the wheel (C kernels built on first use)"
+for kernel in ("large_codes", "codes_gemv"):
+    source = c_kernels.SOURCES / f"{kernel}.c"
+    assert source.is_file(), f"{source} missing from the wheel (C kernels built on first use)"
 print(f"wheel OK: imported {len(names) + 1} modules from {where.parent}")
 PY

@@ -210,7 +210,7 @@ def test_gemv_codes_take_the_loading_cpus_block_size(monkeypatch, scheme, rows):
 
     on_avx2, on_avx512 = frozen(8), frozen(16)
     assert layer(on_avx2).weight_codes.shape[-1] == 32  # 4 bytes x 8 rows
-    x = torch.randn(5, 64)
+    x = torch.randn(12, 64)  # more rows than the GEMV takes: one float GEMM whatever the layout
     with torch.no_grad():
         expected = on_avx2(x)
     moved = copy.deepcopy(on_avx2)  # under the 16-row block (monkeypatched above)
@@ -220,6 +220,8 @@ def test_gemv_codes_take_the_loading_cpus_block_size(monkeypatch, scheme, rows):
     assert torch.equal(layer(moved).weight_int8(), layer(on_avx2).weight_int8())
     with torch.no_grad():
         assert torch.equal(moved(x), expected)
+        few = x[:3]  # decode-sized: the GEMV over either layout (F.linear where 16 does not divide the rows)
+        torch.testing.assert_close(moved(few), on_avx2(few), rtol=1e-5, atol=1e-6)
     layer(on_avx512).load_state_dict(layer(on_avx2).state_dict())
     assert layer(on_avx512).weight_codes.shape == layer(moved).weight_codes.shape
     assert torch.equal(layer(on_avx512).weight_int8(), layer(on_avx2).weight_int8())

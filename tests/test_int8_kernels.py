@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxquant.kernels import int8_matmul
+from fxquant.kernels import c_kernels, int8_matmul
 from fxquant.kernels.int_matmul import EXACT_FP32_K, default_kernel
 
 
@@ -126,6 +126,8 @@ def test_codes_gemv_is_the_linear_of_the_dequantized_weight(bits, group, asym, b
         codes_gemv,
         from_gemv_layout,
         gemv_layout_ok,
+        gemv_offsets,
+        native_codes_gemv,
         pack_codes,
         to_gemv_layout,
         unpack_codes,
@@ -146,13 +148,21 @@ def test_codes_gemv_is_the_linear_of_the_dequantized_weight(bits, group, asym, b
     scale = torch.rand(n, groups, generator=gen) / 100
     zero = torch.randint(-3, 4, (n, groups), generator=gen).float() if asym else torch.zeros(n, groups)
     weight = ((codes.reshape(n, groups, -1) - zero[..., None]) * scale[..., None]).reshape(n, k)
-    bias, x = torch.randn(n, generator=gen), torch.randn(2, 3, k, generator=gen)
+    bias, x = torch.randn(n, generator=gen), torch.randn(2, 4, k, generator=gen)
     expected = torch.nn.functional.linear(x, weight, bias)
     if group is None:
         out = codes_gemv(x, blocked, bits, scale[:, 0], zero[:, 0] if asym else None, None, bias)
     else:
         out = codes_gemv(x, blocked, bits, scale, zero if asym else None, group, bias)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # the same sums by the C kernel (eager decode), for 1 to 8 rows
+    offsets = gemv_offsets(bits, zero if asym else None, n, groups)
+    for rows in (1, 5, 8):
+        native = native_codes_gemv(x.reshape(-1, k)[:rows], blocked, bits, scale, offsets, bias)
+        if c_kernels.compiler() is None:
+            assert native is None
+        else:
+            torch.testing.assert_close(native, expected.reshape(-1, n)[:rows], rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_w8a16_decode_takes_the_fused_gemv_and_matches_eager(monkeypatch):

@@ -94,6 +94,32 @@ def test_weight_only_schemes():
             q.set_quant(False, True)
 
 
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+def test_frozen_weight_only_decode_runs_the_c_gemv_and_keeps_gradients(monkeypatch, scheme):
+    """Eager, a frozen weight-only layer computes inputs of up to 8 rows with codes_gemv's C
+    kernel (the same values as its float GEMM up to rounding); where a gradient must reach the
+    input, it takes the differentiable float GEMM."""
+    import fxquant.quant_opr as quant_opr
+
+    torch.manual_seed(0)
+    q = _calibrate(QLinear(torch.nn.Linear(256, 32), make_scheme(scheme)), torch.randn(5, 256))
+    q.freeze()
+    assert q.codes_blocked
+    calls = []
+    native = quant_opr.native_codes_gemv
+    monkeypatch.setattr(quant_opr, "native_codes_gemv", lambda *a: calls.append(a[0].shape) or native(*a))
+    x = torch.randn(2, 3, 256)
+    with torch.no_grad():
+        out = q(x)
+        assert calls == [x.shape]
+        many = q(torch.cat([x.reshape(6, 256)] * 2))  # 12 rows: the float GEMM
+        assert len(calls) == 1
+    torch.testing.assert_close(out.reshape(6, 32), many[:6], rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    q(x).sum().backward()  # not the C kernel: it carries no gradient
+    assert len(calls) == 1 and x.grad is not None and x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("cls,shape_a,shape_b,fn", [
     (QAdd, (2, 3, 4), (2, 3, 4), torch.add),
     (QBMM, (2, 3, 4), (2, 4, 5), torch.bmm),
