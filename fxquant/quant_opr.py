@@ -27,6 +27,7 @@ from fxquant.kernels.weight_only import (
     linear_from_weight,
     native_codes_gemv,
     pack_codes,
+    register_gemv_op,
     to_gemv_layout,
     unpack_codes,
 )
@@ -95,6 +96,7 @@ class _QWeighted(QuantOpr):
     """
 
     codes_blocked = False  # weight_codes in the GEMV layout (layers pickled before it existed: no)
+    gemv_in_c = False  # decode's GEMV over those codes by the C kernel (fxquant::codes_gemv when compiled)
 
     def __init__(self, layer: torch.nn.Module, scheme: Scheme) -> None:
         super().__init__(scheme)
@@ -166,6 +168,7 @@ class _QWeighted(QuantOpr):
         fused GEMV, else as it is; codes_blocked follows."""
         block = gemv_block()
         self.codes_blocked = self._gemv_layout_fits(block)
+        self.gemv_in_c = self.codes_blocked and register_gemv_op()
         return to_gemv_layout(stored, block) if self.codes_blocked else stored
 
     def _gemv_layout_fits(self, block: int) -> bool:
@@ -246,6 +249,7 @@ class _QWeighted(QuantOpr):
         super().__setstate__(state)
         if self.codes_blocked and self.weight_codes is not None:
             self.weight_codes = self._in_this_cpu_layout(self.weight_codes)
+            self.gemv_in_c = self.codes_blocked and register_gemv_op()  # where this process builds it
         if state.get("kernel") == "onednn_split":
             self._split_packed_weight()
 
@@ -366,6 +370,8 @@ class QLinear(_QWeighted):
         # the fused GEMV first: it is the compiled decode step, whose every attribute read becomes a
         # guard that Dynamo checks per token (codes_blocked is False for every other layer)
         if self._fused_gemv(x):
+            if self.gemv_in_c:
+                return torch.ops.fxquant.codes_gemv(x, self._static_codes(), *self._gemv_c_operands())
             wq = self.weight_quantizer
             spec = wq.spec
             group = spec.group_size if spec.granularity == "group" else None
@@ -373,9 +379,7 @@ class QLinear(_QWeighted):
             return codes_gemv(x, self._static_codes(), spec.bits, scale, None if spec.symmetric else zero, group,
                               self.bias)
         if self._native_gemv(x):
-            y = self._codes_gemv_native(x)
-            if y is not None:
-                return y
+            return native_codes_gemv(x, self.weight_codes, *self._gemv_c_operands())
         if self._integer_path(x):
             return self._int_forward(x)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
@@ -393,23 +397,22 @@ class QLinear(_QWeighted):
         """True, eager, where codes_gemv's C kernel takes this call: a weight-only layer with stored
         codes in the GEMV layout, float32 CPU inputs of at most GEMV_MAX_ROWS rows, and no
         gradient to carry (the kernel is not differentiable)."""
-        if not self.codes_blocked or torch.compiler.is_compiling():
+        if not self.gemv_in_c or torch.compiler.is_compiling():
             return False
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
         return (not needs_grad and x.dtype == torch.float32 and x.device.type == "cpu"
                 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and not self.input_quantizers[0].enabled
                 and self.weight_quantizer.enabled and self._stored_codes_in_use())
 
-    def _codes_gemv_native(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [..., k] @ the dequantized weight^T + bias by codes_gemv's C kernel -> float32 [..., n];
-        None where the kernel does not build on this machine."""
+    def _gemv_c_operands(self) -> tuple:
+        """(bits, scale float32 [n, groups], offset float32 [n, groups] or None, bias float32 [n] or
+        None): what native_codes_gemv takes besides x and the codes."""
         spec = self.weight_quantizer.spec
         n = self.out_features
         scale = self.weight_quantizer.scale.reshape(n, -1).to(torch.float32).contiguous()
         zero = None if spec.symmetric else self.weight_quantizer.zero_point
         bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
-        return native_codes_gemv(x, self.weight_codes, spec.bits, scale,
-                                 gemv_offsets(spec.bits, zero, n, scale.shape[1]), bias)
+        return spec.bits, scale, gemv_offsets(spec.bits, zero, n, scale.shape[1]), bias
 
     def _gemv_layout_fits(self, block: int) -> bool:
         """Weight-only layers with int8 codes per output channel or int4 / int8 codes per group,
