@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import fxquant
 from fxquant.kernels import default_kernel
 from fxquant.kernels.int_matmul import cpu_has_int8_dot
+from fxquant.kernels.weight_only import register_gemv_op
 from fxquant.real_models import (
     license_text,
     load_minilm,
@@ -318,7 +319,9 @@ def main() -> None:
     cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"int8 dot products (VNNI/AMX): {cpu_has_int8_dot()}, threads {torch.get_num_threads()}")
-    print(f"W8A8 integer kernel: {default_kernel(cpu)}; weight-only: dequant_mm (fused GEMV when compiled)")
+    gemv = "C kernel" if register_gemv_op() else "torch ops (no C compiler)"
+    print(f"W8A8 integer kernel: {default_kernel(cpu)}; weight-only: dequant_mm, up to 8 rows a GEMV over the codes "
+          f"({gemv})")
     model, tok = load_smollm2()
     calib = token_windows(tok, text_corpus("calib"), 4, 512)
     if "gemm" not in args.skip:

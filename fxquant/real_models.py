@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic_files import written_atomically
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,11 @@ def joined_file(chunks: list[Path], name: str, cache_dir: str | Path | None = No
     target = folder / name
     size = sum(c.stat().st_size for c in chunks)
     if not target.exists() or target.stat().st_size != size:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
+        with written_atomically(target) as tmp, open(tmp, "wb") as out:
             for chunk in chunks:
                 with open(chunk, "rb") as part:
                     while block := part.read(1 << 24):
                         out.write(block)
-        os.replace(tmp, target)
     return target
 
 

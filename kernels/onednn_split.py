@@ -57,9 +57,10 @@ class SplitPackedWeight:
     """The operands of one weight for split_codes_matmul, derived from its int8 codes [n, k], per
     chunk of CHUNK_K columns: oneDNN's packed weight and the byte table [k, n + 8] (codes + 128,
     then fp32 scale 1 and offset -128 per row). A cache of the layer: never copied or saved; a
-    copied or unpickled layer builds its own."""
+    copied or unpickled layer builds its own. native: add the large codes with the C kernel
+    (None: where it builds; False: FBGEMM's embedding bag), decided here, not while tracing."""
 
-    def __init__(self, codes: torch.Tensor) -> None:
+    def __init__(self, codes: torch.Tensor, native: bool | None = None) -> None:
         if codes.dtype != torch.int8 or codes.dim() != 2:
             raise TypeError(f"SplitPackedWeight takes int8 codes [n, k], got {codes.dtype} {tuple(codes.shape)}")
         _register_op()
@@ -67,7 +68,7 @@ class SplitPackedWeight:
         self.source = (codes.data_ptr(), codes._version, tuple(codes.shape))
         self.ones, self.zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)  # oneDNN's weight scales, zero points
         self.row_sums = code_row_sums(codes)  # [n], for zero points
-        self.native = native_large_codes()  # the large codes by the C kernel (decided here, not while tracing)
+        self.native = native_large_codes() if native is None else native and native_large_codes()
         self.k = k
         self.chunks = []  # (first column, packed weight, byte table) per chunk of k
         for start in range(0, k, CHUNK_K):
@@ -108,13 +109,11 @@ def _split(xc: torch.Tensor, center: int = 0) -> tuple[torch.Tensor, torch.Tenso
     return (small + (SMALL_ZERO - center)).to(torch.uint8), (xc - small).to(torch.int8)
 
 
-def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight, zero: int = 0,
-                       native: bool | None = None) -> torch.Tensor:
+def split_codes_matmul(xc: torch.Tensor, weight: SplitPackedWeight, zero: int = 0) -> torch.Tensor:
     """(xc - zero) @ codes^T -> exact integer sums [m, n] for xc [m, k] (integer codes in
     [-128, 127], int8 or float) and a Python int zero point: float32 where every sum is below 2^24,
-    else int32. native: add the large codes with the C kernel (None: where it builds, as `weight`
-    found when it was built)."""
-    native = weight.native if native is None else native and weight.native
+    else int32."""
+    native = weight.native
     center = split_center(zero, weight.k, large_in_int32=native)
     low, big = _split(xc, center)
     k = xc.shape[1]

@@ -72,7 +72,7 @@ def test_onednn_split_adds_large_codes_exactly_in_c_and_by_fbgemm(native, zero, 
     xc[-1, ::3] = -128
     wc = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
     ref = ((xc.double() - zero) @ wc.double().t()).to(torch.int64)
-    out = split_codes_matmul(xc, SplitPackedWeight(wc), zero, native=native)
+    out = split_codes_matmul(xc, SplitPackedWeight(wc, native=native), zero)
     assert torch.equal(out.to(torch.int64), ref)
 
 

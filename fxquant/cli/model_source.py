@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..atomic_files import written_atomically
 from .errors import UsageError
 
 #: shipped model name -> loader in fxquant.real_models
@@ -61,9 +62,8 @@ def resolve_model(spec: str) -> ModelSource:
 
 def write_source(folder: Path, source: ModelSource, extra: dict[str, Any]) -> None:
     """Record where the checkpoint's float model came from (and how it was made), atomically."""
-    tmp = folder / f".{SOURCE_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"model": asdict(source), **extra}, indent=2))
-    os.replace(tmp, folder / SOURCE_FILE)
+    with written_atomically(folder / SOURCE_FILE) as tmp:
+        tmp.write_text(json.dumps({"model": asdict(source), **extra}, indent=2))
 
 
 def save_tokenizer(tokenizer: Any, folder: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,9 +14,9 @@ import onnx
 import torch
 from torch import fx
 
+from ..atomic_files import written_atomically
 from ..errors import ConfigError, FxquantError
 from ..tracing import TRACE_LOCK
-from .safetensors_io import PUBLISHED_MODE
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +76,7 @@ def write_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Check `model` with onnx.checker and write it to `path` through a temporary file and rename."""
     onnx.checker.check_model(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with written_atomically(path) as tmp:
         onnx.save(model, tmp)
-        os.chmod(tmp, PUBLISHED_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path

@@ -10,10 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic_files import PUBLISHED_MODE
 from ..errors import FxquantError
-
-#: permissions of a written artifact (temporary files start owner-only)
-PUBLISHED_MODE = 0o644
 
 
 class AtomicFolderWriter:

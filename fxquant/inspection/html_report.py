@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxquant.atomic_files import written_atomically
 from fxquant.calib_data import normalise_calib_data
 from fxquant.errors import ConfigError
 from fxquant.layer_metrics import ErrorStats, TensorStats
@@ -91,10 +92,8 @@ def report(qmodel: fx.GraphModule, calib_data: Any = None, path: str | os.PathLi
                      "are released at freeze, so they cannot be measured afterwards)")
     page = _page(qmodel, table, notes, title or f"fxquant report: {type(qmodel).__name__}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     log.info("wrote %s (%d bytes, %d layers)", path, len(page.encode()), len(table))
     return path
 
