@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import fxquant
 from fxquant.kernels import default_kernel
 from fxquant.kernels.int_matmul import cpu_has_int8_dot
-from fxquant.kernels.weight_only import register_gemv_op
+from fxquant.kernels.weight_only import native_gemv_available
 from fxquant.real_models import (
     license_text,
     load_minilm,
@@ -319,9 +319,9 @@ def main() -> None:
     cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"int8 dot products (VNNI/AMX): {cpu_has_int8_dot()}, threads {torch.get_num_threads()}")
-    gemv = "C kernel" if register_gemv_op() else "torch ops (no C compiler)"
+    gemv = "C kernel" if native_gemv_available() else "torch ops (no C compiler)"
     print(f"W8A8 integer kernel: {default_kernel(cpu)}; weight-only: dequant_mm, up to 8 rows a GEMV over the codes "
-          f"({gemv})")
+          f"(eager: {gemv}; compiled: fused by inductor)")
     model, tok = load_smollm2()
     calib = token_windows(tok, text_corpus("calib"), 4, 512)
     if "gemm" not in args.skip:

@@ -196,23 +196,6 @@ def _native_codes_gemv() -> Callable[..., int] | None:
     return fn
 
 
-@functools.cache
-def register_gemv_op() -> bool:
-    """Define fxquant::codes_gemv (native_codes_gemv as one opaque op for torch.compile) where the
-    C kernel builds; True when it is there. Called when a layer takes the GEMV layout, not at import
-    and not while tracing."""
-    if _native_codes_gemv() is None:
-        return False
-    op = torch.library.custom_op("fxquant::codes_gemv", _codes_gemv_op, mutates_args=())
-
-    @op.register_fake
-    def _(x, blocked, bits, scale, offset, bias):  # noqa: ANN001, ANN202
-        return x.new_empty((*x.shape[:-1], scale.shape[0]), dtype=torch.float32)
-
-    return True
-
-
-def _codes_gemv_op(x: torch.Tensor, blocked: torch.Tensor, bits: int, scale: torch.Tensor,
-                   offset: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """native_codes_gemv as a custom op (its arguments): float32 [..., n]."""
-    return native_codes_gemv(x, blocked, bits, scale, offset, bias)
+def native_gemv_available() -> bool:
+    """True where codes_gemv's C kernel builds on this machine."""
+    return _native_codes_gemv() is not None

@@ -177,18 +177,12 @@ def test_compiled_w8a16_decode_takes_the_fused_gemv_and_matches_eager(monkeypatc
     fused = QLinear._fused_gemv
     x = torch.randn(1, 64)
     monkeypatch.setattr(QLinear, "_fused_gemv", lambda self, x: calls.append(fused(self, x)) or calls[-1])
-    assert layer.gemv_in_c == (c_kernels.compiler() is not None)
-    for in_c in {layer.gemv_in_c, False}:  # the C kernel as one op where it builds, and the torch ops
-        layer.gemv_in_c = in_c
-        calls.clear()
-        torch._dynamo.reset()
-        backend = fxquant.compile_backend(inner="eager")
-        with torch.no_grad():
-            eager, compiled = layer(x), torch.compile(layer, backend=backend)(x)
-        assert calls == [False, True]  # eager: not the compiled form; compiled: the fused GEMV
-        targets = {str(n.target) for g in backend.graphs for n in g.graph.nodes}
-        assert any(t.startswith("fxquant.codes_gemv") for t in targets) == in_c, targets
-        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert layer.gemv_in_c == (c_kernels.compiler() is not None)  # eager: the C kernel where it builds
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, compiled = layer(x), torch.compile(layer, backend="eager")(x)
+    assert calls == [False, True]  # eager: not the compiled form; compiled: the fused GEMV
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not __import__("fxquant.kernels.onednn_split", fromlist=["x"]).available(),

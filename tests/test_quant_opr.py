@@ -115,9 +115,14 @@ def test_frozen_weight_only_decode_runs_the_c_gemv_and_keeps_gradients(monkeypat
         many = q(torch.cat([x.reshape(6, 256)] * 2))  # 12 rows: the float GEMM
         assert len(calls) == 1
     torch.testing.assert_close(out.reshape(6, 32), many[:6], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the kernel's prepared scales follow the layer's
+        q.weight_quantizer.scale.mul_(2)
+        torch.testing.assert_close(q(x), 2 * out - q.bias, rtol=1e-5, atol=1e-5)
+        q.weight_quantizer.scale.div_(2)
     x.requires_grad_(True)
+    before = len(calls)
     q(x).sum().backward()  # not the C kernel: it carries no gradient
-    assert len(calls) == 1 and x.grad is not None and x.grad.abs().sum() > 0
+    assert len(calls) == before and x.grad is not None and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("cls,shape_a,shape_b,fn", [
