@@ -1,10 +1,11 @@
 """Weight-only layers: integer weight codes in compact storage, dequantized where they are used.
 
 4-bit codes are stored two per byte (uint8 [n, k / 2], low nibble first); 8-bit codes as int8.
-Eager, a layer dequantizes its codes and runs one float GEMM. Under torch.compile, inputs with
-few rows (decode: one token per sequence) take the form of a broadcast multiply and a sum over k
-(`codes_gemv`), which inductor fuses with the dequantization into one GEMV that reads the compact
-codes once instead of writing a float weight and reading it back.
+Inputs of many rows dequantize the codes and run one float GEMM. Inputs of few rows (decode: one
+token per sequence) run a GEMV that reads the compact codes once instead of writing a float weight
+and reading it back: eager the C kernel csrc/codes_gemv.c (`native_codes_gemv`), under
+torch.compile the form of a broadcast multiply and a sum over k (`codes_gemv`), which inductor
+fuses with the dequantization into one loop.
 
 For that GEMV a linear layer keeps its codes in the GEMV layout (`to_gemv_layout`): the bytes of
 B output rows interleaved word by word, [n / B, k_bytes / 4, 4 B], B = `gemv_block()` (one vector
@@ -172,6 +173,15 @@ def native_codes_gemv(x: torch.Tensor, blocked: torch.Tensor, bits: int, scale: 
     nb, w, four_b = blocked.shape
     block, k = four_b // 4, x.shape[-1]
     n, groups = scale.shape
+    operands_fit = (x.dtype == scale.dtype == torch.float32 and blocked.is_contiguous() and scale.is_contiguous()
+                    and nb * block == n and w * 32 // bits == k
+                    and (offset is None or (offset.shape == scale.shape and offset.dtype == torch.float32
+                                            and offset.is_contiguous()))
+                    and (bias is None or (bias.shape == (n,) and bias.dtype == torch.float32 and bias.is_contiguous())))
+    if not operands_fit:
+        raise ValueError(f"codes_gemv's C kernel takes float32 x [..., k], contiguous codes [n / B, k * bits / 32, 4 B] "
+                         f"and float32 scale / offset [n, groups], bias [n]; got x {x.dtype} {tuple(x.shape)}, codes "
+                         f"{tuple(blocked.shape)}, {bits} bits, scale {scale.dtype} {tuple(scale.shape)}")
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     status = run(rows.data_ptr(), rows.shape[0], k, blocked.data_ptr(), n, block, bits, groups, scale.data_ptr(),
