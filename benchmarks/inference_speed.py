@@ -14,7 +14,7 @@ Prints the CPU capability and the kernel each scheme runs, then:
   5. parameter + buffer bytes (unique storages) per scheme;
   6. MiniLM (w8a8_dynamic, 32 x 128) and the digits CNN (w8a8) against fp32.
 
-    python benchmarks/inference_speed.py [--skip decode minilm cnn] [--repeat 3] [--prefill w8a8_dynamic w8a8+lm_head] [--decode w8a16 w4a16]
+    python benchmarks/inference_speed.py [--skip decode minilm cnn] [--repeat 3] [--prefill w8a8_dynamic w8a8+lm_head] [--decode w8a16 w4a16] [--decode-eager-only]
 
 Emulate an AVX2-only CPU on a VNNI machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 and
 a TORCHINDUCTOR_CACHE_DIR of its own (inductor's cache does not key on ATEN_CPU_CAPABILITY).
@@ -187,9 +187,10 @@ def prefill_table(model, tok, calib, repeat: int, configs: list[str]) -> dict[st
     return models
 
 
-def decode_table(model, tok, new_tokens: int, configs: list[str]) -> None:
+def decode_table(model, tok, new_tokens: int, configs: list[str], compiled_too: bool = True) -> None:
     """Greedy decode with a KV cache; configs are "<scheme>" (lm_head float) or "<scheme>+lm_head".
-    Each model runs eager and compiled; warm-up is the first generate() (8 tokens: compilation)."""
+    Each model runs eager and (compiled_too) compiled; warm-up is the first generate() (8 tokens:
+    compilation)."""
     prompt = tok("The GNU General Public License is a free, copyleft license for", return_tensors="pt")
 
     def gen_seconds(m) -> tuple[float, float, torch.Tensor]:
@@ -208,12 +209,13 @@ def decode_table(model, tok, new_tokens: int, configs: list[str]) -> None:
 
     _, base, _ = gen_seconds(model)
     rows = [["fp32 eager", base / new_tokens * 1e3, 1.0, "-", "-"]]
-    warm, t, _ = gen_seconds(compile_forward(copy.deepcopy(model), "inductor"))
-    rows.append(["fp32 inductor", t / new_tokens * 1e3, base / t, warm, "-"])
+    if compiled_too:
+        warm, t, _ = gen_seconds(compile_forward(copy.deepcopy(model), "inductor"))
+        rows.append(["fp32 inductor", t / new_tokens * 1e3, base / t, warm, "-"])
     for config in configs:
         scheme, _, head = config.partition("+")
         tokens = {}
-        for mode in ("eager", "fxquant"):
+        for mode in ("eager", "fxquant") if compiled_too else ("eager",):
             small = copy.deepcopy(model)
             fxquant.quantize(small, scheme=scheme, example_inputs=[prompt.input_ids], progress=False,
                              options=GROUP, inplace=True, disable_last_layer=head != "lm_head")
@@ -309,6 +311,8 @@ def main() -> None:
                     choices=["gemm", "prefill", "decode", "ppl", "size", "minilm", "cnn"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--decode-eager-only", action="store_true",
+                    help="decode table without compiled models (compiling a decoder takes minutes)")
     ap.add_argument("--prefill", nargs="*", default=["w8a8_dynamic", "w8a8", "w8a8_dynamic+lm_head", "w8a8+lm_head"],
                     help="prefill configs: <scheme> (lm_head float) or <scheme>+lm_head (lm_head quantized too)")
     ap.add_argument("--decode", nargs="*", default=["w8a16", "w4a16", "w8a16+lm_head"],
@@ -330,7 +334,7 @@ def main() -> None:
     if "prefill" not in args.skip:
         models = prefill_table(model, tok, calib, args.repeat, args.prefill)
     if "decode" not in args.skip:
-        decode_table(model, tok, args.new_tokens, args.decode)
+        decode_table(model, tok, args.new_tokens, args.decode, compiled_too=not args.decode_eager_only)
     if "ppl" not in args.skip:
         perplexity_table(model, tok, calib)
     if "size" not in args.skip:
