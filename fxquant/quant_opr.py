@@ -96,7 +96,6 @@ class _QWeighted(QuantOpr):
     """
 
     codes_blocked = False  # weight_codes in the GEMV layout (layers pickled before it existed: no)
-    gemv_in_c = False  # eager decode's GEMV over those codes by the C kernel
 
     def __init__(self, layer: torch.nn.Module, scheme: Scheme) -> None:
         super().__init__(scheme)
@@ -168,7 +167,6 @@ class _QWeighted(QuantOpr):
         fused GEMV, else as it is; codes_blocked follows."""
         block = gemv_block()
         self.codes_blocked = self._gemv_layout_fits(block)
-        self.gemv_in_c = self.codes_blocked and native_gemv_available()
         return to_gemv_layout(stored, block) if self.codes_blocked else stored
 
     def _gemv_layout_fits(self, block: int) -> bool:
@@ -249,7 +247,6 @@ class _QWeighted(QuantOpr):
         super().__setstate__(state)
         if self.codes_blocked and self.weight_codes is not None:
             self.weight_codes = self._in_this_cpu_layout(self.weight_codes)
-            self.gemv_in_c = self.codes_blocked and native_gemv_available()  # where this process builds it
         if state.get("kernel") == "onednn_split":
             self._split_packed_weight()
 
@@ -391,11 +388,17 @@ class QLinear(_QWeighted):
         return (not self.input_quantizers[0].enabled and self.weight_quantizer.enabled
                 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and self._stored_codes_in_use())
 
+    @property
+    def gemv_in_c(self) -> bool:
+        """True where eager decode's GEMV over the codes in the GEMV layout runs the C kernel (it
+        builds in this process)."""
+        return self.codes_blocked and native_gemv_available()
+
     def _native_gemv(self, x: torch.Tensor) -> bool:
         """True, eager, where codes_gemv's C kernel takes this call: a weight-only layer with stored
         codes in the GEMV layout, float32 CPU inputs of at most GEMV_MAX_ROWS rows, and no
         gradient to carry (the kernel is not differentiable)."""
-        if not self.gemv_in_c or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not self.gemv_in_c:
             return False
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
         return (not needs_grad and x.dtype == torch.float32 and x.device.type == "cpu"

@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,6 +84,18 @@ def load(name: str) -> ctypes.CDLL | None:
         detail = getattr(err, "stderr", None) or err
         logger.warning("could not build the C kernel %s (%s): it runs as torch ops", name, str(detail).strip()[-500:])
         return None
+
+
+@functools.cache
+def function(name: str, symbol: str, argtypes: tuple, restype: type = ctypes.c_int) -> Callable[..., int] | None:
+    """The C function `symbol` of csrc/<name>.c with its argument and result types, or None where
+    the library does not build here."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
 
 
 def _built(source: Path, cc: str, options: tuple[str, ...], key: str) -> Path:

@@ -172,18 +172,10 @@ def native_large_codes() -> bool:
     return _native_add_large_codes() is not None
 
 
-@functools.cache
 def _native_add_large_codes() -> Callable[..., int] | None:
-    """csrc/large_codes.c's fxq_add_large_codes with its argument types, or None where it does
-    not build."""
-    lib = c_kernels.load("large_codes")
-    if lib is None:
-        return None
-    fn = lib.fxq_add_large_codes
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
+    """csrc/large_codes.c's fxq_add_large_codes, or None where it does not build."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    return c_kernels.function("large_codes", "fxq_add_large_codes", (ptr, i64, i64, ptr, i64, i64, ptr, ptr))
 
 
 def _nonzero_entries(big: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

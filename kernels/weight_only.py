@@ -18,7 +18,6 @@ vector, with no transposes. B and the dtype the words are loaded as depend on th
 from __future__ import annotations
 
 import ctypes
-import functools
 import sys
 from collections.abc import Callable
 
@@ -193,17 +192,11 @@ def native_codes_gemv(x: torch.Tensor, blocked: torch.Tensor, bits: int, scale: 
     return y.reshape(*x.shape[:-1], n)
 
 
-@functools.cache
 def _native_codes_gemv() -> Callable[..., int] | None:
-    """csrc/codes_gemv.c's fxq_codes_gemv with its argument types, or None where it does not build."""
-    lib = c_kernels.load("codes_gemv")
-    if lib is None:
-        return None
-    fn = lib.fxq_codes_gemv
+    """csrc/codes_gemv.c's fxq_codes_gemv, or None where it does not build."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ctypes.c_int, i64, ptr, ptr, ptr, ptr]
-    fn.restype = ctypes.c_int
-    return fn
+    return c_kernels.function("codes_gemv", "fxq_codes_gemv",
+                              (ptr, i64, i64, ptr, i64, i64, ctypes.c_int, i64, ptr, ptr, ptr, ptr))
 
 
 def native_gemv_available() -> bool:
