@@ -32,7 +32,8 @@ aten = torch.ops.aten
 #: (summation order) and transcendental functions (vectorized approximations)
 ROUNDING_SENSITIVE = (
     aten.mean.dim, aten.sum.dim_IntList, aten.var_mean.correction, aten.native_layer_norm.default,
-    aten._softmax.default, aten._log_softmax.default,
+    aten.layer_norm.default, aten.rms_norm.default, aten._softmax.default, aten._log_softmax.default,
+    aten.softmax.int, aten.log_softmax.int,
     aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.tanh.default, aten.erf.default,
     aten.exp.default, aten.log.default, aten.cos.default, aten.sin.default, aten.rsqrt.default,
     aten.sqrt.default, aten.pow.Tensor_Scalar,
@@ -47,42 +48,71 @@ _UNARY = {"rsqrt": aten.rsqrt.default, "cos": aten.cos.default, "sin": aten.sin.
           "erf": aten.erf.default, "log": aten.log.default}
 
 
-def _unary(args: tuple, kwargs: dict) -> tuple | None:
-    return (args[0],) if len(args) == 1 and not kwargs else None
+Arguments = tuple[tuple, dict[str, Any]]
 
 
-def _mean(args: tuple, kwargs: dict) -> tuple | None:
+def _unary(args: tuple, kwargs: dict) -> Arguments | None:
+    return ((args[0],), {}) if len(args) == 1 and not kwargs else None
+
+
+def _mean(args: tuple, kwargs: dict) -> Arguments | None:
     if len(args) < 2 or set(kwargs) - {"keepdim"}:
         return None
     dim = [args[1]] if isinstance(args[1], int) else list(args[1])
-    return (args[0], dim, args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+    return (args[0], dim, args[2] if len(args) > 2 else kwargs.get("keepdim", False)), {}
 
 
-def _silu(args: tuple, kwargs: dict) -> tuple | None:
-    return (args[0],) if len(args) == 1 and not kwargs.get("inplace", False) else None
+def _silu(args: tuple, kwargs: dict) -> Arguments | None:
+    return ((args[0],), {}) if len(args) == 1 and not kwargs.get("inplace", False) else None
 
 
-def _gelu(args: tuple, kwargs: dict) -> tuple | None:
-    return (args[0],) if len(args) == 1 and kwargs.get("approximate", "none") == "none" else None
-
-
-def _softmax(args: tuple, kwargs: dict) -> tuple | None:
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    if not isinstance(dim, int) or kwargs.get("dtype") is not None or len(args) > 2:
+def _gelu(args: tuple, kwargs: dict) -> Arguments | None:
+    if not 1 <= len(args) <= 2 or set(kwargs) - {"approximate"} or len(args) == 2 and kwargs:
         return None
-    return (args[0], dim, False)
+    approximate = args[1] if len(args) == 2 else kwargs.get("approximate", "none")
+    return (args[0],), {"approximate": approximate}
 
 
-TORCH_LEVEL: dict[tuple[str, Any], tuple[torch._ops.OpOverload, Callable[[tuple, dict], tuple | None]]] = {
+def _softmax(args: tuple, kwargs: dict) -> Arguments | None:
+    """F.softmax / torch.softmax / Tensor.softmax (x, dim, dtype=None) -> aten.softmax.int's
+    (x, dim, dtype): the cast to dtype, when given, is part of the kept op."""
+    if len(args) > 2 or set(kwargs) - {"dim", "dtype", "_stacklevel"}:
+        return None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    return ((args[0], dim, kwargs.get("dtype")), {}) if isinstance(dim, int) else None
+
+
+def _in_order(*names: str, **defaults: Any) -> Callable[[tuple, dict], Arguments | None]:
+    """Arguments of a call whose parameters are `names` (those in `defaults` optional), given in
+    that order to an ATen op of the same parameters."""
+    def arguments(args: tuple, kwargs: dict) -> Arguments | None:
+        values = dict(zip(names, args))
+        if len(args) > len(names) or set(kwargs) - set(names) or set(kwargs) & set(values):
+            return None
+        values.update(kwargs)
+        if any(name not in values and name not in defaults for name in names):
+            return None
+        return tuple(values[name] if name in values else defaults[name] for name in names), {}
+    return arguments
+
+
+TORCH_LEVEL: dict[tuple[str, Any], tuple[torch._ops.OpOverload, Callable[[tuple, dict], Arguments | None]]] = {
     **{("call_function", getattr(torch, name)): (op, _unary) for name, op in _UNARY.items()},
     **{("call_method", name): (op, _unary) for name, op in _UNARY.items()},
     ("call_function", torch.mean): (aten.mean.dim, _mean),
     ("call_method", "mean"): (aten.mean.dim, _mean),
     ("call_function", F.silu): (aten.silu.default, _silu),
     ("call_function", F.gelu): (aten.gelu.default, _gelu),
-    ("call_function", F.softmax): (aten._softmax.default, _softmax),
-    ("call_function", torch.softmax): (aten._softmax.default, _softmax),
-    ("call_method", "softmax"): (aten._softmax.default, _softmax),
+    ("call_function", F.softmax): (aten.softmax.int, _softmax),
+    ("call_function", torch.softmax): (aten.softmax.int, _softmax),
+    ("call_method", "softmax"): (aten.softmax.int, _softmax),
+    ("call_function", F.log_softmax): (aten.log_softmax.int, _softmax),
+    ("call_function", torch.log_softmax): (aten.log_softmax.int, _softmax),
+    ("call_method", "log_softmax"): (aten.log_softmax.int, _softmax),
+    ("call_function", F.layer_norm): (aten.layer_norm.default, _in_order(
+        "input", "normalized_shape", "weight", "bias", "eps", weight=None, bias=None, eps=1e-5)),
+    ("call_function", F.rms_norm): (aten.rms_norm.default, _in_order(
+        "input", "normalized_shape", "weight", "eps", weight=None, eps=None)),
 }
 
 #: call targets that round activations at run time (activation quantizers)
@@ -115,8 +145,8 @@ def keep_eager_rounding(gm: fx.GraphModule) -> fx.GraphModule:
 
     It matches ATen-level graphs (what Dynamo hands over for a GraphModule of fxquant.quantize) and
     the torch-level calls of TORCH_LEVEL (an installed model's graph: x.mean(-1, keepdim=True),
-    F.silu, torch.rsqrt); other torch-level forms (F.layer_norm, a softmax with a dtype) are left
-    to inductor."""
+    F.silu, torch.rsqrt, F.layer_norm, F.softmax(x, -1, dtype=...)); a call in a form the table
+    does not map (a softmax over dim=None, an in-place SiLU) is left to inductor."""
     if not rounds_activations(gm):
         return gm
     wrapped: Counter[str] = Counter()
@@ -127,10 +157,11 @@ def keep_eager_rounding(gm: fx.GraphModule) -> fx.GraphModule:
             node.target = eager_op(node.target)
         elif node.op in ("call_function", "call_method") and (node.op, node.target) in TORCH_LEVEL:
             op, arguments = TORCH_LEVEL[(node.op, node.target)]
-            args = arguments(node.args, dict(node.kwargs))
-            if args is None:
+            mapped = arguments(node.args, dict(node.kwargs))
+            if mapped is None:
                 continue  # a form the table does not map: left to inductor
-            node.op, node.target, node.args, node.kwargs = "call_function", eager_op(op), args, {}
+            node.op, node.target = "call_function", eager_op(op)
+            node.args, node.kwargs = mapped
         else:
             continue
         wrapped[str(node.target)] += 1
