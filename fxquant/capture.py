@@ -8,10 +8,12 @@ forward takes the original argument names and returns the original output type.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -143,6 +145,19 @@ def _symbolic_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any
     return gm
 
 
+@contextlib.contextmanager
+def _without_stack_traces() -> Iterator[None]:
+    """torch.export without node.meta["stack_trace"] (the Python stack of every traced op, which
+    fxquant never reads): SmolLM2's capture takes 13% less time (6.7 s -> 5.8 s). torch keeps the
+    switch in its fx config; it is set only while TRACE_LOCK is held and restored after."""
+    previous = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = previous
+
+
 def _export_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:
     sig = inspect.signature(model.forward)
     for p in sig.parameters.values():
@@ -168,13 +183,14 @@ def _export_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
     # give a graph that accepts batch 1 only. Export with the batch repeated to 2 first.
     widened = {k: v.repeat(2, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1
                else v for k, v in bound.items()}
-    try:
-        ep = torch.export.export(model, (), widened, dynamic_shapes=dynamic, strict=False)
-    except Exception:  # noqa: BLE001 - a model whose leading size-1 dims are not a batch: export as given
-        if all(widened[k] is bound[k] for k in bound):
-            raise
-        log.debug("export with the batch repeated to 2 failed; exporting the example as given", exc_info=True)
-        ep = torch.export.export(model, (), bound, dynamic_shapes=dynamic, strict=False)
+    with _without_stack_traces():
+        try:
+            ep = torch.export.export(model, (), widened, dynamic_shapes=dynamic, strict=False)
+        except Exception:  # noqa: BLE001 - a model whose leading size-1 dims are not a batch: export as given
+            if all(widened[k] is bound[k] for k in bound):
+                raise
+            log.debug("export with the batch repeated to 2 failed; exporting the example as given", exc_info=True)
+            ep = torch.export.export(model, (), bound, dynamic_shapes=dynamic, strict=False)
     return _normalise_exported(ep.module(), model, sig, bound, forced)
 
 
