@@ -15,6 +15,7 @@ from .lower_to_qdq import lower_to_qdq
 from .online_hadamard import OnlineHadamard
 from .pass_manager import PassManager, lint_ir
 from .quantize_attention import QuantizeAttention
+from .replay_smoothing import ReplaySmoothing
 from .resolve_schemes import ResolveSchemes, quantizable_nodes
 from .rollback import Rollback
 from .smooth_quant import SmoothQuant
@@ -22,7 +23,7 @@ from .unmap_kept_tensors import unmap_kept_tensors
 
 __all__ = [
     "AWQScale", "Calibrate", "FlexSmooth", "HadamardRotation", "InsertQuantOprs", "IterSmooth", "LowerToAscend", "OnlineHadamard", "PassManager",
-    "Freeze", "QuantizeAttention", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze", "functional_to_modules", "lint_ir",
+    "Freeze", "QuantizeAttention", "ReplaySmoothing", "ResolveSchemes", "Rollback", "SmoothQuant", "fold_batchnorm", "freeze", "functional_to_modules", "lint_ir",
     "lower_onnx_to_ascend", "lower_to_qdq",
     "quantizable_nodes", "unmap_kept_tensors",
 ]

@@ -199,24 +199,28 @@ class SmoothQuant:
             before = output_sample(gm(*first[0], **first[1]))
         self.folded, self.scales = {}, {}
         for g in groups:
-            mods = [module_of(gm, n) for n in g.members]
             s = g.tie(chosen[g.name])
-            self.scales[g.name] = s
-            g.apply(s)
-            before_stats = g.stats(stats).whole.as_dict()
-            for n, m in zip(g.members, mods):
-                replace_submodule(gm, n.target, _scaled_linear(m, self._mutable, cols=s))
-                meta = fxq_meta(n)
-                meta["smooth"] = g.kind
-                meta["smooth_scale"] = s.detach().float().cpu()  # the layer's input is now X / s
-                meta["input_stats_before_smoothing"] = before_stats
-                self.folded[n.target] = g.kind
+            self.fold(gm, g, s)
+            for n in g.members:
+                fxq_meta(n)["input_stats_before_smoothing"] = g.stats(stats).whole.as_dict()
         gm.recompile()
         with torch.no_grad():
             after = output_sample(gm(*first[0], **first[1]))
         self._check_unchanged(before, after)
         log.info("smoothed %d linear layers", len(self.folded))
         return gm
+
+    def fold(self, gm: fx.GraphModule, g: SmoothGroup, s: torch.Tensor) -> None:
+        """Divide X by s [k] in its producer and multiply the members' weight columns by s; records
+        the fold in node.meta["fxquant"] ("smooth", "smooth_scale"), `folded` and `scales`."""
+        self.scales[g.name] = s
+        g.apply(s)
+        for n in g.members:
+            replace_submodule(gm, n.target, _scaled_linear(module_of(gm, n), self._mutable, cols=s))
+            meta = fxq_meta(n)
+            meta["smooth"] = g.kind
+            meta["smooth_scale"] = s.detach().float().cpu()  # the layer's input is now X / s
+            self.folded[n.target] = g.kind
 
     def find_groups(self, gm: fx.GraphModule) -> list[SmoothGroup]:
         """Every group of quantized Linear layers sharing an input whose 1/s can be folded."""

@@ -1,4 +1,4 @@
-"""Small real architectures built in the tests: ResNet-style, MobileNet-style, functional ops."""
+"""Small real architectures built in the tests: ResNet-style, MobileNet-style, functional ops, a tiny Llama."""
 
 from __future__ import annotations
 
@@ -114,3 +114,41 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class TinyLlama(nn.Module):
+    """ids [b, t] -> logits [b, t, vocab]: pre-RMSNorm blocks with grouped-query attention and a
+    gated MLP, head tied to the embedding, widths that are not powers of two (d 48, head 12)."""
+
+    def __init__(self, vocab=64, d=48, heads=4, kv=2, hidden=96, layers=2, norm=RMSNorm):
+        super().__init__()
+        self.heads, self.kv, self.hd = heads, kv, d // heads
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            b = nn.Module()
+            b.n1, b.n2 = norm(d), norm(d)
+            b.q, b.k = nn.Linear(d, d, bias=False), nn.Linear(d, kv * self.hd, bias=False)
+            b.v, b.o = nn.Linear(d, kv * self.hd, bias=False), nn.Linear(d, d, bias=False)
+            b.gate, b.up, b.down = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d)
+            self.blocks.append(b)
+        self.norm = norm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        bsz, t = ids.shape
+        for b in self.blocks:
+            n = b.n1(x)
+            q = b.q(n).view(bsz, t, self.heads, self.hd).transpose(1, 2)
+            k = b.k(n).view(bsz, t, self.kv, self.hd).transpose(1, 2)
+            v = b.v(n).view(bsz, t, self.kv, self.hd).transpose(1, 2)
+            rep = self.heads // self.kv
+            k = k[:, :, None].expand(bsz, self.kv, rep, t, self.hd).reshape(bsz, self.heads, t, self.hd)
+            v = v[:, :, None].expand(bsz, self.kv, rep, t, self.hd).reshape(bsz, self.heads, t, self.hd)
+            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + b.o(a.transpose(1, 2).reshape(bsz, t, -1))
+            n = b.n2(x)
+            x = x + b.down(nn.functional.silu(b.gate(n)) * b.up(n))
+        return self.head(self.norm(x))

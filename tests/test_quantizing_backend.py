@@ -10,7 +10,11 @@ import fxquant
 from fxquant.errors import CalibrationDataError, ConfigError
 from fxquant.ir import scheme_decisions
 from fxquant.kernels import default_kernel
+from fxquant.passes import ReplaySmoothing
+from fxquant.passes.replay_smoothing import smoothing_of
 from fxquant.real_models import perplexity
+
+from models import TinyLlama
 
 
 class BrokenGraph(torch.nn.Module):
@@ -86,15 +90,32 @@ def test_quantizing_backend_refuses_bad_input():
         fn(torch.randn(2, 4))
 
 
-def test_a_new_graph_after_smoothed_calibration_is_refused_not_run_unsmoothed():
+def test_a_new_graph_after_smoothed_calibration_replays_the_smoothing():
+    """A shape Dynamo recompiles for after calibration reuses the smoothed layers, and its norms,
+    gated products and value projections fold the same scales: the numbers of fxquant.quantize."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model = TinyLlama().eval()
+    with torch.no_grad():
+        for b in model.blocks:  # outlier channels, as in real LLMs
+            b.n1.weight[7] = b.n2.weight[11] = 40.0
+    calib = [[torch.randint(0, 64, (2, 16))] for _ in range(2)]
+    ref = fxquant.quantize(model, calib, scheme="w8a8", smooth_alpha=0.5, disable_last_layer=False, progress=False)
     torch._dynamo.reset()
-    backend = fxquant.quantizing_backend("w8a8", calib_data=[[torch.randn(4, 16)] for _ in range(2)], smooth_alpha=0.5,
-                                         disable_last_layer=False)
+    backend = fxquant.quantizing_backend("w8a8", calib_data=calib, smooth_alpha=0.5, disable_last_layer=False)
     compiled = torch.compile(model, backend=backend, dynamic=False)
     with torch.no_grad():
-        compiled(torch.randn(4, 16))  # calibration shape: the smoothed, quantized graph
-        with pytest.raises(Exception, match="smoothing scales folded into the first graph"):
-            compiled(torch.randn(7, 16))
+        for shape in ((2, 16), (3, 24)):  # (3, 24): a new graph after calibration
+            x = torch.randint(0, 64, shape)
+            expected, out = ref(x), compiled(x)
+            assert (out - expected).abs().max() <= 1e-4 * expected.abs().max(), shape
+    first, late = backend.graphs
+    assert late.quantized.get_submodule("blocks.0.down") is backend.layers["blocks.0.down"]
+    kinds = {kind for kind, _ in smoothing_of(late.quantized).values()}
+    assert smoothing_of(late.quantized).keys() == backend.smoothing.keys() and kinds == {"norm", "linear", "attention"}
     torch._dynamo.reset()
+
+
+def test_smoothing_is_not_replayed_where_the_graph_has_no_fold():
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(8, 8)))
+    with pytest.raises(ConfigError, match=r"layers \['1'\] were smoothed, but in this graph their input has no fold"):
+        ReplaySmoothing({"1": ("norm", torch.ones(8))})(gm)

@@ -17,7 +17,7 @@ from fxquant.formats.safetensors_io import read_safetensors_folder
 from fxquant.hadamard import HadamardTransform, KroneckerRotation, hadamard_matrix, random_rotation
 from fxquant.passes import HadamardRotation, lower_to_qdq
 
-from models import RMSNorm
+from models import RMSNorm, TinyLlama
 
 
 @pytest.mark.parametrize("n", [12, 20, 28, 36, 48, 64, 72, 576, 1536])
@@ -40,44 +40,6 @@ def test_orders_without_a_hadamard_matrix_rotate_with_a_random_orthogonal_one():
         HadamardTransform(9)
     with pytest.raises(ValueError, match="factor M .* not a square orthogonal matrix"):
         KroneckerRotation(torch.randn(3, 3), torch.eye(2))
-
-
-class TinyLlama(nn.Module):
-    """ids [b, t] -> logits [b, t, vocab]: pre-RMSNorm blocks with grouped-query attention and a
-    gated MLP, head tied to the embedding, widths that are not powers of two (d 48, head 12)."""
-
-    def __init__(self, vocab=64, d=48, heads=4, kv=2, hidden=96, layers=2, norm=RMSNorm):
-        super().__init__()
-        self.heads, self.kv, self.hd = heads, kv, d // heads
-        self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList()
-        for _ in range(layers):
-            b = nn.Module()
-            b.n1, b.n2 = norm(d), norm(d)
-            b.q, b.k = nn.Linear(d, d, bias=False), nn.Linear(d, kv * self.hd, bias=False)
-            b.v, b.o = nn.Linear(d, kv * self.hd, bias=False), nn.Linear(d, d, bias=False)
-            b.gate, b.up, b.down = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d)
-            self.blocks.append(b)
-        self.norm = norm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        bsz, t = ids.shape
-        for b in self.blocks:
-            n = b.n1(x)
-            q = b.q(n).view(bsz, t, self.heads, self.hd).transpose(1, 2)
-            k = b.k(n).view(bsz, t, self.kv, self.hd).transpose(1, 2)
-            v = b.v(n).view(bsz, t, self.kv, self.hd).transpose(1, 2)
-            rep = self.heads // self.kv
-            k = k[:, :, None].expand(bsz, self.kv, rep, t, self.hd).reshape(bsz, self.heads, t, self.hd)
-            v = v[:, :, None].expand(bsz, self.kv, rep, t, self.hd).reshape(bsz, self.heads, t, self.hd)
-            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + b.o(a.transpose(1, 2).reshape(bsz, t, -1))
-            n = b.n2(x)
-            x = x + b.down(nn.functional.silu(b.gate(n)) * b.up(n))
-        return self.head(self.norm(x))
 
 
 def _tiny(outlier=True, **kw):

@@ -7,7 +7,7 @@ only running the model gives. So the first call of the compiled module runs `cal
 it once (the graphs run float and record their inputs), then quantizes every graph, each layer
 named and judged (first / last layer, mix_cfg, disable_names) as in the whole model; that call and
 all later ones run quantized. Graphs Dynamo hands over later (new shapes) reuse the calibrated
-layers by name.
+layers by name, and fold the smoothing scales those layers were calibrated with (ReplaySmoothing).
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from fxquant.passes import (
     Freeze,
     InsertQuantOprs,
     PassManager,
+    ReplaySmoothing,
     ResolveSchemes,
     SmoothQuant,
     fold_batchnorm,
     functional_to_modules,
 )
 from fxquant.passes.calibrate import needs_activation_data
+from fxquant.passes.replay_smoothing import smoothing_of
 from fxquant.quant_opr import QuantOpr, _QWeighted
 from fxquant.schemes import SchemeOptions, make_scheme
 
@@ -105,6 +107,7 @@ class QuantizingBackend:
     graphs: list[_CompiledGraph] = field(default_factory=list, init=False, repr=False)
     layers: dict[str, QuantOpr] = field(default_factory=dict, init=False, repr=False)
     model_layers: list[str] = field(default_factory=list, init=False, repr=False)
+    smoothing: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         make_scheme(self.scheme, self.options)
@@ -162,6 +165,7 @@ class QuantizingBackend:
                                      asym=self.asym, progress=self.progress)
         qgm = PassManager(passes)(graph.lifted.gm)
         graph.recorded = []
+        self.smoothing.update(smoothing_of(qgm))
         for name, module in qgm.named_modules():
             if isinstance(module, QuantOpr):
                 if name in self.layers:
@@ -173,15 +177,11 @@ class QuantizingBackend:
     def quantize_late_graph(self, graph: _CompiledGraph) -> None:
         """A graph Dynamo hands over after calibration (a recompilation, e.g. for a new shape): layers
         calibration reached become the calibrated QuantOprs of the same names; a layer it never
-        reached is quantized if its scheme needs no activation data, else CalibrationDataError."""
-        if self.smooth_alpha is not None:
-            raise ConfigError(
-                f"Dynamo compiled a new graph after calibration with smooth_alpha={self.smooth_alpha} (an input "
-                "of another shape or other arguments): the smoothing scales folded into the first graph's norms "
-                "are not carried into a new graph, whose quantized layers would read unsmoothed inputs. Run the "
-                "compiled model on the shapes of calib_data, or quantize without smooth_alpha")
+        reached is quantized if its scheme needs no activation data, else CalibrationDataError. Layers
+        smoothed in calibration get their inputs divided by the same scales (ReplaySmoothing)."""
         options = self.options or SchemeOptions()
-        gm = PassManager([fold_batchnorm, functional_to_modules, self._resolve(strict_names=False),
+        replay = [ReplaySmoothing(self.smoothing)] if self.smoothing else []
+        gm = PassManager([fold_batchnorm, functional_to_modules, self._resolve(strict_names=False), *replay,
                           InsertQuantOprs(options)])(graph.lifted.gm)
         for name, module in list(gm.named_modules()):
             if isinstance(module, QuantOpr) and name in self.layers:
