@@ -120,6 +120,7 @@ def _capture_with_front_ends(model: torch.nn.Module, example_inputs: tuple,
             log.debug("capture with %s failed", front_end.__name__, exc_info=True)
             continue
         gm.meta["fxquant_capture"] = front_end.__name__.strip("_").replace("_capture", "")
+        gm.meta["fxquant_state_names"] = _state_names(model, gm)
         for attr in _PASSTHROUGH_ATTRS:  # HF wrappers (sentence-transformers...) read these
             if hasattr(model, attr) and not hasattr(gm, attr):
                 setattr(gm, attr, getattr(model, attr))
@@ -128,6 +129,16 @@ def _capture_with_front_ends(model: torch.nn.Module, example_inputs: tuple,
         return gm.eval()
     reasons = "\n".join(f"  - {name}: {why}" for name, why in errors.items())
     raise CaptureError(f"could not capture {type(model).__name__} as an FX graph:\n{reasons}")
+
+
+def _state_names(model: torch.nn.Module, gm: fx.GraphModule) -> dict[str, str]:
+    """{name in model.state_dict(): the graph module's path to the same tensor}, for every state
+    tensor the graph holds: a checkpoint saved from the graph then carries the model's own names
+    (both names of a tied weight, no non-persistent buffer)."""
+    held: dict[int, str] = {}
+    for path, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        held.setdefault(id(t), path)
+    return {name: held[id(t)] for name, t in model.state_dict(keep_vars=True).items() if id(t) in held}
 
 
 def _symbolic_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:

@@ -23,12 +23,18 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def calibrated(smollm2, smollm2_windows):
-    model, _ = smollm2
+def graph(smollm2, smollm2_windows):
+    """SmolLM2 captured once; the tests calibrate it many ways (a captured graph is a model, and a
+    checkpoint saved from it carries the model's own tensor names)."""
+    return fxquant.capture(smollm2[0], (smollm2_windows[0][0][:, :64],))
+
+
+@pytest.fixture(scope="module")
+def calibrated(graph, smollm2_windows):
     calib = [[w[:, :64]] for w in smollm2_windows[0][:2]]
     out = {}
     for key, (kw, mix) in CASES.items():
-        cal = Calibrator(model, QuantConfig(mm_tensor=False, group_size=64, **kw), calib_data=calib, mix_cfg=mix)
+        cal = Calibrator(graph, QuantConfig(mm_tensor=False, group_size=64, **kw), calib_data=calib, mix_cfg=mix)
         cal.run()
         out[key] = cal
     return out
@@ -50,7 +56,7 @@ def test_saved_checkpoint_reloads_and_reproduces_logits(calibrated, smollm2_wind
     assert (ref - out).abs().max() <= 1e-4
 
 
-def test_description_lists_every_tensor_with_type_dtype_and_shape(calibrated, tmp_path):
+def test_description_lists_every_tensor_with_type_dtype_and_shape(calibrated, smollm2, tmp_path):
     cal = calibrated["mix"]
     cal.save(str(tmp_path), save_type=["safe_tensor", "ascendV1"])
     files = sorted(os.listdir(tmp_path))
@@ -61,7 +67,7 @@ def test_description_lists_every_tensor_with_type_dtype_and_shape(calibrated, tm
     tensors = load_file(str(tmp_path / "quant_model_weight_w8a8_dynamic.safetensors"))
     assert desc.pop("model_quant_type") == "W8A8_DYNAMIC"
     assert set(desc) == set(tensors)
-    original = cal.float_model.state_dict()
+    original = smollm2[0].state_dict()
     quantized_layers = {k[:-7] for k, t in desc.items() if k.endswith(".weight") and t != "FLOAT"}
     # complete checkpoint: every original tensor name is present
     for name in original:
@@ -157,11 +163,11 @@ def test_bad_save_type(calibrated, tmp_path):
 
 
 @pytest.mark.parametrize("ascend_rounding", [False, True])
-def test_saving_onnx_rounded_static_layers_warns_that_the_reload_differs(smollm2, smollm2_windows, tmp_path, caplog,
-                                                                         ascend_rounding):
+def test_saving_onnx_rounded_static_layers_warns_that_the_reload_differs(smollm2, graph, smollm2_windows, tmp_path,
+                                                                         caplog, ascend_rounding):
     model, _ = smollm2
     calib = [[w[:, :64]] for w in smollm2_windows[0][:2]]
-    q = fxquant.quantize(model, calib, "float", mix_cfg={"model.layers.0.mlp.*": "w8a8"}, progress=False,
+    q = fxquant.quantize(graph, calib, "float", mix_cfg={"model.layers.0.mlp.*": "w8a8"}, progress=False,
                          options=fxquant.SchemeOptions(offset_in_rounding=ascend_rounding))
     assert float(q.get_submodule("model.layers.0.mlp.down_proj").input_quantizer.zero_point) != 0
     with caplog.at_level("WARNING", logger="fxquant.formats.ascend_checkpoint"):

@@ -64,8 +64,8 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
                  if isinstance(module, QuantOpr) and not isinstance(module, QAttentionInput) and savable(module)
                  for suffix in ("weight", "bias")}  # saved in the layer's format below: their float
     # values are not read (a frozen layer would dequantize its codes into a float copy for each)
-    tensors = {k: v if k.startswith(unfolded) else _graph_tensor(gm, k, v)
-               for k, v in float_model.state_dict().items() if k not in quantized}
+    tensors = {k: v if k.startswith(unfolded) else _graph_tensor(gm, path, v)
+               for k, (path, v) in model_state(float_model).items() if k not in quantized}
     types = dict.fromkeys(tensors, "FLOAT")
     extra: dict[str, str] = {}
     _warn_rounding_differs(gm)
@@ -136,6 +136,15 @@ def _online_rotation_tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor
         tensors[f"{layer.target}.{KRONECKER_SUFFIXES[0]}"] = transform.left.detach().float().clone()
         tensors[f"{layer.target}.{KRONECKER_SUFFIXES[1]}"] = transform.right.detach().float().clone()
     return tensors, sorted(f"{layer.target}." for layer in rotations)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """{checkpoint name: (path in `model`, tensor)}: model.state_dict()'s names, or, for a graph
+    fxquant.capture made, the state_dict names of the model it was captured from."""
+    names = model.meta.get("fxquant_state_names") if isinstance(model, fx.GraphModule) else None
+    if names is None:
+        return {name: (name, t) for name, t in model.state_dict().items()}
+    return {name: (path, get_attr_path(model, path).detach()) for name, path in names.items()}
 
 
 def _graph_tensor(gm: fx.GraphModule, name: str, original: torch.Tensor) -> torch.Tensor:
