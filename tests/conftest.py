@@ -36,6 +36,15 @@ def smollm2_windows(smollm2):
 
 
 @pytest.fixture(scope="session")
+def smollm2_graph(smollm2, smollm2_windows):
+    """SmolLM2 captured once (fxquant.capture), for tests that quantize it many ways: a captured graph
+    is a model to quantize or calibrate, and a checkpoint saved from it carries the model's names."""
+    import fxquant
+
+    return fxquant.capture(smollm2[0], (smollm2_windows[0][0][:, :64],))
+
+
+@pytest.fixture(scope="session")
 def minilm():
     from fxquant.real_models import load_minilm
 

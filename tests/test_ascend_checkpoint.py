@@ -23,18 +23,11 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def graph(smollm2, smollm2_windows):
-    """SmolLM2 captured once; the tests calibrate it many ways (a captured graph is a model, and a
-    checkpoint saved from it carries the model's own tensor names)."""
-    return fxquant.capture(smollm2[0], (smollm2_windows[0][0][:, :64],))
-
-
-@pytest.fixture(scope="module")
-def calibrated(graph, smollm2_windows):
+def calibrated(smollm2_graph, smollm2_windows):
     calib = [[w[:, :64]] for w in smollm2_windows[0][:2]]
     out = {}
     for key, (kw, mix) in CASES.items():
-        cal = Calibrator(graph, QuantConfig(mm_tensor=False, group_size=64, **kw), calib_data=calib, mix_cfg=mix)
+        cal = Calibrator(smollm2_graph, QuantConfig(mm_tensor=False, group_size=64, **kw), calib_data=calib, mix_cfg=mix)
         cal.run()
         out[key] = cal
     return out
@@ -163,11 +156,11 @@ def test_bad_save_type(calibrated, tmp_path):
 
 
 @pytest.mark.parametrize("ascend_rounding", [False, True])
-def test_saving_onnx_rounded_static_layers_warns_that_the_reload_differs(smollm2, graph, smollm2_windows, tmp_path,
+def test_saving_onnx_rounded_static_layers_warns_that_the_reload_differs(smollm2, smollm2_graph, smollm2_windows, tmp_path,
                                                                          caplog, ascend_rounding):
     model, _ = smollm2
     calib = [[w[:, :64]] for w in smollm2_windows[0][:2]]
-    q = fxquant.quantize(graph, calib, "float", mix_cfg={"model.layers.0.mlp.*": "w8a8"}, progress=False,
+    q = fxquant.quantize(smollm2_graph, calib, "float", mix_cfg={"model.layers.0.mlp.*": "w8a8"}, progress=False,
                          options=fxquant.SchemeOptions(offset_in_rounding=ascend_rounding))
     assert float(q.get_submodule("model.layers.0.mlp.down_proj").input_quantizer.zero_point) != 0
     with caplog.at_level("WARNING", logger="fxquant.formats.ascend_checkpoint"):

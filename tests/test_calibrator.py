@@ -59,8 +59,8 @@ def test_data_free_weight_only_and_dynamic(smollm2, smollm2_windows):
         Calibrator(model, QuantConfig()).run()
 
 
-def test_all_tensors_supply_a_layers_calibration_inputs(smollm2, calib):
-    model, _ = smollm2
+def test_all_tensors_supply_a_layers_calibration_inputs(smollm2_graph, calib):
+    model = smollm2_graph
     name = "model.layers.2.mlp.down_proj"
     supplied = torch.randn(1, 48, 1536) * 3.0
     cal = Calibrator(model, QuantConfig(mm_tensor=False, pr=0.0), calib_data=calib, all_tensors={name: supplied})

@@ -18,12 +18,11 @@ OPTIONS = SchemeOptions(group_size=64)
 
 
 @pytest.fixture(scope="module")
-def w4_models(smollm2, smollm2_windows):
-    model, _ = smollm2
+def w4_models(smollm2_graph, smollm2_windows):
     calib = [[w] for w in smollm2_windows[0]]
 
     def quantize(**kw):
-        return fxquant.quantize(model, calib, "float", mix_cfg=LAYERS, options=OPTIONS, progress=False, **kw)
+        return fxquant.quantize(smollm2_graph, calib, "float", mix_cfg=LAYERS, options=OPTIONS, progress=False, **kw)
 
     return {"rtn": quantize(), "gptq": quantize(weight_optimizers=[GPTQWeights()]),
             "awq": quantize(suppression=AWQScale(calib))}
