@@ -70,7 +70,7 @@ def test_invalid_fields_name_the_valid_choices():
         W8A8QuantConfig(w_method="hqq")
 
 
-def test_gptq_weight_rounding_lowers_perplexity_and_is_what_is_saved(smollm2, smollm2_windows, tmp_path):
+def test_gptq_weight_rounding_lowers_perplexity_and_is_what_is_saved(smollm2, smollm2_graph, smollm2_windows, tmp_path):
     model, _ = smollm2
     calib, evals = smollm2_windows
 
@@ -79,8 +79,8 @@ def test_gptq_weight_rounding_lowers_perplexity_and_is_what_is_saved(smollm2, sm
             "m6": M6ProcessorConfig(cfg=M6Config(alpha=0.85, beta=0.15)), "w8a8": w8a8(w_method=w_method),
             "save": SaveProcessorConfig(output_path=out)}, calib_data=[{"input_ids": w} for w in calib])
 
-    rtn = run(model, session("minmax", str(tmp_path / "rtn")), progress=False)
-    gptq = run(model, session("gptq", str(tmp_path / "gptq")), progress=False)
+    rtn = run(smollm2_graph, session("minmax", str(tmp_path / "rtn")), progress=False)
+    gptq = run(smollm2_graph, session("gptq", str(tmp_path / "gptq")), progress=False)
     fixed = [name for name, m in gptq.named_modules() if getattr(m, "codes_fixed", False)]
     assert len(fixed) > 100  # kept in most of the 210 Linear layers: they lowered the layer's output error
     layer = "model.layers.5.mlp.down_proj"
@@ -97,7 +97,8 @@ def test_gptq_weight_rounding_lowers_perplexity_and_is_what_is_saved(smollm2, sm
     (M6ProcessorConfig(cfg=M6Config(alpha=0.8, beta=0.2)), "FlexSmooth"),
     (M3ProcessorConfig(), "AWQScale"),
 ])
-def test_static_session_with_suppression_saves_ascend_format(smollm2, smollm2_windows, tmp_path, suppression, kind):
+def test_static_session_with_suppression_saves_ascend_format(smollm2, smollm2_graph, smollm2_windows, tmp_path, suppression,
+                                                              kind):
     model, _ = smollm2
     calib, evals = smollm2_windows
     key = {"IterSmooth": "m4", "FlexSmooth": "m6", "AWQScale": "m3"}[kind]
@@ -105,7 +106,7 @@ def test_static_session_with_suppression_saves_ascend_format(smollm2, smollm2_wi
         key: suppression, "w8a8": w8a8(act_method="minmax"),
         "save": SaveProcessorConfig(output_path=str(tmp_path), save_type=["safe_tensor", "ascendV1"])},
         calib_data=[{"input_ids": w} for w in calib[:4]])
-    q = run(model, session, progress=False)
+    q = run(smollm2_graph, session, progress=False)  # a captured graph is a model: its checkpoint keeps the names
     smoothed = [n for n in q.graph.nodes if n.meta.get("fxquant", {}).get("smooth")]
     kinds = {n.meta["fxquant"]["smooth"] for n in smoothed}
     assert {"norm", "linear", "attention"} <= kinds  # q/k/v + gate/up, down, o_proj all folded
@@ -116,14 +117,15 @@ def test_static_session_with_suppression_saves_ascend_format(smollm2, smollm2_wi
     assert perplexity(q, evals) < 1.2 * perplexity(model, evals)
 
 
-def test_session_mix_cfg_gives_layers_their_own_scheme_in_the_checkpoint(smollm2, smollm2_windows, tmp_path):
+def test_session_mix_cfg_gives_layers_their_own_scheme_in_the_checkpoint(smollm2, smollm2_graph, smollm2_windows,
+                                                                         tmp_path):
     model, _ = smollm2
     calib, evals = smollm2_windows
     session = SessionConfig(processor_cfg_map={
         "m6": M6ProcessorConfig(cfg=M6Config(alpha=0.85, beta=0.15)), "w8a8": w8a8(),
         "save": SaveProcessorConfig(output_path=str(tmp_path), save_type=["safe_tensor", "ascendV1"])},
         calib_data=[{"input_ids": w} for w in calib[:2]])
-    q = run(model, session, progress=False, mix_cfg={"*down_proj": "w8a8_dynamic"})
+    q = run(smollm2_graph, session, progress=False, mix_cfg={"*down_proj": "w8a8_dynamic"})
     decisions = q.meta["fxquant_decisions"]
     assert decisions["model.layers.4.mlp.down_proj"][0] == "w8a8_dynamic"
     assert decisions["model.layers.4.mlp.up_proj"][0] == "w8a8"
