@@ -13,6 +13,7 @@ import copy
 import inspect
 import logging
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,7 +97,10 @@ def capture(
         raise ConfigError(f"{type(model).__name__} is already quantized ({len(quantized)} QuantOprs, e.g. "
                           f"{quantized[0]!r}); quantize the float model instead")
     if isinstance(model, fx.GraphModule) and model.meta.get("fxquant_capture"):
-        gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+        with warnings.catch_warnings():  # torch's own pytree spec warns when it is copied
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            graph = copy.deepcopy(model.graph)
+        gm = fx.GraphModule(model, graph, type(model).__name__)
         gm.meta.update(model.meta)
         return gm.eval()  # a new graph and module tree: passes never mutate the caller's graph
     was_training = model.training
