@@ -65,7 +65,7 @@ def ascend_state(gm: fx.GraphModule, float_model: torch.nn.Module,
                  for suffix in ("weight", "bias")}  # saved in the layer's format below: their float
     # values are not read (a frozen layer would dequantize its codes into a float copy for each)
     tensors = {k: v if k.startswith(unfolded) else _graph_tensor(gm, path, v)
-               for k, (path, v) in model_state(float_model).items() if k not in quantized}
+               for k, (path, v) in _model_state(float_model).items() if k not in quantized}
     types = dict.fromkeys(tensors, "FLOAT")
     extra: dict[str, str] = {}
     _warn_rounding_differs(gm)
@@ -138,7 +138,7 @@ def _online_rotation_tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor
     return tensors, sorted(f"{layer.target}." for layer in rotations)
 
 
-def model_state(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+def _model_state(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
     """{checkpoint name: (path in `model`, tensor)}: model.state_dict()'s names, or, for a graph
     fxquant.capture made, the state_dict names of the model it was captured from."""
     names = model.meta.get("fxquant_state_names") if isinstance(model, fx.GraphModule) else None
