@@ -201,8 +201,9 @@ class SmoothQuant:
         for g in groups:
             s = g.tie(chosen[g.name])
             self.fold(gm, g, s)
+            before = g.stats(stats).whole.as_dict()  # X's statistics: one for the group's members
             for n in g.members:
-                fxq_meta(n)["input_stats_before_smoothing"] = g.stats(stats).whole.as_dict()
+                fxq_meta(n)["input_stats_before_smoothing"] = before
         gm.recompile()
         with torch.no_grad():
             after = output_sample(gm(*first[0], **first[1]))

@@ -107,7 +107,6 @@ class QuantizingBackend:
     graphs: list[_CompiledGraph] = field(default_factory=list, init=False, repr=False)
     layers: dict[str, QuantOpr] = field(default_factory=dict, init=False, repr=False)
     model_layers: list[str] = field(default_factory=list, init=False, repr=False)
-    smoothing: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         make_scheme(self.scheme, self.options)
@@ -165,7 +164,6 @@ class QuantizingBackend:
                                      asym=self.asym, progress=self.progress)
         qgm = PassManager(passes)(graph.lifted.gm)
         graph.recorded = []
-        self.smoothing.update(smoothing_of(qgm))
         for name, module in qgm.named_modules():
             if isinstance(module, QuantOpr):
                 if name in self.layers:
@@ -180,7 +178,8 @@ class QuantizingBackend:
         reached is quantized if its scheme needs no activation data, else CalibrationDataError. Layers
         smoothed in calibration get their inputs divided by the same scales (ReplaySmoothing)."""
         options = self.options or SchemeOptions()
-        replay = [ReplaySmoothing(self.smoothing)] if self.smoothing else []
+        smoothed = self.smoothing()
+        replay = [ReplaySmoothing(smoothed)] if smoothed else []
         gm = PassManager([fold_batchnorm, functional_to_modules, self._resolve(strict_names=False), *replay,
                           InsertQuantOprs(options)])(graph.lifted.gm)
         for name, module in list(gm.named_modules()):
@@ -197,6 +196,12 @@ class QuantizingBackend:
                     module.calibrate_weight()
                 module.set_quant(True, True)
         self._install(graph, PassManager([Freeze()])(gm))
+
+    def smoothing(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """{layer: (fold kind, s [k])} of every layer smoothed in the graphs quantized so far (read
+        from their node.meta, where SmoothQuant records it)."""
+        return {name: fold for g in self.graphs if g.quantized is not None
+                for name, fold in smoothing_of(g.quantized).items()}
 
     def _install(self, graph: _CompiledGraph, qgm: fx.GraphModule) -> None:
         graph.quantized = qgm.eval()
