@@ -25,6 +25,7 @@ from fxquant.passes import (
     functional_to_modules,
     unmap_kept_tensors,
 )
+from fxquant.passes.calibrate import data_free_refusal
 
 from .calib_data import check_fits_signature, normalise_calib_data
 from .calibration import WeightOptimizer
@@ -129,7 +130,13 @@ def quantize(
     fxquant_float_bytes (the float model's parameters and buffers) and fxquant_peak_rss_bytes.
     Raises ConfigError, CalibrationDataError or CaptureError with the reason.
     """
-    make_scheme(scheme, options)
+    default = make_scheme(scheme, options)
+    if calib_data is None:
+        if weight_optimizers or measure_layers:
+            raise CalibrationDataError(data_free_refusal(bool(weight_optimizers), measure_layers))
+        if default.needs_calibration_data and not mix_cfg:  # decided before the capture it would follow
+            raise CalibrationDataError(f"scheme {scheme!r} quantizes activations statically and needs calibration "
+                                       "data: pass calib_data, or use a weight-only or dynamic scheme")
     resolve = ResolveSchemes(default=scheme, mix_cfg=mix_cfg, disable_names=disable_names or [],
                              rollback_names=rollback_names, disable_last_layer=disable_last_layer,
                              disable_first_layer=disable_first_layer, small_op_scheme=small_op_scheme)

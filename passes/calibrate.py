@@ -29,6 +29,14 @@ def needs_activation_data(gm: fx.GraphModule) -> list[str]:
             and any(isinstance(q, (StaticQuantizer, TimestepQuantizer)) for q in m.input_quantizers)]
 
 
+def data_free_refusal(weight_optimizers: bool, measure_layers: bool) -> str:
+    """The reason calibration without data refuses weight optimizers or measure_layers (both work
+    on the layers' calibration inputs, which data-free calibration does not have)."""
+    asked = [what for what, on in (("weight_optimizers (GPTQ, AdaRound, ...)", weight_optimizers),
+                                   ("measure_layers", measure_layers)) if on]
+    return f"{' and '.join(asked)} work on the layers' calibration inputs: pass calib_data, or leave them out"
+
+
 @dataclass
 class Calibrate:
     """Pass: run CalibrationRunner over `calib_data` (or, with no static activations, only
@@ -74,6 +82,10 @@ class Calibrate:
             raise ConfigError("streaming calibration needs asym=False, no weight optimizers, no measure_layers, "
                               "no input_overrides and no timestep or recurrent layers; use streaming=None")
         return equal if self.streaming is None else self.streaming
+
+    def __post_init__(self) -> None:
+        if self.calib_data is None and (self.weight_optimizers or self.measure_layers):
+            raise CalibrationDataError(data_free_refusal(bool(self.weight_optimizers), self.measure_layers))
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         gm.eval()  # calibrate what inference runs: no dropout, BatchNorm on running statistics

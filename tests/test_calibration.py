@@ -5,6 +5,7 @@ from torch import nn
 import fxquant
 from fxquant import CalibrationRunner
 from fxquant.errors import CalibrationDataError
+from fxquant.keep_acc import GPTQWeights
 from fxquant.passes import (
     Calibrate,
     InsertQuantOprs,
@@ -155,15 +156,44 @@ def test_malformed_calib_data(bad, match):
         fxquant.quantize(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), bad, progress=False)
 
 
+class _Untraceable(nn.Module):
+    """Capture fails on it (data-dependent control flow): errors raised before capture show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if float(x.sum()) > 0 else -self.fc(x)
+
+
 def test_static_scheme_without_data_is_an_error_but_weight_only_is_not():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     with pytest.raises(CalibrationDataError, match="pass calib_data"):
         fxquant.quantize(model, None)
-    with pytest.raises(CalibrationDataError, match="need calibration data"):
-        fxquant.quantize(model, None, scheme="w8a8", example_inputs=[torch.randn(2, 4)])
+    # the default scheme alone decides it: refused before capture (which would fail on this model)
+    with pytest.raises(CalibrationDataError, match="scheme 'w8a8' quantizes activations statically"):
+        fxquant.quantize(_Untraceable(), None, scheme="w8a8", example_inputs=[torch.randn(2, 4)])
+    # a mix_cfg may leave only weight-only layers: decided on the graph
+    with pytest.raises(CalibrationDataError, match="1 layers quantize activations statically"):
+        fxquant.quantize(model, None, scheme="w8a16", mix_cfg={"1": "w8a8"}, disable_last_layer=False,
+                         example_inputs=[torch.randn(2, 4)])
     q = fxquant.quantize(model, None, scheme="w8a16", example_inputs=[torch.randn(2, 4)])
     x = torch.randn(3, 4)
     assert (q(x) - model(x)).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"weight_optimizers": [GPTQWeights()]}, r"weight_optimizers \(GPTQ, AdaRound, ...\) work on the layers'"),
+    ({"measure_layers": True}, "measure_layers work on the layers' calibration inputs: pass calib_data"),
+])
+def test_data_free_calibration_refuses_what_needs_calibration_inputs(kwargs, match):
+    """Weight rounding and layer measurements without data would silently do nothing: refused, by
+    quantize before capture and by the Calibrate pass itself."""
+    with pytest.raises(CalibrationDataError, match=match):
+        fxquant.quantize(_Untraceable(), None, scheme="w8a16", example_inputs=[torch.randn(2, 4)], **kwargs)
+    with pytest.raises(CalibrationDataError, match=match):
+        Calibrate(None, **kwargs)
 
 
 def test_offload_gives_identical_qparams():
