@@ -119,7 +119,8 @@ def quantize(
     any suppression (QuaRot; fxquant.passes.HadamardRotation). weight_optimizers: per-layer weight rounding run during calibration
     (fxquant.keep_acc: GPTQWeights, AdaRound, ...). attention_quant: fa3, per-head int8 Q/K/V of every sdpa (QuantizeAttention).
     measure_layers: record each quantized layer's output error and input statistics on calib_data
-    (one more quantized run per layer) for fxquant.inspect and fxquant.report.
+    (one more quantized run per layer) for fxquant.inspect and fxquant.report. keep_float_weight:
+    frozen layers keep their float weights beside the codes (for fine-tuning).
     consume_model: the model is handed over: smoothing folds change its weights in place rather
     than copying them (one float copy of the smoothed layers less at the peak), so it no longer
     computes the float model; its float layers stay in it until fxquant.apply replaces them (and
