@@ -12,6 +12,7 @@ from fxquant.ir import scheme_decisions
 from fxquant.kernels import default_kernel
 from fxquant.passes import ReplaySmoothing
 from fxquant.passes.replay_smoothing import smoothing_of
+from fxquant.quant_opr import QuantOpr
 from fxquant.real_models import perplexity
 
 from models import TinyLlama
@@ -64,14 +65,22 @@ def test_smollm2_compiled_with_the_quantizing_backend_matches_quantize(smollm2, 
     model, _ = smollm2
     calib_windows, eval_windows = smollm2_windows
     calib = [{"input_ids": w, "use_cache": False} for w in calib_windows[:2]]
-    ref = fxquant.quantize(model, calib, scheme=scheme, progress=False)
+    # layers named as in the model (transformers' forward runs in a wrapper(*args): Dynamo's paths
+    # start at L['args'][0])
+    names = {"mix_cfg": {"model.layers.3.mlp.down_proj": "w8a16"}, "disable_names": ["model.layers.0.mlp.gate_proj"]}
+    ref = fxquant.quantize(model, calib, scheme=scheme, progress=False, **names)
     torch._dynamo.reset()
-    backend = fxquant.quantizing_backend(scheme, calib_data=calib, inner="eager")  # inductor: the benchmark
+    backend = fxquant.quantizing_backend(scheme, calib_data=calib, inner="eager", **names)  # inductor: the benchmark
     compiled = torch.compile(model, backend=backend)
     ppl_ref, ppl = perplexity(ref, eval_windows[:1]), perplexity(compiled, eval_windows[:1])
     assert abs(ppl - ppl_ref) <= 1e-6 * ppl_ref, (ppl, ppl_ref)  # the same passes on the same data
     assert abs(ppl - perplexity(model, eval_windows[:1])) > 0.01 * ppl_ref  # it did quantize
-    assert len(backend.layers) == 30 * 7  # every decoder Linear; lm_head (the last layer) stays float
+    quantized = {name for name, m in ref.named_modules() if isinstance(m, QuantOpr)}
+    assert set(backend.layers) == quantized and len(quantized) == 30 * 7 - 1  # lm_head (the last layer) stays float
+    layers = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}  # small ops: per graph
+    decisions = {k: v for g in backend.graphs for k, v in scheme_decisions(g.quantized).items() if k in layers}
+    assert decisions == {k: v for k, v in scheme_decisions(ref).items() if k in layers} and len(decisions) == 211
+    assert decisions["model.layers.3.mlp.down_proj"][0] == "w8a16"
     torch._dynamo.reset()
 
 

@@ -51,10 +51,11 @@ class LiftedGraph:
 
 def module_path(dynamo_path: str) -> str:
     """Fully qualified module name from a Dynamo source path: "L['self'].model.layers[0].mlp",
-    "L['self']._modules['model']._modules['layers']._modules['0']._modules['mlp']" and
-    "L['self'].model.layers.0.mlp" and "L['self'].__dict__['_modules']['model']..." all give
-    "model.layers.0.mlp"."""
-    rest = re.sub(r"^[LG]\['[^']*'\]", "", dynamo_path)
+    "L['self']._modules['model']._modules['layers']._modules['0']._modules['mlp']",
+    "L['self'].model.layers.0.mlp", "L['self'].__dict__['_modules']['model']..." and, where the
+    module's forward runs in a decorator's wrapper(*args, **kwargs) (transformers' models),
+    "L['args'][0].model.layers.0.mlp" all give "model.layers.0.mlp"."""
+    rest = re.sub(r"^[LG]\['args'\]\[\d+\]|^[LG]\['[^']*'\]", "", dynamo_path)
     parts = [a or b or c for a, b, c in _PATH_TOKEN.findall(rest)]
     return ".".join(p for p in parts if p not in _CONTAINER_ATTRS)
 
