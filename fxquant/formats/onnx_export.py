@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,23 @@ log = logging.getLogger(__name__)
 
 ONNX_TARGETS = ("qdq", "ascend")
 OPSET = 18
+
+
+#: torch.onnx's op registry warns at every export that torchvision's ops (nms, roi_align, ...) are
+#: not registered when torchvision is not installed: four lines a user can do nothing about
+_ONNX_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+@contextlib.contextmanager
+def _logger_quiet(name: str) -> Iterator[None]:
+    """Within the block, the logger `name` passes on errors only; its level is restored after."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _graph_input_names(gm: fx.GraphModule) -> list[str]:
@@ -44,7 +62,7 @@ def to_onnx_model(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
         raise ConfigError(f"input_names has {len(input_names)} names but the model takes {len(bound)} inputs "
                           f"({', '.join(bound)}); give one name per input, in the order of forward's parameters")
     shapes = {name: {d: torch.export.Dim.AUTO for d in range(v.dim())} for name, v in bound.items()}
-    with TRACE_LOCK, warnings.catch_warnings():
+    with TRACE_LOCK, warnings.catch_warnings(), _logger_quiet(_ONNX_REGISTRATION_LOGGER):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, (), kwargs=bound, dynamo=True, opset_version=OPSET,
                                     dynamic_shapes=shapes, verbose=False)
