@@ -42,37 +42,55 @@ class GPTQWeights(CodeKeeper):
 
     def _solve_group(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, x: torch.Tensor,
                      prob: LayerProblem) -> torch.Tensor:
-        """w [n, d] float32, s / z [n, d] the scale and zero point of each weight, x [d, N] float32
-        -> codes [n, d] (integer-valued floats).
+        """w [n, d] float32, s / z [n, d] the scale and zero point of each weight (views with stride
+        0 along d where they are per output channel), x [d, N] float32 -> codes [n, d]
+        (integer-valued floats).
 
         The columns are worked on as the rows of W^T [d, n] (contiguous, so each step is a few
-        in-place vector ops), in float64; codes are clamp(round(w / s) + z) as quantize_codes
-        computes them."""
+        in-place vector ops on one row), in float64; codes are clamp(round(w / s) + z) as
+        quantize_codes computes them. A column's rounding error goes onto the block's later
+        columns with the rows of H^-1's factor divided by their diagonal once per block, and onto
+        the columns after the block in one GEMM."""
         wq = prob.weight_quantizer
         dead, perm, hinv = self._inverse_hessian(x)
-        w = w.double().clone()
-        w[:, dead] = 0.0
-        wt, st, zt = (t.double()[:, perm].t().contiguous() for t in (w, s, z))  # [d, n]
+        wt = _rows_in_order(w, perm)  # [d, n] float64
+        wt[dead[perm]] = 0.0
+        per_channel = s.stride(1) == 0 and z.stride(1) == 0  # one scale / zero point per row of w
+        if per_channel:  # the same vectors for every column
+            s_n, z_n = s[:, 0].double(), z[:, 0].double()
+            st, zt, zst = (v.expand(wt.shape) for v in (s_n, z_n, s_n * z_n))
+        else:
+            st, zt = _rows_in_order(s, perm), _rows_in_order(z, perm)
+            zst = st * zt
+        symmetric = bool((z == 0).all())
         codes = torch.empty_like(wt)
         d, half_even = wt.shape[0], wq.spec.rounding == "half_even"  # else floor_add: floor(v + 0.5)
         for start in range(0, d, self.block):
             end = min(start + self.block, d)
             wb, hb = wt[start:end], hinv[start:end, start:end]
+            diag = hb.diagonal().clone()
+            h_rows = (hb / diag[:, None]).unbind(0)  # row i: H^-1 factor's row over its diagonal
             err = torch.empty_like(wb)
-            for i in range(end - start):
-                j = start + i
-                q, e = codes[j], err[i]  # quantize_codes and dequantize_codes, in place
-                torch.div(wb[i], st[j], out=q)
+            rows = zip(wb.unbind(0), codes[start:end].unbind(0), err.unbind(0),
+                       *(t[start:end].unbind(0) for t in (st, zt, zst)))
+            for i, (w_i, q, e, s_i, z_i, zs_i) in enumerate(rows):
+                torch.div(w_i, s_i, out=q)  # quantize_codes and dequantize_codes, in place
                 if half_even:
                     q.round_()
                 else:
                     q.add_(0.5).floor_()
-                q.add_(zt[j]).clamp_(wq.qmin, wq.qmax)
-                torch.sub(q, zt[j], out=e).mul_(st[j])
-                torch.sub(wb[i], e, out=e).div_(hb[i, i])
-                wb[i + 1:].addr_(hb[i, i + 1:], e, alpha=-1.0)  # the error onto the block's later columns
-            wt[end:].addmm_(hinv[start:end, end:].t(), err, alpha=-1.0)  # and onto the columns after it
-        return codes.t()[:, torch.argsort(perm)].float()
+                if not symmetric:
+                    q.add_(z_i)
+                q.clamp_(wq.qmin, wq.qmax)
+                torch.addcmul(w_i, q, s_i, value=-1.0, out=e)  # w - (q - z) s = w - q s + z s
+                if not symmetric:
+                    e.add_(zs_i)
+                if i + 1 < end - start:
+                    wb[i + 1:].addr_(h_rows[i][i + 1:], e, alpha=-1.0)  # onto the block's later columns
+            if end < d:
+                err.div_(diag[:, None])
+                wt[end:].addmm_(hinv[start:end, end:].t(), err, alpha=-1.0)  # and onto the columns after it
+        return codes.index_select(0, torch.argsort(perm)).t().float()
 
     def _inverse_hessian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dead columns [d] bool, column order [d], upper Cholesky factor of H^-1 in that order
@@ -92,20 +110,30 @@ class GPTQWeights(CodeKeeper):
         h[dead, dead] = 1.0
         h.diagonal().add_(self.damp * float(h.diagonal().mean()))
         perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else torch.arange(h.shape[0])
-        h = h[perm][:, perm]
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        # the upper Cholesky factor U of H^-1 (U^T U = H^-1) without forming H^-1: with J the
+        # reversal, J H J = L L^T gives H = M M^T for the upper M = J L J, so U = M^-1 = J L^-1 J
+        reversed_h = h[perm.flip(0)][:, perm.flip(0)]
+        lower = torch.linalg.cholesky(reversed_h)
+        eye = torch.eye(h.shape[0], dtype=h.dtype)
+        hinv = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
         self._last_inverse = (x, (dead, perm, hinv))
         return dead, perm, hinv
+
+
+def _rows_in_order(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """t [n, d] -> float64 [d, n], row j = column perm[j] of t (a transpose, then a row gather)."""
+    return t.t().contiguous().index_select(0, perm).double()
 
 
 def column_qparams(prob: LayerProblem, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero point) of every weight element as [n, d] float32 (d: the columns of one conv
     group): per-group qparams repeated over their group's columns, per-channel / per-tensor ones
-    over all columns (zero point 0: those weights are symmetric)."""
+    expanded over all columns (views with stride 0 along d; zero point 0: those weights are
+    symmetric)."""
     wq = prob.weight_quantizer
     n = prob.module.weight.shape[0]
     if prob.grouped:
         g = wq.spec.group_size
         return (wq.scale.float().repeat_interleave(g, dim=1), wq.zero_point.float().repeat_interleave(g, dim=1))
     scale = prob.weight_scale().float().reshape(-1).expand(n)
-    return scale[:, None].expand(n, d), torch.zeros(n, d)
+    return scale[:, None].expand(n, d), torch.zeros(n, 1).expand(n, d)
