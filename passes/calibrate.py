@@ -61,6 +61,10 @@ class Calibrate:
     weight_optimizers: Sequence[WeightOptimizer] = ()
     streaming: bool | None = None
 
+    def __post_init__(self) -> None:
+        if self.calib_data is None and (self.weight_optimizers or self.measure_layers):
+            raise CalibrationDataError(data_free_refusal(bool(self.weight_optimizers), self.measure_layers))
+
     def _calibrate_streaming(self, gm: fx.GraphModule) -> bool:
         """Streaming calibration; False when a sample fails in a forward, so that the layerwise
         runner, which runs node by node, names the sample and the node it fails at."""
@@ -82,10 +86,6 @@ class Calibrate:
             raise ConfigError("streaming calibration needs asym=False, no weight optimizers, no measure_layers, "
                               "no input_overrides and no timestep or recurrent layers; use streaming=None")
         return equal if self.streaming is None else self.streaming
-
-    def __post_init__(self) -> None:
-        if self.calib_data is None and (self.weight_optimizers or self.measure_layers):
-            raise CalibrationDataError(data_free_refusal(bool(self.weight_optimizers), self.measure_layers))
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         gm.eval()  # calibrate what inference runs: no dropout, BatchNorm on running statistics
