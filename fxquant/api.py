@@ -25,7 +25,6 @@ from fxquant.passes import (
     functional_to_modules,
     unmap_kept_tensors,
 )
-from fxquant.passes.calibrate import data_free_refusal
 
 from .calib_data import check_fits_signature, normalise_calib_data
 from .calibration import WeightOptimizer
@@ -132,12 +131,9 @@ def quantize(
     Raises ConfigError, CalibrationDataError or CaptureError with the reason.
     """
     default = make_scheme(scheme, options)
-    if calib_data is None:
-        if weight_optimizers or measure_layers:
-            raise CalibrationDataError(data_free_refusal(bool(weight_optimizers), measure_layers))
-        if default.needs_calibration_data and not mix_cfg:  # decided before the capture it would follow
-            raise CalibrationDataError(f"scheme {scheme!r} quantizes activations statically and needs calibration "
-                                       "data: pass calib_data, or use a weight-only or dynamic scheme")
+    if calib_data is None and default.needs_calibration_data and not mix_cfg:  # decided before capture
+        raise CalibrationDataError(f"scheme {scheme!r} quantizes activations statically and needs calibration "
+                                   "data: pass calib_data, or use a weight-only or dynamic scheme")
     resolve = ResolveSchemes(default=scheme, mix_cfg=mix_cfg, disable_names=disable_names or [],
                              rollback_names=rollback_names, disable_last_layer=disable_last_layer,
                              disable_first_layer=disable_first_layer, small_op_scheme=small_op_scheme)
@@ -158,20 +154,21 @@ def quantize(
         raise ConfigError("inplace=True installs the quantized layers into the model, which has no place for "
                           f"{'fa3 attention inputs' if attention_quant else 'quantized small ops'}; "
                           "use inplace=False and the returned GraphModule")
+    if smooth_alpha is not None:
+        suppression = SmoothQuant(calib_data, alpha=smooth_alpha)
+    if rotation is True:
+        rotation = HadamardRotation(calib_data)
+    # the passes are built before capture: each refuses its bad configuration without a graph
+    manager = PassManager(quantization_passes(
+        resolve, options or SchemeOptions(), calib_data, rotation=rotation or None, suppression=suppression, attention_quant=attention_quant,
+        device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers,
+        measure_layers=measure_layers, keep_float_weight=keep_float_weight), dump_dir=dump_dir)
     float_bytes = storage_bytes(model)
     start = time.perf_counter()
     gm = capture(model, example_args, example_kwargs)
     capture_seconds = time.perf_counter() - start
     gm.meta["fxquant_scheme_options"] = options or SchemeOptions()  # for passes that simulate the schemes
     gm.meta["fxquant_consumes_model"] = consume_model or inplace  # passes may change the model's tensors
-    if smooth_alpha is not None:
-        suppression = SmoothQuant(calib_data, alpha=smooth_alpha)
-    if rotation is True:
-        rotation = HadamardRotation(calib_data)
-    manager = PassManager(quantization_passes(
-        resolve, options or SchemeOptions(), calib_data, rotation=rotation or None, suppression=suppression, attention_quant=attention_quant,
-        device=device, asym=asym, progress=progress, weight_optimizers=weight_optimizers,
-        measure_layers=measure_layers, keep_float_weight=keep_float_weight), dump_dir=dump_dir)
     gm = manager(gm)
     gm.meta["fxquant_timings"] = [("capture", capture_seconds), *manager.timings]
     gm.meta["fxquant_decisions"] = scheme_decisions(gm)

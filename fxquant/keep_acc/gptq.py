@@ -110,8 +110,8 @@ class GPTQWeights(CodeKeeper):
         perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else torch.arange(h.shape[0])
         # the upper Cholesky factor U of H^-1 (U^T U = H^-1) without forming H^-1: with J the
         # reversal, J H J = L L^T gives H = M M^T for the upper M = J L J, so U = M^-1 = J L^-1 J
-        reversed_h = h[perm.flip(0)][:, perm.flip(0)]
-        lower = torch.linalg.cholesky(reversed_h)
+        reverse = perm.flip(0)
+        lower = torch.linalg.cholesky(h[reverse][:, reverse])
         eye = torch.eye(h.shape[0], dtype=h.dtype)
         hinv = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
         self._last_inverse = (x, (dead, perm, hinv))
