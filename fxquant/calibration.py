@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 WeightOptimizer = Callable[[_QWeighted, list[torch.Tensor], list[torch.Tensor]], None]
 
 
+class OutputsOfInputs(list):
+    """A WeightOptimizer's targets when they are the float layer's outputs on exactly the inputs
+    passed beside them (no quantized storage or input override between the two): y = layer(x), so
+    an optimizer may measure output error as ||(W' - W) x||. Otherwise the targets come as a
+    plain list."""
+
+
 class CalibrationRunner:
     """Calibrates the QuantOprs of a GraphModule layer by layer.
 
@@ -181,9 +188,10 @@ class CalibrationRunner:
         """Run the weight optimizers on the layer's stored inputs and its float outputs."""
         arg = next(a for a in node.args if isinstance(a, fx.Node))
         inputs = self.input_overrides.get(node.target) or store.get(arg)
+        of_inputs = store is self.storage and node.target not in self.input_overrides
         module.set_quant(False, False)
         for optimize in self.weight_optimizers:
-            optimize(module, list(inputs), outs)
+            optimize(module, list(inputs), OutputsOfInputs(outs) if of_inputs else list(outs))
 
     def _quantized_outputs(self, node: fx.Node, module: Any, outs: list[Any], device: torch.device,
                            w_quant: bool, a_quant: bool) -> list[Any]:

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fxquant.kernels.gptq_block import native_gptq_block
+from fxquant.quant_opr import QLinear
+
 from .layer_problem import CodeKeeper, LayerProblem, input_columns
 
 
@@ -17,7 +20,9 @@ class GPTQWeights(CodeKeeper):
     ones (per tensor, channel, or per group of input columns: w4a16's static groups, so columns can
     be taken in any order); columns are taken in order of decreasing H diagonal (act_order),
     `block` at a time, with `damp` * mean(diag H) added to the diagonal. Kept only when the layer's
-    output error drops."""
+    output error drops: measured as tr(dW H dW^T) = ||dW X||^2 (dW: the dequantized weight minus
+    the float one) on all of X's rows when the targets are the float layer's outputs on X itself
+    (float inputs: weight-only or dynamic layers), else by two forwards (CodeKeeper)."""
 
     damp: float = 0.01
     block: int = 128
@@ -25,6 +30,8 @@ class GPTQWeights(CodeKeeper):
     max_rows: int = field(default=16384, kw_only=True)
     # (x, _inverse_hessian(x)) of the last layer solved: the next layer may read the same input
     _last_inverse: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # H = X X^T [d, d] float64 (undamped) of the last layer solved
+    _last_gram: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     name = "gptq"
     handles_groups = True
 
@@ -39,6 +46,22 @@ class GPTQWeights(CodeKeeper):
         s, z = scale.reshape(w.shape), zero.reshape(w.shape)
         codes = torch.stack([self._solve_group(w[g], s[g], z[g], x[g], prob) for g in range(groups)])
         return codes.reshape(weight.shape), None
+
+    def keep_if_better(self, prob: LayerProblem, codes: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Keep `codes` if ||(deq(codes) - W) X||^2 = tr(dW H dW^T) is below the current codes'
+        (one [n, d] x [d, d] product each, over every row solve saw), where that is the layer's
+        output error: a Linear whose targets are its float outputs on its unquantized inputs X."""
+        if not (scale is None and prob.y_of_x and not prob.input_static and isinstance(prob.module, QLinear)):
+            super().keep_if_better(prob, codes, scale)
+            return
+        before, after = (self.gram_error(prob, c) for c in (prob.current_codes(), codes))
+        prob.keep_if_lower(self.name, codes, None, before, after)
+
+    def gram_error(self, prob: LayerProblem, codes: torch.Tensor) -> float:
+        """tr(dW H dW^T) = ||dW X||^2 for dW = deq(codes) - W [n, d] and H = X X^T of the last
+        layer solved (prob's, on the inputs X it saw)."""
+        dw = prob.dequantized_weight(codes).double() - prob.module.weight.detach().double()
+        return float(((dw @ self._last_gram) * dw).sum())
 
     def _solve_group(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, x: torch.Tensor,
                      prob: LayerProblem) -> torch.Tensor:
@@ -69,24 +92,12 @@ class GPTQWeights(CodeKeeper):
             end = min(start + self.block, d)
             wb, hb = wt[start:end], hinv[start:end, start:end]
             diag = hb.diagonal().clone()
-            h_rows = (hb / diag[:, None]).unbind(0)  # row i: H^-1 factor's row over its diagonal
+            h_rows = (hb / diag[:, None]).contiguous()  # row i: H^-1 factor's row over its diagonal
             err = torch.empty_like(wb)
-            rows = zip(wb.unbind(0), codes[start:end].unbind(0), err.unbind(0),
-                       *(t[start:end].unbind(0) for t in (st, zt, zst)))
-            for i, (w_i, q, e, s_i, z_i, zs_i) in enumerate(rows):
-                torch.div(w_i, s_i, out=q)  # quantize_codes and dequantize_codes, in place
-                if half_even:
-                    q.round_()
-                else:
-                    q.add_(0.5).floor_()
-                if not symmetric:
-                    q.add_(z_i)
-                q.clamp_(wq.qmin, wq.qmax)
-                torch.addcmul(w_i, q, s_i, value=-1.0, out=e)  # w - (q - z) s = w - q s + z s
-                if not symmetric:
-                    e.add_(zs_i)
-                if i + 1 < end - start:
-                    wb[i + 1:].addr_(h_rows[i][i + 1:], e, alpha=-1.0)  # onto the block's later columns
+            sb, zb, zsb = st[start:end], *((None, None) if symmetric else (zt[start:end], zst[start:end]))
+            block_args = (wb, h_rows, sb, zb, zsb, wq.qmin, wq.qmax, half_even, codes[start:end], err)
+            if not native_gptq_block(*block_args):
+                _torch_block(*block_args)
             if end < d:
                 err.div_(diag[:, None])
                 wt[end:].addmm_(hinv[start:end, end:].t(), err, alpha=-1.0)  # and onto the columns after it
@@ -104,6 +115,7 @@ class GPTQWeights(CodeKeeper):
         if last is not None and last[0].shape == x.shape and torch.equal(last[0], x):
             return last[1]
         h = _gram(x.double())
+        self._last_gram = h.clone()
         dead = h.diagonal() == 0
         h[dead, dead] = 1.0
         h.diagonal().add_(self.damp * float(h.diagonal().mean()))
@@ -116,6 +128,29 @@ class GPTQWeights(CodeKeeper):
         hinv = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
         self._last_inverse = (x, (dead, perm, hinv))
         return dead, perm, hinv
+
+
+def _torch_block(w: torch.Tensor, h_rows: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+                 zs: torch.Tensor | None, qmin: int, qmax: int, half_even: bool, codes: torch.Tensor,
+                 err: torch.Tensor) -> None:
+    """kernels.gptq_block.native_gptq_block's steps (same arguments) as torch ops, one row of the
+    block w [b, n] at a time: for where the C kernel does not build."""
+    qparams = (s, s, s) if z is None else (s, z, zs)  # z / zs are not read when symmetric
+    rows = zip(w.unbind(0), codes.unbind(0), err.unbind(0), h_rows.unbind(0), *(t.unbind(0) for t in qparams))
+    for i, (w_i, q, e, h_i, s_i, z_i, zs_i) in enumerate(rows):
+        torch.div(w_i, s_i, out=q)  # quantize_codes and dequantize_codes, in place
+        if half_even:
+            q.round_()
+        else:
+            q.add_(0.5).floor_()
+        if z is not None:
+            q.add_(z_i)
+        q.clamp_(qmin, qmax)
+        torch.addcmul(w_i, q, s_i, value=-1.0, out=e)  # w - (q - z) s = w - q s + z s
+        if z is not None:
+            e.add_(zs_i)
+        if i + 1 < w.shape[0]:
+            w[i + 1:].addr_(h_i[i + 1:], e, alpha=-1.0)  # onto the block's later columns
 
 
 def _gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from fxquant.calibration import OutputsOfInputs
 from fxquant.fake_quant import dequantize_codes, quantize_codes
 from fxquant.quant_opr import QLinear, _QConvNd, _QWeighted
 from fxquant.quantizer import StaticQuantizer
@@ -19,16 +20,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class LayerProblem:
     """x: the layer's inputs (Linear: rows [m, k]; conv: images [b, c, ...]), float32, sampled from
-    the calibration inputs; y: the float layer's outputs on the matching float inputs, same rows."""
+    the calibration inputs; y: the float layer's outputs on the matching float inputs, same rows.
+    y_of_x: y is the float layer's output on x itself (not on other, float inputs)."""
 
     module: _QWeighted
     x: torch.Tensor
     y: torch.Tensor
+    y_of_x: bool = False
 
     @classmethod
     def gather(cls, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                max_rows: int = 4096, max_images: int = 256, seed: int = 0) -> LayerProblem:
-        """Concatenate the batches and keep at most max_rows rows (Linear) or max_images images."""
+        """Concatenate the batches and keep at most max_rows rows (Linear) or max_images images;
+        y_of_x when the targets come as calibration.OutputsOfInputs."""
         if isinstance(module, QLinear):
             k, n = module.in_features, module.out_features
             x = torch.cat([t.detach().float().reshape(-1, k) for t in inputs])
@@ -38,17 +42,23 @@ class LayerProblem:
             x = torch.cat([t.detach().float() for t in inputs])
             y = torch.cat([t.detach().float() for t in targets])
             limit = max_images
-        return cls(module, x, y).sampled(limit, seed)
+        return cls(module, x, y, isinstance(targets, OutputsOfInputs)).sampled(limit, seed)
 
     @property
     def weight_quantizer(self) -> StaticQuantizer:
         return self.module.weight_quantizer
 
+    @property
+    def input_static(self) -> bool:
+        """True when the layer quantizes its input with calibrated static qparams."""
+        aq = self.module.active_input_quantizer()
+        return isinstance(aq, StaticQuantizer) and aq.calibrated
+
     def quantized_input(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """x fake-quantized by the layer's static input quantizer (optionally with another scale)."""
-        aq = self.module.active_input_quantizer()
-        if not isinstance(aq, StaticQuantizer) or not aq.calibrated:
+        if not self.input_static:
             return self.x
+        aq = self.module.active_input_quantizer()
         s = aq.scale if scale is None else scale
         codes = quantize_codes(self.x, s, aq.zero_point, aq.qmin, aq.qmax, aq.spec.rounding,
                                aq.spec.offset_in_rounding)
@@ -107,22 +117,29 @@ class LayerProblem:
             w = self.dequantized_weight(codes.reshape(self.module.weight.shape), scale)
             return self.error(self.forward(self.quantized_input(), w))
 
+    def current_codes(self) -> torch.Tensor:
+        """The weight codes the layer has now (fixed by a keeper, else round to nearest)."""
+        with torch.no_grad():
+            return self.module._weight_codes() if self.module.codes_fixed else self.rtn_codes()
+
     def current_error(self) -> float:
         """Output error of the layer as it is now quantized (input and weight)."""
-        with torch.no_grad():
-            codes = self.module._weight_codes() if self.module.codes_fixed else self.rtn_codes()
-        return self.error_with(codes)
+        return self.error_with(self.current_codes())
 
     def sampled(self, max_rows: int, seed: int = 0) -> LayerProblem:
         """The same problem on at most max_rows of its rows (Linear) or images (conv), drawn with seed."""
         if self.x.shape[0] <= max_rows:
             return self
         idx = torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
-        return LayerProblem(self.module, self.x[idx], self.y[idx])
+        return LayerProblem(self.module, self.x[idx], self.y[idx], self.y_of_x)
 
     def keep_if_better(self, keeper: str, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """Fix `codes` (and `scale`) in the layer only if they lower its output error."""
-        before, after = self.current_error(), self.error_with(codes, scale)
+        self.keep_if_lower(keeper, codes, scale, self.current_error(), self.error_with(codes, scale))
+
+    def keep_if_lower(self, keeper: str, codes: torch.Tensor, scale: torch.Tensor | None, before: float,
+                      after: float) -> None:
+        """Fix `codes` (and `scale`) in the layer when their error `after` is below `before`."""
         if after < before:
             self.module.set_weight_codes(codes, scale)
         log.debug("%s: output error %.4g -> %.4g (%s)", keeper, before, after, "kept" if after < before else "dropped")
@@ -173,8 +190,8 @@ def supports(module: torch.nn.Module, groups: bool = False) -> bool:
 class CodeKeeper:
     """Base of the keepers that propose new weight codes: `keeper(module, inputs, targets)` gathers
     the layer's LayerProblem (at most max_rows rows or 256 images, sampled with seed), calls
-    `solve`, and keeps the result only if it lowers the layer's output error on at most
-    check_rows of those rows (two forwards of the layer: GPTQ solves on up to 16384 rows)."""
+    `solve`, and keeps the result only if it lowers the layer's output error (`keep_if_better`:
+    on at most check_rows of those rows, two forwards of the layer; GPTQ solves on up to 16384)."""
 
     name: ClassVar[str] = ""
     handles_groups: ClassVar[bool] = False  # True: also per-group weights (w4a16)
@@ -192,4 +209,8 @@ class CodeKeeper:
         prob = LayerProblem.gather(module, inputs, targets, max_rows=self.max_rows, seed=self.seed)
         with torch.no_grad():
             codes, scale = self.solve(prob)
+            self.keep_if_better(prob, codes, scale)
+
+    def keep_if_better(self, prob: LayerProblem, codes: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Fix the solution in the layer if it lowers the output error on check_rows of prob's rows."""
         prob.sampled(self.check_rows, self.seed).keep_if_better(self.name, codes, scale)
