@@ -57,7 +57,8 @@ class CalibrationRunner:
         each QuantOpr. pr: with asym, the
         probability that an element of a stored quantized output is the quantized value rather
         than the float one (QDrop-style mixing; 1.0 = fully quantized). weight_optimizers: called
-        as f(layer, inputs, float_outputs) after each weighted layer is calibrated (keep_acc)."""
+        as f(layer, inputs, float_outputs) after each weighted layer is calibrated (keep_acc); the
+        outputs come as OutputsOfInputs where they are the float layer's on those very inputs."""
         self.model = model
         self.input_overrides = dict(input_overrides or {})
         self.measure_layers = measure_layers
