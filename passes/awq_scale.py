@@ -5,54 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-from fxquant.calib_data import normalise_calib_data
 from fxquant.ir import fxq_meta
-from fxquant.partial_forward import forward_until
 from fxquant.quant_proxy import fake_quant_act, fake_quant_weight
 from fxquant.quantizer import QuantSpec, StaticQuantizer
-from fxquant.resources import release_freed_memory
 from fxquant.schemes import SCHEME_NAMES, SchemeOptions, make_scheme
 
 from .flex_smooth import ACTIVATION_MODES
 from .smooth_quant import ChannelStats, SmoothGroup, SmoothQuant
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def sample_inputs(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], max_rows: int) -> dict[str, torch.Tensor]:
-    """{linear name: up to max_rows rows [m, k] (float32) of its input}, strided evenly over every
-    sample. The row buffers are allocated before the first sample and filled in place, and freed
-    pages are given back after each sample (see fxquant.resources.release_freed_memory)."""
-    batches = normalise_calib_data(calib_data)
-    per_sample = max(1, max_rows // len(batches))
-    rows = {t: torch.empty(per_sample * len(batches), gm.get_submodule(t).in_features) for t in targets}
-    filled = dict.fromkeys(targets, 0)
-    handles = []
-    for name in targets:
-        def hook(mod, args, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            start = filled[name]
-            n = min(per_sample, len(rows[name]) - start)  # a layer called twice per sample fills up
-            picked = x[:: max(1, x.shape[0] // per_sample)][:n]
-            rows[name][start:start + picked.shape[0]].copy_(picked)
-            filled[name] = start + picked.shape[0]
-        handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with forward_until(gm, targets) as run:
-            for args, kwargs in batches:
-                run(*args, **kwargs)
-                release_freed_memory()
-    finally:
-        for h in handles:
-            h.remove()
-    return {t: rows[t][: filled[t]] for t in targets}
 
 
 def group_weight_quantizer(spec: QuantSpec) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -87,14 +53,17 @@ class AWQScale(SmoothQuant):
             return group_weight_quantizer(spec)
         return fake_quant_weight
 
+    def rows_wanted(self, groups: list[SmoothGroup]) -> tuple[list[str], int]:
+        """The rows of each group's input (its members share it), max_rows of them."""
+        return [g.members[0].target for g in groups], self.max_rows
+
     @torch.no_grad()
     def choose_scales(self, gm: fx.GraphModule, groups: list[SmoothGroup],
                       stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
         options = self.options or gm.meta.get("fxquant_scheme_options")
-        xs = sample_inputs(gm, self.calib_data, [g.members[0].target for g in groups], self.max_rows)
         out = {}
         for g in groups:
-            x = xs[g.members[0].target]
+            x = stats[g.members[0].target].rows
             st = g.stats(stats)
             scheme = fxq_meta(g.members[0]).get("scheme")
             mode = ACTIVATION_MODES.get(scheme, "none")

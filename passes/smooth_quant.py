@@ -60,11 +60,14 @@ class ChannelScale(torch.nn.Module):
 @dataclass
 class ChannelStats:
     """Per input channel of one activation X [..., k], over every calibration sample (float32 [k]);
-    `whole` holds the statistics of all of X's elements (for the outlier ratio max|x| / std)."""
+    `whole` holds the statistics of all of X's elements (for the outlier ratio max|x| / std);
+    `rows`, where input_stats was asked for them, rows of X [m, k] float32 strided evenly over
+    every sample."""
 
     lo: torch.Tensor
     hi: torch.Tensor
     whole: TensorStats = field(default_factory=TensorStats)
+    rows: torch.Tensor | None = None
 
     @property
     def absmax(self) -> torch.Tensor:
@@ -72,28 +75,41 @@ class ChannelStats:
 
     def merge(self, other: ChannelStats) -> ChannelStats:
         return ChannelStats(torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi),
-                            self.whole.merge(other.whole))
+                            self.whole.merge(other.whole), self.rows if self.rows is not None else other.rows)
 
 
 @torch.no_grad()
-def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) -> dict[str, ChannelStats]:
-    """{linear name: per-channel min / max of its input} over every calibration sample.
+def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], rows_of: Sequence[str] = (),
+                max_rows: int = 0) -> dict[str, ChannelStats]:
+    """{linear name: per-channel min / max of its input} over every calibration sample, in one
+    forward pass of each sample; for the names in `rows_of` also up to max_rows rows of the input
+    (ChannelStats.rows), max_rows / samples from each sample, strided evenly over its rows.
 
-    The per-channel buffers are allocated before the first sample and updated in place: a small
-    tensor allocated between a forward's large temporaries would pin the heap pages around it
-    (about 400 MB of resident memory on SmolLM2).
+    The per-channel and row buffers are allocated before the first sample and updated in place: a
+    small tensor allocated between a forward's large temporaries would pin the heap pages around
+    it (about 400 MB of resident memory on SmolLM2).
     """
+    n_samples = len(normalise_calib_data(calib_data))
+    per_sample = max(1, max_rows // n_samples)
     stats: dict[str, ChannelStats] = {}
     for name in targets:
         k = gm.get_submodule(name).in_features
-        stats[name] = ChannelStats(torch.full((k,), math.inf), torch.full((k,), -math.inf))
+        rows = torch.empty(per_sample * n_samples, k) if name in rows_of else None
+        stats[name] = ChannelStats(torch.full((k,), math.inf), torch.full((k,), -math.inf), rows=rows)
+    filled = dict.fromkeys(rows_of, 0)
     handles = []
     for name in targets:
-        def hook(mod, args, st=stats[name]):
+        def hook(mod, args, name=name, st=stats[name]):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             torch.minimum(st.lo, x.amin(dim=0).float(), out=st.lo)
             torch.maximum(st.hi, x.amax(dim=0).float(), out=st.hi)
             st.whole.add(x)
+            if st.rows is not None:
+                start = filled[name]
+                n = min(per_sample, len(st.rows) - start)  # a layer called twice per sample fills up
+                picked = x[:: max(1, x.shape[0] // per_sample)][:n]
+                st.rows[start:start + picked.shape[0]].copy_(picked)
+                filled[name] = start + picked.shape[0]
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with forward_until(gm, targets) as run:
@@ -103,6 +119,8 @@ def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str]) -> 
     finally:
         for h in handles:
             h.remove()
+    for name, count in filled.items():
+        stats[name].rows = stats[name].rows[:count]
     return {name: st for name, st in stats.items() if st.whole.count}  # layers the samples reached
 
 
@@ -189,10 +207,15 @@ class SmoothQuant:
         return {g.name: smoothing_scale(g.stats(stats).absmax, g.weights(gm), self.alpha, self.beta)
                 for g in groups}
 
+    def rows_wanted(self, groups: list[SmoothGroup]) -> tuple[list[str], int]:
+        """(layers whose sampled input rows choose_scales reads, at most how many rows each)."""
+        return [], 0
+
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         self._mutable = mutable_storages(gm) if gm.meta.get("fxquant_consumes_model") else set()
         groups = self.find_groups(gm)
-        stats = input_stats(gm, self.calib_data, [n.target for g in groups for n in g.members])
+        stats = input_stats(gm, self.calib_data, [n.target for g in groups for n in g.members],
+                            *self.rows_wanted(groups))
         chosen = self.choose_scales(gm, groups, stats)  # leaves the weights as they are
         first = normalise_calib_data(self.calib_data)[0]
         with torch.no_grad():
