@@ -146,3 +146,22 @@ def test_proxy_stand_in_computes_the_fake_quant_product_in_integers():
                                        fake_quant_weight(lin.weight * s), lin.bias)
             got = stand_in(x)
         assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), mode
+
+
+def test_awq_output_error_through_the_gram_matrix_equals_the_forward_error():
+    from fxquant.passes.awq_scale import group_weight_quantizer, output_error
+    from fxquant.passes.smooth_quant import ChannelStats
+    from fxquant.schemes import SchemeOptions, make_scheme
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) * torch.linspace(0.1, 20.0, 64)  # uneven channels, as AWQ meets them
+    weights = [torch.randn(96, 64), torch.randn(48, 64)]
+    quant = group_weight_quantizer(make_scheme("w4a16", SchemeOptions(group_size=16)).weight)
+    st = ChannelStats(x.amin(0), x.amax(0))
+    error = output_error(x, weights, "none", st, quant)  # 2 k < m: through H = X^T X
+    assert error.__name__ == "through_gram"
+    for alpha in (0.0, 0.5, 1.0):
+        s = x.abs().mean(0).pow(alpha)
+        direct = sum(float(((torch.nn.functional.linear(x / s, quant(w * s)) - x @ w.t()) ** 2).sum()) for w in weights)
+        assert error(s) == pytest.approx(direct, rel=1e-4)
+    assert output_error(x[:100], weights, "none", st, quant).__name__ == "by_forward"  # k >= m / 2
