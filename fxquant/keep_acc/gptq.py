@@ -80,7 +80,7 @@ class GPTQWeights(CodeKeeper):
         wt[dead[perm]] = 0.0
         per_channel = s.stride(1) == 0 and z.stride(1) == 0  # one scale / zero point per row of w
         if per_channel:  # the same vectors for every column
-            s_n, z_n = s[:, 0].double(), z[:, 0].double()
+            s_n, z_n = s[:, 0].double().contiguous(), z[:, 0].double().contiguous()
             st, zt, zst = (v.expand(wt.shape) for v in (s_n, z_n, s_n * z_n))
         else:
             st, zt = _rows_in_order(s, perm), _rows_in_order(z, perm)
