@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from fxquant.gram import error_through_gram, gram
 from fxquant.ir import fxq_meta
 from fxquant.quant_proxy import fake_quant_act, fake_quant_weight
 from fxquant.quantizer import QuantSpec, StaticQuantizer
@@ -43,11 +44,10 @@ def output_error(x: torch.Tensor, weights: list[torch.Tensor], mode: str, st: Ch
     per weight instead of n k m."""
     k, m = x.shape[1], x.shape[0]
     if mode == "none" and 2 * k < m:
-        h = x.double().t() @ x.double()
+        h = gram(x.t().double())
 
         def through_gram(s: torch.Tensor) -> float:
-            ds = [(quant_weight(w * s) / s - w).double() for w in weights]
-            return sum(float(((d @ h) * d).sum()) for d in ds)
+            return sum(error_through_gram(quant_weight(w * s) / s - w, h) for w in weights)
         return through_gram
     refs = [F.linear(x, w) for w in weights]
 
