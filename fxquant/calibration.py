@@ -16,12 +16,13 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .calib_data import CalibBatch, check_finite, normalise_calib_data
-from .errors import CalibrationDataError, FxquantError
-from .ir import bind_inputs, fxq_meta, get_attr_path
+from .errors import FxquantError
+from .ir import fxq_meta, get_attr_path
+from .layer_major import ancestors, bound_inputs, run_node
 from .layer_metrics import ErrorStats, TensorStats
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
-from .resources import release_freed_memory
+from .resources import file_mapped_ranges, page_out_file_pages, release_freed_memory
 from .storage import ActivationStorage
 from .timestep import TimestepQuantizer, step_indices
 
@@ -79,17 +80,9 @@ class CalibrationRunner:
             self.batches = normalise_calib_data(calib_data)
         if self.batches is None:
             raise FxquantError("no calibration data: pass calib_data to the runner or prepare_calibration")
-        self._inputs = {}
         has_steps = any(isinstance(m, TimestepQuantizer) for m in self.model.modules())
         self.batch_steps = step_indices(self.batches) if has_steps else None
-        for b, (args, kwargs) in enumerate(self.batches):
-            try:
-                bound = bind_inputs(self.model, args, kwargs)
-            except TypeError as exc:
-                raise FxquantError(f"calib_data[{b}] does not fit the model's inputs: {exc}") from exc
-            for ph, value in bound.items():
-                check_finite(value, f"calibration input {ph.target!r} of calib_data[{b}]")
-                self._inputs.setdefault(ph, []).append(value)
+        self._inputs = bound_inputs(self.model, self.batches)
 
     @torch.no_grad()
     def layerwise_calibration(
@@ -120,6 +113,8 @@ class CalibrationRunner:
         n_batches = len(self.batches)
         nodes = [n for n in graph.nodes if n in run]
         seen_modules: set[str] = set()  # a module called at several places is observed at all of them
+        last_calls = {n.target: n for n in nodes if n.op == "call_module"}
+        file_ranges = file_mapped_ranges()
         for node in tqdm(nodes, desc="calibrating", unit="node", disable=not progress):
             if node.op == "placeholder":
                 values = self._inputs[node]
@@ -151,6 +146,11 @@ class CalibrationRunner:
                 if store is not None:
                     store.finish_node(node)
             if node.op == "call_module" and isinstance(self._modules.get(node.target), QuantOpr):
+                module = self._modules[node.target]
+                if isinstance(module, _QWeighted) and last_calls[node.target] is node and file_ranges:
+                    # calibration has read this float weight for the last time: its file pages
+                    # (mmap loading) need not stay resident while the later layers run
+                    page_out_file_pages(module.weight, file_ranges)
                 release_freed_memory()  # released values leave holes that pin pages otherwise
         for store in (self.storage, self.qstorage):
             if store is not None:
@@ -164,17 +164,9 @@ class CalibrationRunner:
         with no consumers (input guards, asserts). Others, such as a float lm_head whose logits
         only reach the output, are skipped and never stored."""
         modules = dict(self.model.named_modules())
-        roots = [n for n in self.model.graph.nodes
-                 if (n.op == "call_module" and isinstance(modules.get(n.target), QuantOpr))
-                 or (n.op in ("call_function", "call_method") and not n.users)]
-        run: set[fx.Node] = set()
-        stack = list(roots)
-        while stack:
-            node = stack.pop()
-            if node in run:
-                continue
-            run.add(node)
-            stack.extend(node.all_input_nodes)
+        run = ancestors(n for n in self.model.graph.nodes
+                        if (n.op == "call_module" and isinstance(modules.get(n.target), QuantOpr))
+                        or (n.op in ("call_function", "call_method") and not n.users))
         run.update(n for n in self.model.graph.nodes if n.op == "placeholder")
         return run
 
@@ -279,16 +271,4 @@ class CalibrationRunner:
         return value
 
     def _run(self, node: fx.Node, store: ActivationStorage, b: int, device: torch.device) -> Any:
-        args = fx.node.map_arg(node.args, lambda n: self._value(n, store, b, device))
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, store, b, device))
-        try:
-            if node.op == "call_module":
-                return self._modules[node.target](*args, **kwargs)
-            if node.op == "call_function":
-                return node.target(*args, **kwargs)
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        except FxquantError:
-            raise
-        except Exception as exc:  # name the sample: the graph ran calib_data[0] when it was captured
-            raise CalibrationDataError(f"calib_data[{b}] fails at node {node.name!r} ({node.format_node()}): "
-                                       f"{type(exc).__name__}: {exc}".strip()[:1500]) from exc
+        return run_node(node, self._modules, lambda n: self._value(n, store, b, device), b)

@@ -95,18 +95,9 @@ def copy_out_of_file_mappings(tensors: Iterable[torch.Tensor]) -> int:
     ranges = file_mapped_ranges()
     if not ranges:
         return 0
-    starts = [start for start, _ in ranges]
-
-    def mapped(t: torch.Tensor) -> bool:
-        if t.device.type != "cpu" or t.numel() == 0:
-            return False
-        address = t.untyped_storage().data_ptr()
-        i = bisect.bisect_right(starts, address) - 1
-        return i >= 0 and address < ranges[i][1]
-
     copies: dict[tuple, torch.Tensor] = {}
     for t in tensors:
-        if not mapped(t):
+        if not in_file_mapping(t, ranges):
             continue
         key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if key not in copies:
@@ -118,6 +109,27 @@ def copy_out_of_file_mappings(tensors: Iterable[torch.Tensor]) -> int:
     if copied:
         log.info("copied %d tensors (%.1f MB) out of file mappings", len(copies), copied / 2**20)
     return copied
+
+
+def in_file_mapping(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """True when the storage of CPU tensor `t` starts inside one of `ranges` (file_mapped_ranges())."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return False
+    address = t.untyped_storage().data_ptr()
+    i = bisect.bisect_right([start for start, _ in ranges], address) - 1
+    return i >= 0 and address < ranges[i][1]
+
+
+def page_out_file_pages(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Hand back the resident file pages of `t`'s bytes when they lie in a file mapping (`ranges`:
+    file_mapped_ranges()): a reclaim hint (MADV_PAGEOUT) that never changes a value, the pages are
+    read again from the file if touched. For weights a pass has read for the last time, e.g. a
+    layer calibration has finished with (with mmap loading, each read layer would otherwise stay
+    resident until the end). Returns whether `t` was file-backed."""
+    if not in_file_mapping(t, ranges):
+        return False
+    _page_out(t.data_ptr(), t.nbytes)
+    return True
 
 
 _MADV_PAGEOUT = 21  # Linux 5.4+

@@ -64,12 +64,15 @@ class AWQScale(SmoothQuant):
     on up to `max_rows` sampled input rows. Q of the weights is per-channel int8, or for
     per-group schemes (w4a16: AWQ proper) the scheme's own grid under `options` (None: the
     SchemeOptions fxquant.quantize recorded in gm.meta["fxquant_scheme_options"]). `chosen` records
-    {group name: alpha}."""
+    {group name: alpha}. The statistics run layer-major: each group is searched as soon as its
+    rows are complete and its rows are dropped, so one group's rows are held at a time (on SmolLM2,
+    about 12 MB instead of 800 MB for all 120 groups)."""
 
     grid: Sequence[float] = tuple(i / 10 for i in range(11))
     max_rows: int = 2048
     options: SchemeOptions | None = None
     chosen: dict[str, float] = field(default_factory=dict, init=False)
+    _searched: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def _weight_fake_quant(self, scheme: str | None, options: SchemeOptions | None) -> Callable[[torch.Tensor], torch.Tensor]:
         spec = make_scheme(scheme, options).weight if scheme in SCHEME_NAMES else None
@@ -81,27 +84,38 @@ class AWQScale(SmoothQuant):
         """The rows of each group's input (its members share it), max_rows of them."""
         return [g.members[0].target for g in groups], self.max_rows
 
-    @torch.no_grad()
+    def group_ready(self, gm: fx.GraphModule, group: SmoothGroup, stats: dict[str, ChannelStats]) -> None:
+        """Search the group's alpha as soon as its rows are complete, then drop them."""
+        self._searched[group.name] = self._search(gm, group, stats)
+        stats[group.members[0].target].rows = None
+
     def choose_scales(self, gm: fx.GraphModule, groups: list[SmoothGroup],
                       stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
-        options = self.options or gm.meta.get("fxquant_scheme_options")
         out = {}
         for g in groups:
-            x = stats[g.members[0].target].rows
-            st = g.stats(stats)
-            scheme = fxq_meta(g.members[0]).get("scheme")
-            mode = ACTIVATION_MODES.get(scheme, "none")
-            error = output_error(x, [w.detach().float() for w in g.weights(gm)], mode, st,
-                                 self._weight_fake_quant(scheme, options))
-            mean = x.abs().mean(dim=0).clamp(min=1e-5)
-            best, best_err = None, float("inf")
-            for a in self.grid:
-                s = g.tie(mean.pow(a))
-                s = s / (s.max() * s.min()).sqrt()
-                err = error(s)
-                if err < best_err:
-                    best, best_err = (a, s), err
-            self.chosen[g.name] = best[0]
-            out[g.name] = best[1]
+            searched = self._searched.pop(g.name, None)
+            out[g.name] = searched if searched is not None else self._search(gm, g, stats)
         log.info("AWQ scaling: alpha per group %s", self.chosen)
         return out
+
+    @torch.no_grad()
+    def _search(self, gm: fx.GraphModule, g: SmoothGroup, stats: dict[str, ChannelStats]) -> torch.Tensor:
+        """s [k] of the grid's alpha with the lowest output error on the group's rows; records the
+        alpha in `chosen`."""
+        options = self.options or gm.meta.get("fxquant_scheme_options")
+        x = stats[g.members[0].target].rows
+        st = g.stats(stats)
+        scheme = fxq_meta(g.members[0]).get("scheme")
+        mode = ACTIVATION_MODES.get(scheme, "none")
+        error = output_error(x, [w.detach().float() for w in g.weights(gm)], mode, st,
+                             self._weight_fake_quant(scheme, options))
+        mean = x.abs().mean(dim=0).clamp(min=1e-5)
+        best, best_err = None, float("inf")
+        for a in self.grid:
+            s = g.tie(mean.pow(a))
+            s = s / (s.max() * s.min()).sqrt()
+            err = error(s)
+            if err < best_err:
+                best, best_err = (a, s), err
+        self.chosen[g.name] = best[0]
+        return best[1]

@@ -37,6 +37,7 @@ from fxquant.calib_data import normalise_calib_data
 from fxquant.errors import ConfigError, FxquantError
 from fxquant.graph_patterns import attention_values
 from fxquant.ir import fxq_meta, get_attr_path, linear_from, module_of, mutable_storages, set_tensor
+from fxquant.layer_major import run_layer_major
 from fxquant.layer_metrics import TensorStats, output_change, output_sample
 from fxquant.partial_forward import forward_until
 from fxquant.resources import release_freed_memory
@@ -80,23 +81,34 @@ class ChannelStats:
 
 @torch.no_grad()
 def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], rows_of: Sequence[str] = (),
-                max_rows: int = 0) -> dict[str, ChannelStats]:
+                max_rows: int = 0, when_complete: Callable[[str, dict[str, ChannelStats]], None] | None = None,
+                ) -> dict[str, ChannelStats]:
     """{linear name: per-channel min / max of its input} over every calibration sample, in one
     forward pass of each sample; for the names in `rows_of` also up to max_rows rows of the input
     (ChannelStats.rows), max_rows / samples from each sample, strided evenly over its rows.
 
-    The per-channel and row buffers are allocated before the first sample and updated in place: a
-    small tensor allocated between a forward's large temporaries would pin the heap pages around
+    when_complete(name, stats): called once the layer `name` has seen every sample, with the dict
+    being filled (stats[name] complete; it is the dict returned). With it the graph runs layer-major
+    (fxquant.layer_major): each layer is complete before the next one runs, so the caller can use
+    and drop a layer's rows before the next layer's are taken, instead of holding every layer's.
+
+    The per-channel and row buffers are allocated before the first sample (layer-major: a layer's
+    rows at its first call) and updated in place: a small tensor allocated between a forward's large temporaries would pin the heap pages around
     it (about 400 MB of resident memory on SmolLM2).
     """
-    n_samples = len(normalise_calib_data(calib_data))
+    batches = normalise_calib_data(calib_data)
+    n_samples = len(batches)
     per_sample = max(1, max_rows // n_samples)
     stats: dict[str, ChannelStats] = {}
+    filled = dict.fromkeys(rows_of, 0)
+
+    def row_buffer(name: str) -> torch.Tensor:
+        return torch.empty(per_sample * n_samples, gm.get_submodule(name).in_features)
+
     for name in targets:
         k = gm.get_submodule(name).in_features
-        rows = torch.empty(per_sample * n_samples, k) if name in rows_of else None
+        rows = row_buffer(name) if name in rows_of and when_complete is None else None  # layer-major: at first use
         stats[name] = ChannelStats(torch.full((k,), math.inf), torch.full((k,), -math.inf), rows=rows)
-    filled = dict.fromkeys(rows_of, 0)
     handles = []
     for name in targets:
         def hook(mod, args, name=name, st=stats[name]):
@@ -104,6 +116,8 @@ def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], row
             torch.minimum(st.lo, x.amin(dim=0).float(), out=st.lo)
             torch.maximum(st.hi, x.amax(dim=0).float(), out=st.hi)
             st.whole.add(x)
+            if st.rows is None and name in filled:
+                st.rows = row_buffer(name)
             if st.rows is not None:
                 start = filled[name]
                 n = min(per_sample, len(st.rows) - start)  # a layer called twice per sample fills up
@@ -111,16 +125,31 @@ def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], row
                 st.rows[start:start + picked.shape[0]].copy_(picked)
                 filled[name] = start + picked.shape[0]
         handles.append(gm.get_submodule(name).register_forward_pre_hook(hook))
+
+    def finish(name: str) -> None:
+        if name in filled:
+            stats[name].rows = stats[name].rows[:filled.pop(name)]
+
     try:
-        with forward_until(gm, targets) as run:
-            for args, kwargs in normalise_calib_data(calib_data):
-                run(*args, **kwargs)  # the captured graph keeps the model's signature
-                release_freed_memory()
+        if when_complete is None:
+            with forward_until(gm, targets) as run:
+                for args, kwargs in batches:
+                    run(*args, **kwargs)  # the captured graph keeps the model's signature
+                    release_freed_memory()
+        else:
+            last_call = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in stats}
+            completes = {node: name for name, node in last_call.items()}  # its layer's last call
+
+            def after_node(node: fx.Node) -> None:
+                if node in completes:
+                    finish(completes[node])
+                    when_complete(completes[node], stats)
+            run_layer_major(gm, batches, targets, after_node)
     finally:
         for h in handles:
             h.remove()
-    for name, count in filled.items():
-        stats[name].rows = stats[name].rows[:count]
+    for name in list(filled):
+        finish(name)
     return {name: st for name, st in stats.items() if st.whole.count}  # layers the samples reached
 
 
@@ -208,14 +237,21 @@ class SmoothQuant:
                 for g in groups}
 
     def rows_wanted(self, groups: list[SmoothGroup]) -> tuple[list[str], int]:
-        """(layers whose sampled input rows choose_scales reads, at most how many rows each)."""
+        """(layers whose sampled input rows the scale search reads, at most how many rows each)."""
         return [], 0
+
+    def group_ready(self, gm: fx.GraphModule, group: SmoothGroup, stats: dict[str, ChannelStats]) -> None:
+        """Where rows_wanted asks for rows: called as soon as every member of `group` has seen every
+        calibration sample (their `stats` complete, later groups' not yet), before the next layer
+        runs. A subclass that searches on the rows chooses the group's scale here and drops them,
+        so that one group's rows are held at a time. Default: nothing."""
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         self._mutable = mutable_storages(gm) if gm.meta.get("fxquant_consumes_model") else set()
         groups = self.find_groups(gm)
-        stats = input_stats(gm, self.calib_data, [n.target for g in groups for n in g.members],
-                            *self.rows_wanted(groups))
+        rows_of, max_rows = self.rows_wanted(groups)
+        stats = input_stats(gm, self.calib_data, [n.target for g in groups for n in g.members], rows_of, max_rows,
+                            self._on_group_complete(gm, groups) if rows_of else None)
         chosen = self.choose_scales(gm, groups, stats)  # leaves the weights as they are
         first = normalise_calib_data(self.calib_data)[0]
         with torch.no_grad():
@@ -233,6 +269,19 @@ class SmoothQuant:
         self._check_unchanged(before, after)
         log.info("smoothed %d linear layers", len(self.folded))
         return gm
+
+    def _on_group_complete(self, gm: fx.GraphModule,
+                           groups: list[SmoothGroup]) -> Callable[[str, dict[str, ChannelStats]], None]:
+        """input_stats' when_complete: calls group_ready once the last member of a group is complete."""
+        pending = {g.name: {n.target for n in g.members} for g in groups}
+        group_of = {n.target: g for g in groups for n in g.members}
+
+        def complete(name: str, stats: dict[str, ChannelStats]) -> None:
+            g = group_of[name]
+            pending[g.name].discard(name)
+            if not pending[g.name]:
+                self.group_ready(gm, g, stats)
+        return complete
 
     def fold(self, gm: fx.GraphModule, g: SmoothGroup, s: torch.Tensor) -> None:
         """Divide X by s [k] in its producer and multiply the members' weight columns by s; records

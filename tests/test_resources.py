@@ -108,3 +108,55 @@ def test_unmap_pass_copies_only_what_stays_float(tmp_path):
     assert still_mapped == ["0.weight"]  # the quantized layer's float weight goes at freeze: no copy for it
     for name, t in gm.state_dict().items():
         assert torch.equal(t, state[name]), name
+
+
+def _file_backed(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Make every parameter of `model` view one private mapping of `path` (as after mmap loading),
+    its pages clean and resident; returns the values."""
+    state = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with open(path, "wb") as f:
+        f.write(torch.cat([t.flatten() for t in state.values()]).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # clean pages, as a checkpoint on disk has
+    mapped = torch.from_file(str(path), shared=False, size=sum(t.numel() for t in state.values()))
+    offset = 0
+    for p in model.parameters():
+        p.data = mapped[offset: offset + p.numel()].view_as(p)
+        offset += p.numel()
+    assert all(in_file_mapping(p) for p in model.parameters())
+    assert all(torch.equal(p, state[k]) for k, p in model.named_parameters())  # read: every page resident
+    return state
+
+
+def test_page_out_hands_back_file_pages_and_keeps_values(tmp_path):
+    from fxquant.resources import page_out_file_pages
+
+    lin = torch.nn.Linear(512, 512)
+    path = tmp_path / "w.bin"
+    state = _file_backed(lin, path)
+    assert resident_kb_of(path) >= 1024
+    ranges = file_mapped_ranges()
+    assert page_out_file_pages(lin.weight, ranges)
+    assert resident_kb_of(path) < 64  # the weight's 1 MB went; the bias's pages may stay
+    assert torch.equal(lin.weight, state["weight"])  # read again from the file
+    assert not page_out_file_pages(torch.randn(512, 512), ranges)  # anonymous memory: left alone
+
+
+def test_layerwise_calibration_hands_back_each_finished_layers_file_pages(tmp_path):
+    from fxquant import CalibrationRunner
+    from fxquant.keep_acc import GPTQWeights
+    from fxquant.passes import InsertQuantOprs, PassManager, ResolveSchemes, functional_to_modules
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).eval()
+    data = [[torch.randn(64, 256)] for _ in range(4)]
+    gm = fxquant.capture(model, (data[0][0],))
+    gm = PassManager([functional_to_modules, ResolveSchemes(default="w8a16", disable_last_layer=False),
+                      InsertQuantOprs()])(gm)
+    path = tmp_path / "model.bin"
+    state = _file_backed(gm, path)
+    assert resident_kb_of(path) >= 2 * 256 * 512 * 4 // 1024
+    CalibrationRunner(gm, data, weight_optimizers=[GPTQWeights()]).layerwise_calibration(progress=False)
+    assert resident_kb_of(path) < 128  # of 1 MB: both float weights were read for the last time and handed back
+    for k, p in gm.named_parameters():
+        assert torch.equal(p, state[k]), k
