@@ -11,18 +11,24 @@ from __future__ import annotations
 import torch
 
 
-def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """X X^T [d, d] for x [d, N], in x's dtype, from the row blocks on and above the diagonal, the
-    others their transposes: 10 of 16 block products (measured at d = 1536, N = 8192, float64:
-    0.29 s against 0.50 s for one GEMM, with the same values where `blocks` divides d)."""
+def gram(x: torch.Tensor, dtype: torch.dtype | None = None, blocks: int = 4, chunk: int = 2048) -> torch.Tensor:
+    """X X^T [d, d] in `dtype` (default x's) for x [d, N], accumulated over `chunk` columns of x at
+    a time, each chunk converted to dtype on its own: no whole copy of x in dtype (down_proj of
+    SmolLM2 in float64: 25 MB instead of 100 MB). Per chunk only the column blocks on and below
+    the diagonal are multiplied (10 of 16 block products), the others are their transposes
+    (d = 1536, N = 8192, float64: 0.34 s, against 0.31 s converting x whole, 0.50 s for one GEMM)."""
+    dtype = dtype or x.dtype
     d = x.shape[0]
-    h = torch.empty(d, d, dtype=x.dtype)
+    h = torch.zeros(d, d, dtype=dtype)
     step = -(-d // blocks)
+    for c in range(0, x.shape[1], chunk):
+        xc = x[:, c:c + chunk].to(dtype)
+        for start in range(0, d, step):
+            end = min(start + step, d)
+            h[start:, start:end].addmm_(xc[start:], xc[start:end].t())  # the diagonal block and below it
     for start in range(0, d, step):
         end = min(start + step, d)
-        upper = x[start:end] @ x[start:].t()  # [end - start, d - start]: the diagonal block and right of it
-        h[start:end, start:] = upper
-        h[end:, start:end] = upper[:, end - start:].t()
+        h[start:end, end:] = h[end:, start:end].t()
     return h
 
 

@@ -44,7 +44,7 @@ def output_error(x: torch.Tensor, weights: list[torch.Tensor], mode: str, st: Ch
     per weight instead of n k m."""
     k, m = x.shape[1], x.shape[0]
     if mode == "none" and 2 * k < m:
-        h = gram(x.t().double())
+        h = gram(x.t(), torch.float64)
 
         def through_gram(s: torch.Tensor) -> float:
             return sum(error_through_gram(quant_weight(w * s) / s - w, h) for w in weights)

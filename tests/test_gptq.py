@@ -131,3 +131,16 @@ def test_calibration_says_when_targets_are_the_outputs_of_the_inputs(asym):
     fxquant.quantize(TwoReaders().eval(), [[x] for x in xs], "w8a8", progress=False, asym=asym, disable_last_layer=False,
                      weight_optimizers=[lambda module, inputs, targets: seen.append(type(targets))])
     assert seen == ([list] if asym else [OutputsOfInputs]) * 2, seen
+
+
+@pytest.mark.parametrize("d, n", [(37, 5000), (64, 300)])
+def test_gram_in_chunks_equals_the_float64_product(d, n):
+    from fxquant.gram import gram
+
+    torch.manual_seed(0)
+    x = torch.randn(n, d).t() * torch.logspace(-2, 3, d)[:, None]  # [d, N], not contiguous, uneven rows
+    ref = x.double() @ x.double().t()
+    h = gram(x, torch.float64, chunk=1024)
+    assert h.dtype == torch.float64
+    assert torch.allclose(h, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    assert gram(x).dtype == torch.float32

@@ -41,7 +41,7 @@ class GPTQWeights(CodeKeeper):
         weight = prob.module.weight.detach().float()
         n = weight.shape[0]
         groups = getattr(prob.module, "groups", 1)
-        x, _ = input_columns(prob, max_cols=self.max_rows, seed=self.seed)  # [g, d, N]
+        x, _ = input_columns(prob, max_cols=self.max_rows, seed=self.seed, with_outputs=False)  # [g, d, N]
         w = weight.reshape(groups, n // groups, -1)
         scale, zero = column_qparams(prob, w.shape[-1])
         s, z = scale.reshape(w.shape), zero.reshape(w.shape)
@@ -115,18 +115,23 @@ class GPTQWeights(CodeKeeper):
         last = self._last_inverse
         if last is not None and last[0].shape == x.shape and torch.equal(last[0], x):
             return last[1]
-        h = gram(x.double())
-        self._last_gram = h.clone()
-        dead = h.diagonal() == 0
-        h[dead, dead] = 1.0
-        h.diagonal().add_(self.damp * float(h.diagonal().mean()))
-        perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else torch.arange(h.shape[0])
+        h = gram(x, torch.float64)
+        self._last_gram = h  # kept undamped; the damped diagonal goes into the permuted copy below
+        diag = h.diagonal().clone()
+        dead = diag == 0  # a column that is zero in every row: its row and column of H are zero
+        diag[dead] = 1.0
+        diag += self.damp * float(diag.mean())
+        perm = torch.argsort(diag, descending=True) if self.act_order else torch.arange(h.shape[0])
         # the upper Cholesky factor U of H^-1 (U^T U = H^-1) without forming H^-1: with J the
         # reversal, J H J = L L^T gives H = M M^T for the upper M = J L J, so U = M^-1 = J L^-1 J
         reverse = perm.flip(0)
-        lower = torch.linalg.cholesky(h[reverse][:, reverse])
-        eye = torch.eye(h.shape[0], dtype=h.dtype)
-        hinv = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+        h_reversed = h[reverse[:, None], reverse]  # one gather, H's rows and columns in reverse order
+        h_reversed.diagonal().copy_(diag[reverse])
+        lower = torch.linalg.cholesky(h_reversed)
+        del h_reversed
+        inverse = torch.linalg.solve_triangular(lower, torch.eye(h.shape[0], dtype=h.dtype), upper=False)
+        del lower
+        hinv = inverse.flip(0, 1)
         self._last_inverse = (x, (dead, perm, hinv))
         return dead, perm, hinv
 

@@ -20,13 +20,22 @@ log = logging.getLogger(__name__)
 @dataclass
 class LayerProblem:
     """x: the layer's inputs (Linear: rows [m, k]; conv: images [b, c, ...]), float32, sampled from
-    the calibration inputs; y: the float layer's outputs on the matching float inputs, same rows.
-    y_of_x: y is the float layer's output on x itself (not on other, float inputs)."""
+    the calibration inputs; y: the float layer's outputs on the matching float inputs, same rows,
+    given whole or as per-batch parts concatenated on first use (a solver that never reads y, such
+    as GPTQ scoring through H, never builds it). y_of_x: y is the float layer's output on x itself
+    (not on other, float inputs)."""
 
     module: _QWeighted
     x: torch.Tensor
-    y: torch.Tensor
+    targets: torch.Tensor | list[torch.Tensor]
     y_of_x: bool = False
+
+    @property
+    def y(self) -> torch.Tensor:
+        """The float outputs, rows matching x's."""
+        if isinstance(self.targets, list):
+            self.targets = torch.cat(self.targets)
+        return self.targets
 
     @classmethod
     def gather(cls, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor],
@@ -36,11 +45,11 @@ class LayerProblem:
         if isinstance(module, QLinear):
             k, n = module.in_features, module.out_features
             x = torch.cat([t.detach().float().reshape(-1, k) for t in inputs])
-            y = torch.cat([t.detach().float().reshape(-1, n) for t in targets])
+            y = [t.detach().float().reshape(-1, n) for t in targets]
             limit = max_rows
         else:
             x = torch.cat([t.detach().float() for t in inputs])
-            y = torch.cat([t.detach().float() for t in targets])
+            y = [t.detach().float() for t in targets]
             limit = max_images
         return cls(module, x, y, isinstance(targets, OutputsOfInputs)).sampled(limit, seed)
 
@@ -145,19 +154,22 @@ class LayerProblem:
         log.debug("%s: output error %.4g -> %.4g (%s)", keeper, before, after, "kept" if after < before else "dropped")
 
 
-def input_columns(prob: LayerProblem, max_cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def input_columns(prob: LayerProblem, max_cols: int, seed: int,
+                  with_outputs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(X [groups, d, N], Y [groups, n/groups, N]): input columns the weight multiplies and the
-    float outputs without bias, so that Y ~= W X per group with W [groups, n/groups, d]."""
+    float outputs without bias, so that Y ~= W X per group with W [groups, n/groups, d]; Y is None
+    (and prob.y not built) without `with_outputs`."""
     m = prob.module
-    x, y = prob.quantized_input(), prob.y
-    if m.bias is not None:
+    x = prob.quantized_input()
+    y = prob.y if with_outputs else None
+    if y is not None and m.bias is not None:
         shape = [-1] if isinstance(m, QLinear) else [1, -1] + [1] * (y.dim() - 2)
         y = y - m.bias.detach().float().reshape(shape)
     if isinstance(m, QLinear):
-        cols, outs = x.t().unsqueeze(0), y.t().unsqueeze(0)
+        cols, outs = x.t().unsqueeze(0), None if y is None else y.t().unsqueeze(0)
     else:
         if x.dim() == 3:  # conv1d as a conv2d of height 1
-            x, y = x.unsqueeze(2), y.unsqueeze(2)
+            x, y = x.unsqueeze(2), None if y is None else y.unsqueeze(2)
             k, s, p, d = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
         else:
             k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
@@ -165,10 +177,10 @@ def input_columns(prob: LayerProblem, max_cols: int, seed: int) -> tuple[torch.T
         unfolded = F.unfold(x, k, dilation=d, padding=p, stride=s)  # [b, c*kh*kw, L]
         b, _, L = unfolded.shape
         cols = unfolded.reshape(b, g, -1, L).permute(1, 2, 0, 3).reshape(g, -1, b * L)
-        outs = y.reshape(b, g, -1, L).permute(1, 2, 0, 3).reshape(g, -1, b * L)
+        outs = None if y is None else y.reshape(b, g, -1, L).permute(1, 2, 0, 3).reshape(g, -1, b * L)
     if cols.shape[-1] > max_cols:
         idx = torch.randperm(cols.shape[-1], generator=torch.Generator().manual_seed(seed))[:max_cols]
-        cols, outs = cols[..., idx], outs[..., idx]
+        cols, outs = cols[..., idx], None if outs is None else outs[..., idx]
     return cols, outs
 
 
