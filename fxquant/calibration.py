@@ -147,7 +147,8 @@ class CalibrationRunner:
                     store.finish_node(node)
             if node.op == "call_module" and isinstance(self._modules.get(node.target), QuantOpr):
                 module = self._modules[node.target]
-                if isinstance(module, _QWeighted) and last_calls[node.target] is node and file_ranges:
+                if (isinstance(module, _QWeighted) and last_calls[node.target] is node and file_ranges
+                        and not module.float_weight_released):
                     # calibration has read this float weight for the last time: its file pages
                     # (mmap loading) need not stay resident while the later layers run
                     page_out_file_pages(module.weight, file_ranges)

@@ -160,3 +160,19 @@ def test_layerwise_calibration_hands_back_each_finished_layers_file_pages(tmp_pa
     assert resident_kb_of(path) < 128  # of 1 MB: both float weights were read for the last time and handed back
     for k, p in gm.named_parameters():
         assert torch.equal(p, state[k]), k
+
+
+def test_freeze_hands_back_the_file_pages_of_the_float_weights_it_releases(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).eval()
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        ref = model(x)
+    path = tmp_path / "model.bin"
+    _file_backed(model, path)
+    assert resident_kb_of(path) >= 2 * 256 * 512 * 4 // 1024
+    q = fxquant.quantize(model, scheme="w8a16", example_inputs=[x], disable_last_layer=False, progress=False)
+    assert resident_kb_of(path) < 128  # of 1 MB: quantizing read both weights, freezing handed them back
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)  # the user's float model rereads its weights from the file
+        assert torch.allclose(q(x), ref, atol=0.05, rtol=0.05)
