@@ -44,18 +44,23 @@ def run_node(node: fx.Node, modules: dict[str, torch.nn.Module], value: Callable
                                    f"{type(exc).__name__}: {exc}".strip()[:1500]) from exc
 
 
+def bind_sample(gm: fx.GraphModule, sample: int, args: tuple, kwargs: dict[str, Any]) -> dict[fx.Node, Any]:
+    """{placeholder: value} of calib_data[sample] bound to the graph's inputs as a call would bind
+    them; CalibrationDataError naming the sample when it does not fit, or an input holding NaN / Inf."""
+    try:
+        bound = bind_inputs(gm, args, kwargs)
+    except TypeError as exc:
+        raise CalibrationDataError(f"calib_data[{sample}] does not fit the model's inputs: {exc}") from exc
+    for ph, value in bound.items():
+        check_finite(value, f"calibration input {ph.target!r} of calib_data[{sample}]")
+    return bound
+
+
 def bound_inputs(gm: fx.GraphModule, batches: list[CalibBatch]) -> dict[fx.Node, list[Any]]:
-    """{placeholder: its value in each sample}, every sample bound to the graph's inputs as a call
-    would bind them; FxquantError naming a sample that does not fit, CalibrationDataError naming a
-    NaN / Inf input."""
+    """{placeholder: its value in each sample} (bind_sample of every sample)."""
     inputs: dict[fx.Node, list[Any]] = {}
     for b, (args, kwargs) in enumerate(batches):
-        try:
-            bound = bind_inputs(gm, args, kwargs)
-        except TypeError as exc:
-            raise FxquantError(f"calib_data[{b}] does not fit the model's inputs: {exc}") from exc
-        for ph, value in bound.items():
-            check_finite(value, f"calibration input {ph.target!r} of calib_data[{b}]")
+        for ph, value in bind_sample(gm, b, args, kwargs).items():
             inputs.setdefault(ph, []).append(value)
     return inputs
 

@@ -18,8 +18,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .calib_data import check_finite, normalise_calib_data
-from .errors import CalibrationDataError
-from .ir import bind_inputs
+from .layer_major import bind_sample
 from .partial_forward import forward_until
 from .quant_opr import QuantOpr, _QWeighted
 from .quantizer import StaticQuantizer
@@ -67,12 +66,7 @@ def streaming_calibration(gm: fx.GraphModule, calib_data: Any, progress: bool = 
         with forward_until(gm, observed) as run:
             for b, (args, kwargs) in enumerate(tqdm(batches, desc="calibrating", unit="sample", disable=not progress)):
                 batch[0] = b
-                try:
-                    bound = bind_inputs(gm, args, kwargs)
-                except TypeError as exc:
-                    raise CalibrationDataError(f"calib_data[{b}] does not fit the model's inputs: {exc}") from exc
-                for ph, value in bound.items():
-                    check_finite(value, f"calibration input {ph.target!r} of calib_data[{b}]")
+                bind_sample(gm, b, args, kwargs)  # names a sample that does not fit, or NaN / Inf in it
                 run(*args, **kwargs)
                 release_freed_memory()
     finally:
