@@ -93,8 +93,9 @@ def input_stats(gm: fx.GraphModule, calib_data: Any, targets: Sequence[str], row
     and drop a layer's rows before the next layer's are taken, instead of holding every layer's.
 
     The per-channel and row buffers are allocated before the first sample (layer-major: a layer's
-    rows at its first call) and updated in place: a small tensor allocated between a forward's large temporaries would pin the heap pages around
-    it (about 400 MB of resident memory on SmolLM2).
+    rows at its first call) and updated in place: a small tensor allocated between a forward's
+    large temporaries would pin the heap pages around it (about 400 MB of resident memory on
+    SmolLM2).
     """
     batches = normalise_calib_data(calib_data)
     n_samples = len(batches)
