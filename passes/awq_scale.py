@@ -40,11 +40,12 @@ def output_error(x: torch.Tensor, weights: list[torch.Tensor], mode: str, st: Ch
     float32 weights W_i [n_i, k] of a group (Q of X: `mode` on the range of st).
 
     Where X is not quantized (mode "none": weight-only schemes) and k < m / 2, the same value as
-    sum_i tr(D_i H D_i^T), D_i = Q(W_i s) / s - W_i, with H = X^T X in float64: n k^2 multiply-adds
-    per weight instead of n k m."""
+    sum_i tr(D_i H D_i^T), D_i = Q(W_i s) / s - W_i, with H = X^T X: n k^2 multiply-adds per weight
+    instead of n k m. H is summed in float64 (massive activations) and the quadratic form taken in
+    float32, the precision the forward's error has."""
     k, m = x.shape[1], x.shape[0]
     if mode == "none" and 2 * k < m:
-        h = gram(x.t(), torch.float64)
+        h = gram(x.t(), torch.float64).float()
 
         def through_gram(s: torch.Tensor) -> float:
             return sum(error_through_gram(quant_weight(w * s) / s - w, h) for w in weights)
