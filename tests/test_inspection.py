@@ -190,3 +190,21 @@ def test_report_measures_what_calibration_did_not_record(digits, tmp_path):
     html = (tmp_path / "released.html").read_text()
     assert "layer errors were not recorded: quantize with measure_layers=True" in html
     assert "input statistics of 2 layers" in html
+
+
+def test_an_installed_model_is_refused_with_the_workflow_that_keeps_the_graph(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    reference = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    reference.load_state_dict(model.state_dict())
+    calib = [[torch.randn(4, 16)] for _ in range(3)]
+    gm = fxquant.quantize(model, calib, "w8a8", disable_last_layer=False, consume_model=True, progress=False)
+    assert fxquant.report(gm, None, tmp_path / "gm.html").exists()  # the graph is there to report on
+    assert fxquant.compare(reference, gm, calib).rows
+    installed = fxquant.apply(model, gm)
+    with torch.no_grad():
+        assert torch.equal(installed(calib[0][0]), gm(calib[0][0]))
+    for refused in (lambda: fxquant.report(installed, None, tmp_path / "m.html"),
+                    lambda: fxquant.compare(reference, installed, calib)):
+        with pytest.raises(fxquant.ConfigError, match=r"consume_model=True.*fxquant\.apply\(model, gm\)"):
+            refused()

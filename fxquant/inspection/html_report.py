@@ -80,7 +80,10 @@ def report(qmodel: fx.GraphModule, calib_data: Any = None, path: str | os.PathLi
     (quantize(..., measure_layers=True) records both). Written to a temporary name, then renamed.
     """
     if not isinstance(qmodel, fx.GraphModule):
-        raise ConfigError("report needs the GraphModule fxquant.quantize returns (not an inplace model)")
+        raise ConfigError("report needs the GraphModule fxquant.quantize returns, not a model the quantized layers were "
+                          "installed into (inplace=True): quantize with consume_model=True instead (the same peak "
+                          "memory), report on the GraphModule, then fxquant.apply(model, gm) installs it (generate() "
+                          "keeps working)")
     table = inspect(qmodel)
     notes = []
     if calib_data is not None:

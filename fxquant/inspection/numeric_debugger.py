@@ -129,7 +129,10 @@ def compare(model: torch.nn.Module, qmodel: fx.GraphModule, inputs: Any) -> Comp
     """Run `model` (float) and `qmodel` (from fxquant.quantize, same signature) on `inputs` (calib
     data form: [[x], ...] or [{"input_ids": ...}, ...]) and return each matched node's errors."""
     if not isinstance(qmodel, fx.GraphModule):
-        raise ConfigError("compare needs the GraphModule fxquant.quantize returns (not an inplace model)")
+        raise ConfigError("compare needs the GraphModule fxquant.quantize returns, not a model the quantized layers were "
+                          "installed into (inplace=True): quantize with consume_model=True instead (the same peak "
+                          "memory), compare with the GraphModule, then fxquant.apply(model, gm) installs it (generate() "
+                          "keeps working)")
     float_modules = dict(model.named_modules())
     bn_of = {layer: bn for bn, layer in qmodel.meta.get("fxquant_folded_bn", {}).items()}
     sites: list[_Site] = []
