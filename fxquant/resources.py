@@ -11,6 +11,7 @@ import resource
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def copy_out_of_file_mappings(tensors: Iterable[torch.Tensor]) -> int:
         if key not in copies:
             copies[key] = t.detach().clone()
             source = t.untyped_storage()
-            _page_out(source.data_ptr(), source.nbytes())  # the pages the copy just read
+            if not _has_private_copies(source.data_ptr(), source.nbytes()):
+                _page_out(source.data_ptr(), source.nbytes())  # the pages the copy just read
         t.data = copies[key]
     copied = sum(t.nbytes for t in copies.values())
     if copied:
@@ -126,10 +128,28 @@ def page_out_file_pages(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     read again from the file if touched. For weights a pass has read for the last time, e.g. a
     layer calibration has finished with (with mmap loading, each read layer would otherwise stay
     resident until the end). Returns whether `t` was file-backed."""
-    if not in_file_mapping(t, ranges):
+    if not in_file_mapping(t, ranges) or _has_private_copies(t.data_ptr(), t.nbytes):
         return False
     _page_out(t.data_ptr(), t.nbytes)
     return True
+
+
+def _has_private_copies(address: int, nbytes: int) -> bool:
+    """True when a page of [address, address + nbytes) is a private copy: written in a private file
+    mapping (e.g. a smoothing fold in place), resident as anonymous memory or swapped out
+    (/proc/self/pagemap: present without bit 61, "file page or shared anonymous", or bit 62).
+    Paging such pages out would write them to swap rather than drop them. False where pagemap
+    cannot be read (the hint still never loses data)."""
+    page = resource.getpagesize()
+    first, last = address // page, (address + nbytes - 1) // page
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first * 8)
+            entries = np.frombuffer(f.read((last - first + 1) * 8), dtype=np.uint64)
+    except OSError:
+        return False
+    present, swapped, file_page = ((entries >> np.uint64(bit)) & np.uint64(1) for bit in (63, 62, 61))
+    return bool(((present & (file_page ^ np.uint64(1))) | swapped).any())
 
 
 _MADV_PAGEOUT = 21  # Linux 5.4+

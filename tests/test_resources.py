@@ -140,6 +140,11 @@ def test_page_out_hands_back_file_pages_and_keeps_values(tmp_path):
     assert resident_kb_of(path) < 64  # the weight's 1 MB went; the bias's pages may stay
     assert torch.equal(lin.weight, state["weight"])  # read again from the file
     assert not page_out_file_pages(torch.randn(512, 512), ranges)  # anonymous memory: left alone
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # written: the mapping's pages become private copies
+    assert resident_kb_of(path) >= 1024
+    assert not page_out_file_pages(lin.weight, ranges)  # paging them out would only swap them
+    assert resident_kb_of(path) >= 1024 and torch.equal(lin.weight, 2.0 * state["weight"])
 
 
 def test_layerwise_calibration_hands_back_each_finished_layers_file_pages(tmp_path):
