@@ -127,7 +127,8 @@ def page_out_file_pages(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     file_mapped_ranges()): a reclaim hint (MADV_PAGEOUT) that never changes a value, the pages are
     read again from the file if touched. For weights a pass has read for the last time, e.g. a
     layer calibration has finished with (with mmap loading, each read layer would otherwise stay
-    resident until the end). Returns whether `t` was file-backed."""
+    resident until the end). Pages written in place (private copies) are left alone. Returns
+    whether the pages were handed back."""
     if not in_file_mapping(t, ranges) or _has_private_copies(t.data_ptr(), t.nbytes):
         return False
     _page_out(t.data_ptr(), t.nbytes)
