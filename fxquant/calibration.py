@@ -145,8 +145,7 @@ class CalibrationRunner:
             for store in (self.storage, self.qstorage):
                 if store is not None:
                     store.finish_node(node)
-            if node.op == "call_module" and isinstance(self._modules.get(node.target), QuantOpr):
-                module = self._modules[node.target]
+            if node.op == "call_module" and isinstance(module, QuantOpr):
                 if (isinstance(module, _QWeighted) and last_calls[node.target] is node and file_ranges
                         and not module.float_weight_released):
                     # calibration has read this float weight for the last time: its file pages

@@ -118,7 +118,7 @@ def in_file_mapping(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     if t.device.type != "cpu" or t.numel() == 0:
         return False
     address = t.untyped_storage().data_ptr()
-    i = bisect.bisect_right([start for start, _ in ranges], address) - 1
+    i = bisect.bisect_right(ranges, address, key=lambda r: r[0]) - 1  # the last range starting at or before it
     return i >= 0 and address < ranges[i][1]
 
 
