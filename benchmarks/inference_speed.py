@@ -12,7 +12,8 @@ Prints the CPU capability and the kernel each scheme runs, then:
   4. perplexity of each W8A8 scheme on GPL-3 (4 x 512): eager grad / eager no_grad / compiled /
      Ascend checkpoint reload / the float model compiled with fxquant.quantizing_backend;
   5. parameter + buffer bytes (unique storages) per scheme;
-  6. MiniLM (w8a8_dynamic, 32 x 128) and the digits CNN (w8a8) against fp32.
+  6. MiniLM (w8a8_dynamic, 32 x 128) against fp32, and CNNs (w8a8: the digits ResNet- and
+     MobileNet-style CNNs, a ResNet-18-sized one on 224 x 224 images) against fp32.
 
     python benchmarks/inference_speed.py [--skip decode minilm cnn] [--repeat 3] [--prefill w8a8_dynamic w8a8+lm_head] [--decode w8a16 w4a16] [--decode-eager-only]
 
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -287,22 +289,37 @@ def minilm_table(repeat: int) -> None:
 
 
 def cnn_table(repeat: int) -> None:
-    from digits import digits_split, train
-    from models import ResNetStyle
+    """The digits CNNs (trained for seconds; top-1 accuracy on the held-out digits) and a
+    ResNet-18-sized CNN on 224 x 224 inputs (random weights: speed only), w8a8, against fp32 eager in
+    interleaved rounds; the convolution kernel each quantized model runs."""
+    from digits import accuracy, digits_split, train
+    from models import MobileNetStyle, ResNetStyle, resnet18_sized
 
-    x_train, y_train, x_test, _ = digits_split()
-    cnn = train(ResNetStyle(), x_train, y_train)
-    calib = [[x_train[i:i + 64]] for i in range(0, 256, 64)]
-    q = fxquant.quantize(cnn, calib, scheme="w8a8", progress=False)
-    x = x_test[:256]
-    base = seconds(lambda: cnn(x), repeat * 5)
-    eager = seconds(lambda: q(x), repeat * 5)
-    torch._dynamo.reset()
-    fast = compiled(q)
-    comp = seconds(lambda: fast(x), repeat * 5)
-    table("digits ResNet-style CNN, batch 256 (w8a8)", ["model", "ms", "vs fp32 eager"],
-          [["fp32 eager", base * 1e3, 1.0], ["w8a8 eager", eager * 1e3, base / eager],
-           ["w8a8 fxquant", comp * 1e3, base / comp]])
+    x_train, y_train, x_test, y_test = digits_split()
+    digits_calib = [[x_train[i:i + 64]] for i in range(0, 256, 64)]
+    cases = [(f"digits {build.__name__}, batch 256", train(build(), x_train, y_train), digits_calib, x_test[:256],
+              repeat * 10) for build in (ResNetStyle, MobileNetStyle)]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    images = [torch.randn(4, 3, 224, 224, generator=gen) for _ in range(3)]
+    cases.append(("ResNet-18-sized, 4 x 3 x 224 x 224 (random weights)", resnet18_sized().eval(),
+                  [[x] for x in images[:2]], images[2], repeat))
+    rows = []
+    for name, net, calib, x, rounds in cases:
+        q = fxquant.quantize(net, calib, scheme="w8a8", progress=False)
+        kernels = sorted({m.kernel for m in q.modules() if len(getattr(m, "weight_shape", ())) > 2})
+        torch._dynamo.reset()
+        fp32_inductor, fast = compiled(net, "inductor"), compiled(q)
+        r = interleaved({"fp32": partial(net, x), "inductor": partial(fp32_inductor, x), "eager": partial(q, x),
+                         "fxquant": partial(fast, x)}, rounds)
+        with torch.no_grad():
+            top1 = (f"{accuracy(net, x_test, y_test):.1f} / {accuracy(q, x_test, y_test):.1f}"
+                    if name.startswith("digits") else "-")
+        rows.append([name, ", ".join(kernels), r["fp32"][0] * 1e3, r["inductor"][1], r["eager"][1], r["fxquant"][1],
+                     top1])
+    table("CNNs, w8a8: speed-up over fp32 eager (median of interleaved rounds)",
+          ["model", "conv kernel", "fp32 eager ms", "fp32 inductor", "w8a8 eager", "w8a8 backend=fxquant",
+           "top-1 % fp32 / w8a8"], rows)
 
 
 def main() -> None:

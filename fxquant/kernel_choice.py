@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fxquant.kernels import default_kernel
+from fxquant.kernels import default_conv_kernel, default_kernel
 
 from .quantizer import DynamicQuantizer, Quantizer, StaticQuantizer
 
@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 KERNEL_DESCRIPTIONS = {
     "int_mm": "int8 x int8 -> int32 GEMM (torch._int_mm: VNNI / AMX on CPU, CUDA)",
     "onednn_split": "oneDNN u8 x s8 GEMM on 7-bit parts of the codes, large codes added back exactly (AVX2)",
-    "fp32_split": "int8 codes multiplied in fp32, k split so that every partial sum is exact",
+    "onednn_qconv": "oneDNN u8 x s8 convolution, int32 sums, scales and bias applied in one pass (VNNI / AMX)",
+    "fp32_split": ("int8 codes multiplied in fp32, k (convolutions: the input channels) split so that every "
+                   "partial sum is exact"),
     "fp64": "int8 codes multiplied in fp64 (exact)",
     "dequant_mm": ("int8 / packed int4 weight dequantized, one float GEMM; up to 8 rows (decode) a GEMV over "
                    "the codes (C kernel eager, fused by inductor when compiled)"),
@@ -45,7 +47,8 @@ def layer_kernel(layer: _QWeighted, device: torch.device) -> str:
     if not wq.enabled:
         return "float"
     if aq.enabled and is_int8_pair(wq, aq):
-        if len(layer.weight_shape) > 2:
-            return "fp32_split" if device.type == "cpu" else "fp64"  # convolutions: exact float accumulation
-        return default_kernel(device)
+        if len(layer.weight_shape) == 2:
+            return default_kernel(device)
+        if isinstance(aq, StaticQuantizer):
+            return default_conv_kernel(device, layer.weight_shape)
     return "dequant_mm"

@@ -16,6 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.kernels import code_matmul, code_row_sums
+from fxquant.kernels.activation_codes import uint8_codes
+from fxquant.kernels.int_conv import (
+    ConvGeometry,
+    PackedConvWeight,
+    float_code_conv,
+    onednn_code_conv,
+)
 from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
@@ -226,29 +233,36 @@ class _QWeighted(QuantOpr):
             self.__dict__["_float_module"] = _released_layer(self.__dict__["_float_module"])
             self._non_persistent_buffers_set.discard("weight_codes")
         with torch.no_grad():
-            self._split_packed_weight()  # built now, so that torch.compile finds it
+            self._packed_weight()  # built now, so that torch.compile finds it
 
-    def _split_packed_weight(self) -> SplitPackedWeight | None:
-        """The "onednn_split" kernel's operands of the stored int8 codes, cached in the layer (not
-        saved) and rebuilt when the codes change; None for other kernels or unfrozen codes."""
-        if self.kernel != "onednn_split" or not self._stored_codes_in_use():
+    #: the kernel that runs on oneDNN's packed copy of the codes (_pack)
+    packed_kernel = "onednn_split"
+
+    def _pack(self, codes: torch.Tensor) -> SplitPackedWeight | PackedConvWeight:
+        """packed_kernel's operands of the stored codes [n, ...] (in row order)."""
+        return SplitPackedWeight(codes)
+
+    def _packed_weight(self) -> SplitPackedWeight | PackedConvWeight | None:
+        """packed_kernel's operands of the stored int8 codes, cached in the layer (not saved) and
+        rebuilt when the codes change; None for other kernels or unfrozen codes."""
+        if self.kernel != self.packed_kernel or not self._stored_codes_in_use():
             return None
-        cached = self.__dict__.get("_split_packed")
+        cached = self.__dict__.get("_packed")
         if torch.compiler.is_compiling():
             return cached  # built by freeze(), a copy or a load (packing cannot be traced)
         codes = self._row_codes()
         if cached is None or not cached.matches(codes):
-            cached = self.__dict__["_split_packed"] = SplitPackedWeight(codes)
+            cached = self.__dict__["_packed"] = self._pack(codes)
         return cached
 
     def __setstate__(self, state: dict) -> None:
-        """A copy or an unpickled layer takes this CPU's GEMV layout and rebuilds its own
-        "onednn_split" operands (not copied)."""
+        """A copy or an unpickled layer takes this CPU's GEMV layout and rebuilds its own packed
+        operands (not copied)."""
         super().__setstate__(state)
         if self.codes_blocked and self.weight_codes is not None:
             self.weight_codes = self._in_this_cpu_layout(self.weight_codes)
-        if state.get("kernel") == "onednn_split":
-            self._split_packed_weight()
+        if state.get("kernel") == self.packed_kernel:
+            self._packed_weight()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         """weight_codes saved on a CPU of another GEMV block size load in this CPU's layout."""
@@ -444,7 +458,7 @@ class QLinear(_QWeighted):
         xc = codes.reshape(-1, x.shape[-1])
         wscale = self.weight_quantizer.scale.reshape(-1)
         kernel = None if self.kernel == "simulated" else self.kernel
-        packed = self._split_packed_weight()
+        packed = self._packed_weight()
         if isinstance(aq, DynamicQuantizer):
             acc = code_matmul(xc, self._gemm_weight_codes(), kernel=kernel, packed=packed)  # exact sums, float32 [m, n]
             y = _scaled(_scaled(acc, wscale), sx.reshape(-1, 1))  # kernel order: scale, then per-token scale
@@ -477,23 +491,44 @@ class _QConvNd(_QWeighted):
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size = layer.kernel_size
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    packed_kernel = "onednn_qconv"
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv_fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _pack(self, codes: torch.Tensor) -> PackedConvWeight:
+        geometry = ConvGeometry(self.stride, self.padding, self.dilation, self.groups, len(self.weight_shape) - 2)
+        return PackedConvWeight(self.weight_int8(), geometry, source=codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._integer_path(x) and isinstance(self.active_input_quantizer(), StaticQuantizer):
+            packed = self._packed_weight()
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+            if packed is not None and not needs_grad and x.device.type == "cpu":
+                return self._onednn_forward(x, packed)
             codes, sx, zx = self._input_codes(x)
-            w = self._weight_codes()
-            exact = w[0].numel() * 127 * 255 < 2**24  # fp32 sums of integer codes stay exact below 2^24
-            dt = torch.float32 if exact else torch.float64
-            acc = self._conv((codes - zx).to(dt), w.to(dt), None)
+            acc = float_code_conv(self._conv, codes - zx, self._weight_codes(), self.kernel)
             shape = [1, -1] + [1] * (x.dim() - 2)
             deq = (sx * self.weight_quantizer.scale).reshape(-1)
             qbias = self.quantized_bias(deq)
             if qbias is not None:
-                acc = acc + qbias.to(dt).reshape(shape)
+                acc = acc + qbias.to(acc.dtype).reshape(shape)
             return (acc.float() * deq.reshape(shape)).to(x.dtype)
         return self._conv(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
+
+    def _onednn_forward(self, x: torch.Tensor, packed: PackedConvWeight) -> torch.Tensor:
+        """The "onednn_qconv" kernel: uint8 input codes, int32 sums, then input scale x weight scale
+        and the bias on the accumulator's grid, in one oneDNN pass (the same values as the float path
+        up to the rounding of that scaling)."""
+        aq = self.active_input_quantizer()
+        s = aq.spec
+        shift = 128 if s.signed else 0  # int8 codes as uint8 ones: the same differences to the zero point
+        codes = uint8_codes(x, aq.scale, aq.zero_point, aq.qmin, aq.qmax, s.rounding, s.offset_in_rounding, shift)
+        w_scale = self.weight_quantizer.scale.float().reshape(-1).expand(self.out_channels).contiguous()
+        bias = self.bias_on_grid()
+        y = onednn_code_conv(codes, aq.scale.float().reshape(()), (aq.zero_point + shift).reshape(()).to(torch.int64),
+                             packed, w_scale, None if bias is None else bias.float())
+        return y.to(x.dtype)
 
 
 class QConv1d(_QConvNd):

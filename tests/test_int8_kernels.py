@@ -205,27 +205,27 @@ def test_onednn_split_layer_cache_follows_its_codes_through_copies_and_compile()
     x[:, :4] *= 30  # per-token outliers: codes beyond the 7-bit part
     with torch.no_grad():
         out = layer(x)
-        cached = layer.__dict__["_split_packed"]
-        assert layer(x) is not None and layer.__dict__["_split_packed"] is cached
+        cached = layer.__dict__["_packed"]
+        assert layer(x) is not None and layer.__dict__["_packed"] is cached
         layer.kernel = "fp64"
         torch.testing.assert_close(out, layer(x), rtol=1e-6, atol=1e-6)
         layer.kernel = "onednn_split"
         layer.weight_codes.mul_(-1)  # new codes: the cache must not serve the old ones
         flipped = layer(x)
-        assert layer.__dict__["_split_packed"] is not cached
+        assert layer.__dict__["_packed"] is not cached
         layer.kernel = "fp64"
         torch.testing.assert_close(flipped, layer(x), rtol=1e-6, atol=1e-6)
         assert not torch.allclose(flipped, out)
         layer.kernel = "onednn_split"
         copied = copy.deepcopy(layer)  # rebuilt from the copy's own codes, ready for torch.compile
-        assert copied.__dict__["_split_packed"] is not layer.__dict__["_split_packed"]
-        assert copied.__dict__["_split_packed"].matches(copied.weight_codes)
+        assert copied.__dict__["_packed"] is not layer.__dict__["_packed"]
+        assert copied.__dict__["_packed"].matches(copied.weight_codes)
         torch.testing.assert_close(copied(x), flipped)
         buffer = io.BytesIO()
         torch.save(layer, buffer)
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=False)
-        assert loaded.__dict__["_split_packed"].matches(loaded.weight_codes)
+        assert loaded.__dict__["_packed"].matches(loaded.weight_codes)
         torch.testing.assert_close(loaded(x), flipped)
         torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True)
