@@ -501,34 +501,25 @@ class _QConvNd(_QWeighted):
         return PackedConvWeight(self.weight_int8(), geometry, source=codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._integer_path(x) and isinstance(self.active_input_quantizer(), StaticQuantizer):
-            packed = self._packed_weight()
-            needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
-            if packed is not None and not needs_grad and x.device.type == "cpu":
-                return self._onednn_forward(x, packed)
-            codes, sx, zx = self._input_codes(x)
-            acc = float_code_conv(self._conv, codes - zx, self._weight_codes(), self.kernel)
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            deq = (sx * self.weight_quantizer.scale).reshape(-1)
-            qbias = self.quantized_bias(deq)
-            if qbias is not None:
-                acc = acc + qbias.to(acc.dtype).reshape(shape)
-            return (acc.float() * deq.reshape(shape)).to(x.dtype)
-        return self._conv(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
-
-    def _onednn_forward(self, x: torch.Tensor, packed: PackedConvWeight) -> torch.Tensor:
-        """The "onednn_qconv" kernel: uint8 input codes, int32 sums, then input scale x weight scale
-        and the bias on the accumulator's grid, in one oneDNN pass (the same values as the float path
-        up to the rounding of that scaling)."""
         aq = self.active_input_quantizer()
-        s = aq.spec
-        shift = 128 if s.signed else 0  # int8 codes as uint8 ones: the same differences to the zero point
-        codes = uint8_codes(x, aq.scale, aq.zero_point, aq.qmin, aq.qmax, s.rounding, s.offset_in_rounding, shift)
-        w_scale = self.weight_quantizer.scale.float().reshape(-1).expand(self.out_channels).contiguous()
-        bias = self.bias_on_grid()
-        y = onednn_code_conv(codes, aq.scale.float().reshape(()), (aq.zero_point + shift).reshape(()).to(torch.int64),
-                             packed, w_scale, None if bias is None else bias.float())
-        return y.to(x.dtype)
+        if not (self._integer_path(x) and isinstance(aq, StaticQuantizer)):
+            return self._conv(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
+        packed = self._packed_weight()
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if packed is not None and not needs_grad and x.device.type == "cpu":
+            s = aq.spec
+            shift = 128 if s.signed else 0  # int8 codes as uint8 ones: the same differences to the zero point
+            codes = uint8_codes(x, aq.scale, aq.zero_point, aq.qmin, aq.qmax, s.rounding, s.offset_in_rounding, shift)
+            acc = onednn_code_conv(codes, (aq.zero_point + shift).reshape(()).to(torch.int64), packed)
+        else:
+            codes, _, zx = self._input_codes(x)
+            acc = float_code_conv(self._conv, codes - zx, self._weight_codes(), self.kernel)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        deq = (aq.scale * self.weight_quantizer.scale).reshape(-1)  # kernel order: (sums + qbias) * deq
+        qbias = self.quantized_bias(deq)
+        if qbias is not None:
+            acc = acc + qbias.to(acc.dtype).reshape(shape) if acc.requires_grad else acc.add_(qbias.to(acc.dtype).reshape(shape))
+        return _scaled(acc.float(), deq.reshape(shape)).to(x.dtype)
 
 
 class QConv1d(_QConvNd):

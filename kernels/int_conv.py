@@ -1,10 +1,11 @@
 """Exact int8 convolutions: (x codes - zero point) * weight codes accumulated as integers, then scaled.
 
 Where the CPU has int8 dot products (VNNI / AMX), oneDNN's u8 x s8 convolution accumulates in int32
-and applies input scale, weight scales and bias in one pass ("onednn_qconv"). Without them, oneDNN's
+("onednn_qconv"). Without them, oneDNN's
 u8 x s8 kernels saturate 16-bit pair sums (see int_matmul), so the codes are convolved in fp32 with
 the input channels cut into chunks whose sums stay exact ("fp32_split"), or in fp64 off the CPU
-(cuDNN may use TF32, which is not exact).
+(cuDNN may use TF32, which is not exact). Every kernel gives the sums; the layer adds the bias on
+the accumulator's grid and scales them, the same float operations whatever the kernel.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ class ConvGeometry:
 
 
 class PackedConvWeight:
-    """oneDNN's packed int8 weight [o, c / groups, *kernel] for onednn_qconv, with the zero weight
-    zero points it takes. A cache of the layer: never copied or saved; a copied or unpickled layer
-    builds its own. `source` identifies the stored codes it was built from."""
+    """oneDNN's packed int8 weight [o, c / groups, *kernel] for onednn_qconv, with the unit scales and
+    zero zero points it takes. A cache of the layer: never copied or saved; a copied or unpickled
+    layer builds its own. `source` identifies the stored codes it was built from."""
 
     def __init__(self, codes: torch.Tensor, geometry: ConvGeometry, source: torch.Tensor) -> None:
         if codes.dtype != torch.int8 or codes.dim() != geometry.dims + 2:
@@ -65,8 +66,8 @@ class PackedConvWeight:
         o = codes.shape[0]
         self.geometry = g
         self.source = (source.data_ptr(), source._version, tuple(source.shape))
-        self.zeros = torch.zeros(o, dtype=torch.long)
-        self.packed = torch.ops.onednn.qconv_prepack(w.contiguous(), torch.ones(o), 1.0, 0, g.stride, g.padding,
+        self.one, self.ones, self.zeros = torch.ones(()), torch.ones(o), torch.zeros(o, dtype=torch.long)
+        self.packed = torch.ops.onednn.qconv_prepack(w.contiguous(), self.ones, 1.0, 0, g.stride, g.padding,
                                                      g.dilation, g.groups, None)
 
     def matches(self, source: torch.Tensor) -> bool:
@@ -84,23 +85,23 @@ def _no_cache() -> None:
     return None
 
 
-def onednn_code_conv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weight: PackedConvWeight,
-                     w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """((codes - zero) conv weight codes) * scale * w_scale + bias -> float32 [b, o, *spatial] (2-d:
-    channels-last), the sums in int32: codes uint8 [b, c, *spatial], scale and zero 0-d tensors
-    (float32, int64), w_scale float32 [o], bias float32 [o] or None."""
+def onednn_code_conv(codes: torch.Tensor, zero: torch.Tensor, weight: PackedConvWeight) -> torch.Tensor:
+    """(codes - zero) conv weight codes -> float32 [b, o, *spatial] (2-d: channels-last), summed in
+    int32 (exact below 2^24, then float32's rounding of the int32 sum): codes uint8 [b, c, *spatial],
+    zero a 0-d integer tensor. The caller scales the sums, as every other kernel's, so that the
+    output is the same to the bit."""
     g = weight.geometry
     qconv = torch.ops.fxquant.qconv if torch.compiler.is_compiling() else _qconv  # eager: no dispatch through the op
-    return qconv(codes, scale, zero, weight.packed, w_scale, weight.zeros, bias, g.stride,
-                                   g.padding, g.dilation, g.groups, g.dims)
+    return qconv(codes, weight.one, zero, weight.packed, weight.ones, weight.zeros, g.stride, g.padding, g.dilation,
+                 g.groups, g.dims)
 
 
 def _qconv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, packed: torch.Tensor,
-           w_scale: torch.Tensor, w_zero: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
-           padding: list[int], dilation: list[int], groups: int, dims: int) -> torch.Tensor:
+           w_scale: torch.Tensor, w_zero: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+           groups: int, dims: int) -> torch.Tensor:
     """onednn_code_conv's op: oneDNN's convolution with float32 output, channels-last."""
     x = codes.unsqueeze(2) if dims == 1 else codes
-    out = torch.ops.onednn.qconv2d_pointwise.tensor(x, scale, zero, packed, w_scale, w_zero, bias, stride, padding,
+    out = torch.ops.onednn.qconv2d_pointwise.tensor(x, scale, zero, packed, w_scale, w_zero, None, stride, padding,
                                                     dilation, groups, 1.0, 0, torch.float32, "none", [], "")
     out = out.contiguous(memory_format=torch.channels_last)
     return out.squeeze(2) if dims == 1 else out
@@ -113,7 +114,7 @@ def _register_op() -> None:
     op = torch.library.custom_op("fxquant::qconv", _qconv, mutates_args=())
 
     @op.register_fake
-    def _(codes, scale, zero, packed, w_scale, w_zero, bias, stride, padding, dilation, groups, dims):  # noqa: ANN001, ANN202
+    def _(codes, scale, zero, packed, w_scale, w_zero, stride, padding, dilation, groups, dims):  # noqa: ANN001, ANN202
         x = codes.unsqueeze(2) if dims == 1 else codes
         kernel = packed.shape[2:]
         spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
