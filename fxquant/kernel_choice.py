@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 #: kernel names a layer may record, and what each computes
 KERNEL_DESCRIPTIONS = {
     "int_mm": "int8 x int8 -> int32 GEMM (torch._int_mm: VNNI / AMX on CPU, CUDA)",
-    "onednn_split": "oneDNN u8 x s8 GEMM on 7-bit parts of the codes, large codes added back exactly (AVX2)",
+    "onednn_split": ("oneDNN u8 x s8 GEMM / convolution on 7-bit parts of the codes, large codes added back "
+                     "exactly (AVX2)"),
     "onednn_qconv": "oneDNN u8 x s8 convolution, int32 sums, scales and bias applied in one pass (VNNI / AMX)",
     "fp32_split": ("int8 codes multiplied in fp32, k (convolutions: the input channels) split so that every "
                    "partial sum is exact"),

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.kernels import code_matmul, code_row_sums
-from fxquant.kernels.activation_codes import uint8_codes
+from fxquant.kernels.activation_codes import centred_codes, uint8_codes
 from fxquant.kernels.int_conv import (
     ConvGeometry,
     PackedConvWeight,
     float_code_conv,
     onednn_code_conv,
+    split_conv_pays,
 )
 from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
@@ -235,23 +236,25 @@ class _QWeighted(QuantOpr):
         with torch.no_grad():
             self._packed_weight()  # built now, so that torch.compile finds it
 
-    #: the kernel that runs on oneDNN's packed copy of the codes (_pack)
-    packed_kernel = "onednn_split"
+    #: the kernels that run on oneDNN's packed copy of the codes (_pack)
+    packed_kernels = ("onednn_split",)
 
     def _pack(self, codes: torch.Tensor) -> SplitPackedWeight | PackedConvWeight:
-        """packed_kernel's operands of the stored codes [n, ...] (in row order)."""
+        """The operands of the layer's kernel (one of packed_kernels) for the stored codes [n, ...]
+        (in row order)."""
         return SplitPackedWeight(codes)
 
     def _packed_weight(self) -> SplitPackedWeight | PackedConvWeight | None:
-        """packed_kernel's operands of the stored int8 codes, cached in the layer (not saved) and
-        rebuilt when the codes change; None for other kernels or unfrozen codes."""
-        if self.kernel != self.packed_kernel or not self._stored_codes_in_use():
+        """The operands of the layer's kernel (one of packed_kernels) for the stored int8 codes, cached
+        in the layer (not saved) and rebuilt when the codes or the kernel change; None for other
+        kernels or unfrozen codes."""
+        if self.kernel not in self.packed_kernels or not self._stored_codes_in_use():
             return None
         cached = self.__dict__.get("_packed")
         if torch.compiler.is_compiling():
             return cached  # built by freeze(), a copy or a load (packing cannot be traced)
         codes = self._row_codes()
-        if cached is None or not cached.matches(codes):
+        if cached is None or cached.kernel != self.kernel or not cached.matches(codes):
             cached = self.__dict__["_packed"] = self._pack(codes)
         return cached
 
@@ -261,7 +264,7 @@ class _QWeighted(QuantOpr):
         super().__setstate__(state)
         if self.codes_blocked and self.weight_codes is not None:
             self.weight_codes = self._in_this_cpu_layout(self.weight_codes)
-        if state.get("kernel") == self.packed_kernel:
+        if state.get("kernel") in self.packed_kernels:
             self._packed_weight()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
@@ -491,14 +494,14 @@ class _QConvNd(_QWeighted):
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size = layer.kernel_size
 
-    packed_kernel = "onednn_qconv"
+    packed_kernels = ("onednn_qconv", "onednn_split")
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv_fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _pack(self, codes: torch.Tensor) -> PackedConvWeight:
         geometry = ConvGeometry(self.stride, self.padding, self.dilation, self.groups, len(self.weight_shape) - 2)
-        return PackedConvWeight(self.weight_int8(), geometry, source=codes)
+        return PackedConvWeight(self.weight_int8(), geometry, source=codes, split=self.kernel == "onednn_split")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.active_input_quantizer()
@@ -506,14 +509,23 @@ class _QConvNd(_QWeighted):
             return self._conv(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
         packed = self._packed_weight()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
-        if packed is not None and not needs_grad and x.device.type == "cpu":
+        pays = self.kernel != "onednn_split" or split_conv_pays(x, self.weight_shape, self.stride)
+        if packed is not None and pays and not needs_grad and x.device.type == "cpu":
             s = aq.spec
             shift = 128 if s.signed else 0  # int8 codes as uint8 ones: the same differences to the zero point
             codes = uint8_codes(x, aq.scale, aq.zero_point, aq.qmin, aq.qmax, s.rounding, s.offset_in_rounding, shift)
             acc = onednn_code_conv(codes, (aq.zero_point + shift).reshape(()).to(torch.int64), packed)
         else:
-            codes, _, zx = self._input_codes(x)
-            acc = float_code_conv(self._conv, codes - zx, self._weight_codes(), self.kernel)
+            if needs_grad:
+                codes, _, zx = self._input_codes(x)
+                centred = codes - zx
+            else:  # one pass
+                s = aq.spec
+                centred = centred_codes(x, aq.scale, aq.zero_point, aq.qmin, aq.qmax, s.rounding, s.offset_in_rounding,
+                                        aq.zero_point)
+            if centred.dim() == 4 and centred.device.type == "cpu":  # oneDNN's NCHW kernels ran 1.5-20x slower
+                centred = centred.contiguous(memory_format=torch.channels_last)
+            acc = float_code_conv(self._conv, centred, self._weight_codes(), self.kernel)
         shape = [1, -1] + [1] * (x.dim() - 2)
         deq = (aq.scale * self.weight_quantizer.scale).reshape(-1)  # kernel order: (sums + qbias) * deq
         qbias = self.quantized_bias(deq)

@@ -77,6 +77,9 @@ class SplitPackedWeight:
             table = torch.cat([(part.t().to(torch.int16) + 128).to(torch.uint8), row_params], dim=1)
             self.chunks.append((start, torch.ops.onednn.qlinear_prepack(part, None), table.contiguous()))
 
+    #: the layer kernel these operands serve
+    kernel = "onednn_split"
+
     def matches(self, codes: torch.Tensor) -> bool:
         """True when built from these codes as they are now (same storage, version and shape)."""
         return self.source == (codes.data_ptr(), codes._version, tuple(codes.shape))

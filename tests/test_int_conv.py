@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant.fake_quant import quantize_codes
-from fxquant.kernels import activation_codes, int_matmul
+from fxquant.kernels import activation_codes, int_conv, int_matmul
 from fxquant.kernels.int_conv import (
     EXACT_FP32_CONV_K,
     ConvGeometry,
@@ -25,6 +26,7 @@ from fxquant.kernels.int_conv import (
 from fxquant.schemes import SchemeOptions
 
 HAS_INT8_DOT = int_matmul.cpu_has_int8_dot()
+SPLIT_BUILDS = qconv_available() and int_conv._native_large_codes() is not None
 
 
 def _full_range(shape: tuple[int, ...], low: int, high: int, seed: int) -> torch.Tensor:
@@ -65,16 +67,50 @@ def test_conv_kernel_follows_the_cpu(monkeypatch):
     """oneDNN's int8 convolution only where the CPU has int8 dot products (without them its u8 x s8
     pair sums saturate); the exact fp32 path otherwise, fp64 off the CPU."""
     cpu = torch.device("cpu")
-    expected = "onednn_qconv" if HAS_INT8_DOT and qconv_available() else "fp32_split"
+    without_dot = "onednn_split" if SPLIT_BUILDS else "fp32_split"
+    expected = "onednn_qconv" if HAS_INT8_DOT and qconv_available() else without_dot
     assert default_conv_kernel(cpu, (16, 8, 3, 3)) == expected
     assert default_conv_kernel(cpu, (16, 8, 5)) == expected
     assert default_conv_kernel(torch.device("cuda"), (16, 8, 3, 3)) == "fp64"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     int_matmul.cpu_has_int8_dot.cache_clear()
     try:
-        assert default_conv_kernel(cpu, (16, 8, 3, 3)) == "fp32_split"
+        assert default_conv_kernel(cpu, (16, 8, 3, 3)) == without_dot
     finally:
         int_matmul.cpu_has_int8_dot.cache_clear()
+
+
+@pytest.mark.skipif(not SPLIT_BUILDS, reason="needs oneDNN and a C compiler (else the layer runs fp32_split)")
+@pytest.mark.parametrize("zero", [0, 255, 37, 128])
+@pytest.mark.parametrize("cin, cout, size, stride, padding, dilation, groups, dims", [
+    (64, 32, 3, 1, 1, 1, 1, 2),
+    (16, 24, 3, 2, 1, 1, 1, 2),
+    (16, 16, 3, 1, 2, 2, 1, 2),
+    (32, 32, 3, 1, 1, 1, 32, 2),   # depthwise
+    (24, 12, 5, 2, 0, 1, 3, 2),    # grouped, no padding
+    (48, 24, 3, 2, 1, 1, 1, 1),    # Conv1d
+    (640, 8, 3, 1, 1, 1, 1, 2),    # sums past 2^24: the exact float path
+])
+def test_split_code_conv_sums_exactly(cin, cout, size, stride, padding, dilation, groups, dims, zero, caplog):
+    """"onednn_split" (AVX2): oneDNN's 7-bit part plus the C kernel's large codes equal the exact
+    sums for every geometry and zero point (float32's rounding past 2^24, where the kernel hands over
+    to the exact float path). On this CPU oneDNN may take VNNI for the 7-bit part; the emulated AVX2
+    run of the suite checks its AVX2 kernel."""
+    spatial = (9, 9) if dims == 2 else (11,)
+    codes = _full_range((3, cin, *spatial), 0, 255, seed=cin + zero).to(torch.uint8)
+    codes[0] = 255 if zero < 128 else 0  # one sample as far from the zero point as it goes
+    codes[1, :, :2] = min(zero + 1, 255)  # mostly small codes elsewhere, as real activations
+    w = _full_range((cout, cin // groups, *(size,) * dims), -127, 127, seed=cout).to(torch.int8)
+    w[: cout // 2] = 127
+    geometry = ConvGeometry((stride,) * dims, (padding,) * dims, (dilation,) * dims, groups, dims)
+    with caplog.at_level(logging.DEBUG, logger=int_conv.logger.name):
+        out = onednn_code_conv(codes, torch.tensor(zero), PackedConvWeight(w, geometry, source=w, split=True))
+    conv_fn = F.conv2d if dims == 2 else F.conv1d
+    acc = conv_fn(codes.double() - zero, w.double(), None, stride, padding, dilation, groups)
+    assert out.dtype == torch.float32 and out.shape == acc.shape
+    assert torch.equal(out.double(), acc.float().double())
+    if acc.abs().max() >= 2**24:  # float32 alone could not hold these sums: the exact float path took over
+        assert "recomputed on the exact float path" in caplog.text
 
 
 @pytest.mark.skipif(not (HAS_INT8_DOT and qconv_available()),
@@ -115,10 +151,12 @@ def _two_conv_model(dims: int, groups: int, stride: int, dilation: int, bias: bo
 @pytest.mark.parametrize("dims, groups, stride, dilation, bias", [
     (2, 1, 1, 1, True), (2, 8, 2, 1, False), (2, 2, 1, 2, True), (1, 1, 2, 1, True),
 ])
-def test_frozen_qconv_runs_the_chosen_kernel_with_the_exact_values(dims, groups, stride, dilation, bias, a_signed):
+def test_frozen_qconv_runs_the_chosen_kernel_with_the_exact_values(dims, groups, stride, dilation, bias, a_signed,
+                                                                   monkeypatch):
     """Without gradients a frozen QConv runs this CPU's kernel; with them, the exact float path
     (straight-through gradients). Every kernel gives the same sums and the layer scales them the same
     way, so the outputs are equal to the bit."""
+    monkeypatch.setattr(int_conv, "SPLIT_MIN_POSITIONS", 1)  # "onednn_split" on these small images too
     torch.manual_seed(0)
     model = _two_conv_model(dims, groups, stride, dilation, bias)
     spatial = (12, 12) if dims == 2 else (20,)
@@ -136,13 +174,15 @@ def test_frozen_qconv_runs_the_chosen_kernel_with_the_exact_values(dims, groups,
         for layer in layers:
             outs.append(layer(ins))
             ins = torch.relu(outs[-1])
-        for layer in layers:
-            layer.kernel = "fp64"
-        ref = [layer(i) for layer, i in zip(layers, [x, torch.relu(outs[0]), torch.relu(outs[1])])]
+        others = ["fp64", "fp32_split"] + (["onednn_split"] if SPLIT_BUILDS else [])
+        for kernel in others:
+            for layer in layers:
+                layer.kernel = kernel
+            ref = [layer(i) for layer, i in zip(layers, [x, torch.relu(outs[0]), torch.relu(outs[1])])]
+            for out, r in zip(outs, ref):
+                assert torch.equal(out, r), kernel
         for layer in layers:
             layer.kernel = expected
-    for out, r in zip(outs, ref):
-        assert torch.equal(out, r)
     xg = x.clone().requires_grad_(True)
     yg = layers[0](xg)
     yg.sum().backward()
@@ -157,13 +197,15 @@ def _frozen_conv() -> torch.nn.Module:
                             progress=False)
 
 
-@pytest.mark.skipif(not (HAS_INT8_DOT and qconv_available()),
-                    reason="the packed oneDNN weight exists only where the CPU runs onednn_qconv")
+@pytest.mark.skipif(not (HAS_INT8_DOT and qconv_available() or SPLIT_BUILDS),
+                    reason="the packed oneDNN weight exists only where the CPU runs onednn_qconv or onednn_split")
 def test_packed_conv_weight_follows_the_codes_copies_and_torch_compile():
     """The layer's packed oneDNN weight is rebuilt when the codes change, by a deep copy and by a
     load (never copied or saved), and torch.compile runs it in one graph."""
     q = _frozen_conv()
     layer = q.get_submodule("0")
+    kernel = layer.kernel
+    assert kernel in ("onednn_qconv", "onednn_split")
     x = torch.randn(2, 16, 10, 10)
     with torch.no_grad():
         out = layer(x)
@@ -174,7 +216,7 @@ def test_packed_conv_weight_follows_the_codes_copies_and_torch_compile():
         assert layer.__dict__["_packed"] is not cached
         layer.kernel = "fp64"
         assert torch.equal(flipped, layer(x))
-        layer.kernel = "onednn_qconv"
+        layer.kernel = kernel
         assert not torch.allclose(flipped, out)
         copied = copy.deepcopy(layer)
         assert copied.__dict__["_packed"] is not layer.__dict__["_packed"]
@@ -219,7 +261,13 @@ def test_uint8_codes_are_quantize_codes_shifted(rounding, offset_in_rounding, qm
         out = activation_codes.uint8_codes(t, scale, zero, qmin, qmax, rounding, offset_in_rounding, shift)
         assert t is planar or out.stride() == t.stride()
         assert torch.equal(out.float(), quantize_codes(t, scale, zero, qmin, qmax, rounding, offset_in_rounding) + shift)
-    if activation_codes._native_uint8_codes() is not None:  # the torch ops give the same integers
-        monkeypatch.setattr(activation_codes, "_native_uint8_codes", lambda: None)
+    centred = activation_codes.centred_codes(channels_last, scale, zero, qmin, qmax, rounding, offset_in_rounding,
+                                             int(zero))
+    assert centred.dtype == torch.float32 and centred.stride() == channels_last.stride()
+    assert torch.equal(centred, quantize_codes(channels_last, scale, zero, qmin, qmax, rounding, offset_in_rounding) - zero)
+    if activation_codes._native_function("fxq_uint8_codes") is not None:  # the torch ops give the same integers
+        monkeypatch.setattr(activation_codes, "_native_function", lambda symbol: None)
         assert torch.equal(activation_codes.uint8_codes(x, scale, zero, qmin, qmax, rounding, offset_in_rounding,
                                                         shift).float(), ref)
+        assert torch.equal(activation_codes.centred_codes(x, scale, zero, qmin, qmax, rounding, offset_in_rounding, 5),
+                           ref - shift - 5)
