@@ -23,12 +23,7 @@ def uint8_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
                         shift)
     if out is not None:
         return out
-    codes = x.float() / scale
-    if offset_in_rounding:
-        codes.add_(zero_point)
-    codes = codes.round_() if rounding == "half_even" else codes.add_(0.5).floor_()
-    codes.add_(shift if offset_in_rounding else zero_point + shift)
-    return codes.clamp_(qmin + shift, qmax + shift).to(torch.uint8)
+    return _torch_codes(x, scale, zero_point, qmin, qmax, rounding, offset_in_rounding).add_(shift).to(torch.uint8)
 
 
 def centred_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
@@ -42,13 +37,19 @@ def centred_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                         offset_in_rounding, centre)
     if out is not None:
         return out
+    return _torch_codes(x, scale, zero_point, qmin, qmax, rounding, offset_in_rounding).sub_(centre)
+
+
+def _torch_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                 rounding: str, offset_in_rounding: bool) -> torch.Tensor:
+    """quantize_codes' integers as a new float32 tensor, by torch ops in place on one buffer."""
     codes = x.float() / scale
     if offset_in_rounding:
         codes.add_(zero_point)
     codes = codes.round_() if rounding == "half_even" else codes.add_(0.5).floor_()
     if not offset_in_rounding:
         codes.add_(zero_point)
-    return codes.clamp_(qmin, qmax).sub_(centre)
+    return codes.clamp_(qmin, qmax)
 
 
 def _native_codes(symbol: str, dtype: torch.dtype, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from . import c_kernels
+from .layer_cache import WeightCodesCache
 
 #: the 7-bit range of the part of the codes that oneDNN multiplies, and its zero point
 SMALL_MIN, SMALL_MAX, SMALL_ZERO = -64, 63, 64
@@ -53,7 +54,7 @@ def code_row_sums(wc: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows.to(torch.int32).sum(dim=1, dtype=torch.int32) for rows in wc.split(64)])
 
 
-class SplitPackedWeight:
+class SplitPackedWeight(WeightCodesCache):
     """The operands of one weight for split_codes_matmul, derived from its int8 codes [n, k], per
     chunk of CHUNK_K columns: oneDNN's packed weight and the byte table [k, n + 8] (codes + 128,
     then fp32 scale 1 and offset -128 per row). A cache of the layer: never copied or saved; a
@@ -65,7 +66,7 @@ class SplitPackedWeight:
             raise TypeError(f"SplitPackedWeight takes int8 codes [n, k], got {codes.dtype} {tuple(codes.shape)}")
         _register_op()
         n, k = codes.shape
-        self.source = (codes.data_ptr(), codes._version, tuple(codes.shape))
+        super().__init__(codes)
         self.ones, self.zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)  # oneDNN's weight scales, zero points
         self.row_sums = code_row_sums(codes)  # [n], for zero points
         self.native = native_large_codes() if native is None else native and native_large_codes()
@@ -79,20 +80,6 @@ class SplitPackedWeight:
 
     #: the layer kernel these operands serve
     kernel = "onednn_split"
-
-    def matches(self, codes: torch.Tensor) -> bool:
-        """True when built from these codes as they are now (same storage, version and shape)."""
-        return self.source == (codes.data_ptr(), codes._version, tuple(codes.shape))
-
-    def __deepcopy__(self, memo: dict) -> None:
-        return None  # a copy rebuilds its own from its own codes
-
-    def __reduce__(self) -> tuple:
-        return _no_cache, ()  # pickled as None: oneDNN's packed layout is per process
-
-
-def _no_cache() -> None:
-    return None
 
 
 def split_center(zero: int, k: int, large_in_int32: bool = False) -> int:

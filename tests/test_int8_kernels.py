@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layer_cache_checks import assert_copies_rebuild_the_cache
 
 from fxquant.kernels import c_kernels, int8_matmul
 from fxquant.kernels.int_matmul import EXACT_FP32_K, default_kernel
@@ -191,9 +192,6 @@ def test_onednn_split_layer_cache_follows_its_codes_through_copies_and_compile()
     """The "onednn_split" operands are a per-layer cache of the int8 codes: built at freeze,
     rebuilt when the codes change and by deepcopy and unpickling (never copied), used by
     torch.compile."""
-    import copy
-    import io
-
     import fxquant
 
     torch.manual_seed(0)
@@ -217,16 +215,4 @@ def test_onednn_split_layer_cache_follows_its_codes_through_copies_and_compile()
         torch.testing.assert_close(flipped, layer(x), rtol=1e-6, atol=1e-6)
         assert not torch.allclose(flipped, out)
         layer.kernel = "onednn_split"
-        copied = copy.deepcopy(layer)  # rebuilt from the copy's own codes, ready for torch.compile
-        assert copied.__dict__["_packed"] is not layer.__dict__["_packed"]
-        assert copied.__dict__["_packed"].matches(copied.weight_codes)
-        torch.testing.assert_close(copied(x), flipped)
-        buffer = io.BytesIO()
-        torch.save(layer, buffer)
-        buffer.seek(0)
-        loaded = torch.load(buffer, weights_only=False)
-        assert loaded.__dict__["_packed"].matches(loaded.weight_codes)
-        torch.testing.assert_close(loaded(x), flipped)
-        torch._dynamo.reset()
-        compiled = torch.compile(layer, fullgraph=True)
-        torch.testing.assert_close(compiled(x), flipped, rtol=1e-6, atol=1e-6)
+        assert_copies_rebuild_the_cache(layer, x, flipped)

@@ -3,13 +3,12 @@ chosen for this CPU with the values of the exact float path."""
 
 from __future__ import annotations
 
-import copy
-import io
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_cache_checks import assert_copies_rebuild_the_cache
 
 import fxquant
 from fxquant.fake_quant import quantize_codes
@@ -218,19 +217,7 @@ def test_packed_conv_weight_follows_the_codes_copies_and_torch_compile():
         assert torch.equal(flipped, layer(x))
         layer.kernel = kernel
         assert not torch.allclose(flipped, out)
-        copied = copy.deepcopy(layer)
-        assert copied.__dict__["_packed"] is not layer.__dict__["_packed"]
-        assert copied.__dict__["_packed"].matches(copied.weight_codes)
-        torch.testing.assert_close(copied(x), flipped)
-        buffer = io.BytesIO()
-        torch.save(layer, buffer)
-        buffer.seek(0)
-        loaded = torch.load(buffer, weights_only=False)
-        assert loaded.__dict__["_packed"].matches(loaded.weight_codes)
-        torch.testing.assert_close(loaded(x), flipped)
-        torch._dynamo.reset()
-        compiled = torch.compile(layer, fullgraph=True)
-        torch.testing.assert_close(compiled(x), flipped, rtol=1e-6, atol=1e-6)
+        assert_copies_rebuild_the_cache(layer, x, flipped)
 
 
 def test_compiled_cnn_equals_eager():

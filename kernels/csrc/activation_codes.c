@@ -25,28 +25,32 @@ static inline float code_of(float x, float scale, float before, float after, flo
     return v < qmin ? qmin : (v > qmax ? qmax : v);
 }
 
-void fxq_uint8_codes(const float *x, int64_t n, float scale, float zero, float qmin, float qmax, int mode,
-                     int offset_in_rounding, float shift, uint8_t *out)
+/* code + add for x[0 .. n), into out8 as uint8 where it is given, else into out32 as float32. */
+static void write_codes(const float *x, int64_t n, float scale, float zero, float qmin, float qmax, int mode,
+                        int offset_in_rounding, float add, uint8_t *out8, float *out32)
 {
     const float before = offset_in_rounding ? zero : 0.0f, after = offset_in_rounding ? 0.0f : zero;
     const int64_t chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
         const int64_t end = (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n;
-        for (int64_t i = c * CHUNK; i < end; ++i)
-            out[i] = (uint8_t)(code_of(x[i], scale, before, after, qmin, qmax, mode) + shift);
+        if (out8)
+            for (int64_t i = c * CHUNK; i < end; ++i)
+                out8[i] = (uint8_t)(code_of(x[i], scale, before, after, qmin, qmax, mode) + add);
+        else
+            for (int64_t i = c * CHUNK; i < end; ++i)
+                out32[i] = code_of(x[i], scale, before, after, qmin, qmax, mode) + add;
     }
+}
+
+void fxq_uint8_codes(const float *x, int64_t n, float scale, float zero, float qmin, float qmax, int mode,
+                     int offset_in_rounding, float shift, uint8_t *out)
+{
+    write_codes(x, n, scale, zero, qmin, qmax, mode, offset_in_rounding, shift, out, 0);
 }
 
 void fxq_centred_codes(const float *x, int64_t n, float scale, float zero, float qmin, float qmax, int mode,
                        int offset_in_rounding, float centre, float *out)
 {
-    const float before = offset_in_rounding ? zero : 0.0f, after = offset_in_rounding ? 0.0f : zero;
-    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) if (chunks > 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t end = (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n;
-        for (int64_t i = c * CHUNK; i < end; ++i)
-            out[i] = code_of(x[i], scale, before, after, qmin, qmax, mode) - centre;
-    }
+    write_codes(x, n, scale, zero, qmin, qmax, mode, offset_in_rounding, -centre, 0, out);
 }
