@@ -51,5 +51,5 @@ def layer_kernel(layer: _QWeighted, device: torch.device) -> str:
         if len(layer.weight_shape) == 2:
             return default_kernel(device)
         if isinstance(aq, StaticQuantizer):
-            return default_conv_kernel(device, layer.weight_shape)
+            return default_conv_kernel(device, layer.weight_shape, layer.padding)
     return "dequant_mm"

@@ -480,6 +480,18 @@ def _scaled(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return acc * scale if acc.requires_grad else acc.mul_(scale)
 
 
+def _symmetric_padding(layer: torch.nn.modules.conv._ConvNd) -> tuple[int, ...] | str:
+    """The layer's padding as integers per side, which the integer kernels take: "valid" is none,
+    "same" (stride 1) is dilation x (kernel - 1) split evenly; "same" with an odd total (PyTorch
+    pads the extra one on the right) stays "same", which only the float convolutions take."""
+    if not isinstance(layer.padding, str):
+        return tuple(layer.padding)
+    if layer.padding == "valid":
+        return (0,) * len(layer.kernel_size)
+    totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+    return "same" if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+
+
 class _QConvNd(_QWeighted):
     """Quantized convolution; integer path accumulates integer-valued float codes exactly."""
 
@@ -489,7 +501,7 @@ class _QConvNd(_QWeighted):
         super().__init__(layer, scheme)
         if layer.padding_mode != "zeros":
             raise NotQuantizableError(f"padding_mode={layer.padding_mode!r} is not supported; only 'zeros'")
-        self.stride, self.padding = layer.stride, layer.padding
+        self.stride, self.padding = layer.stride, _symmetric_padding(layer)
         self.dilation, self.groups = layer.dilation, layer.groups
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size = layer.kernel_size

@@ -44,12 +44,13 @@ def qconv_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_prepack")
 
 
-def default_conv_kernel(device: torch.device, weight_shape: tuple[int, ...]) -> str:
+def default_conv_kernel(device: torch.device, weight_shape: tuple[int, ...],
+                        padding: tuple[int, ...] | str = ()) -> str:
     """The fastest exact convolution of int8 codes on `device` for a weight [o, c / groups, *kernel]
-    (1-d or 2-d)."""
+    (1-d or 2-d) and padding per side (a string, "same" with uneven sides: the float kernels only)."""
     if device.type != "cpu":
         return "fp64"
-    if len(weight_shape) in (3, 4) and qconv_available():
+    if len(weight_shape) in (3, 4) and not isinstance(padding, str) and qconv_available():
         if cpu_has_int8_dot():
             return "onednn_qconv"
         if _native_large_codes() is not None:

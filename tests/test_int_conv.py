@@ -189,6 +189,32 @@ def test_frozen_qconv_runs_the_chosen_kernel_with_the_exact_values(dims, groups,
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("padding, kernel_size", [("same", 3), ("valid", 3), ("same", 4)])
+def test_string_padding_runs_the_cpu_kernel_where_its_sides_are_even(dims, padding, kernel_size):
+    """padding="valid" and "same" (stride 1) become integers per side, so oneDNN's kernels take
+    them; "same" with an odd total (even kernel: torch pads the extra one on the right) stays on the
+    exact float path. Either way the output is the float path's to the bit."""
+    torch.manual_seed(0)
+    conv = (torch.nn.Conv2d if dims == 2 else torch.nn.Conv1d)(8, 16, kernel_size, padding=padding)
+    spatial = (11, 11) if dims == 2 else (23,)
+    x = torch.randn(2, 8, *spatial)
+    q = fxquant.quantize(torch.nn.Sequential(conv), [[x]], scheme="w8a8", disable_last_layer=False, progress=False)
+    layer = q.get_submodule("0")
+    even = not (padding == "same" and kernel_size % 2 == 0)
+    cpu = torch.device("cpu")
+    assert layer.padding == ((0,) * dims if padding == "valid" else (1,) * dims if even else "same")
+    assert layer.kernel == default_conv_kernel(cpu, tuple(conv.weight.shape), (0,) if even else "same")
+    if not even:
+        assert layer.kernel == "fp32_split"
+    with torch.no_grad():
+        out = layer(x)
+        layer.kernel = "fp64"
+        assert torch.equal(out, layer(x))
+    assert out.shape == conv(x).shape
+    assert F.cosine_similarity(out.flatten(), conv(x).flatten(), dim=0) > 0.999
+
+
 def _frozen_conv() -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 1))
