@@ -11,6 +11,8 @@ weight_scale (gradients pass straight through the integer accumulation).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,8 @@ from .quantizer import DynamicQuantizer, IdentityQuantizer, Quantizer, StaticQua
 from .quantizer_factory import build_quantizer
 from .schemes import Scheme
 from .timestep import TimestepQuantizer
+
+T = TypeVar("T")
 
 
 class QuantOpr(torch.nn.Module):
@@ -258,6 +262,23 @@ class _QWeighted(QuantOpr):
             cached = self.__dict__["_packed"] = self._pack(codes)
         return cached
 
+    def _derived(self, name: str, sources: tuple[torch.Tensor | None, ...], build: Callable[[], T],
+                 key: Hashable = None) -> T:
+        """build(), kept in the layer under `name` while the tensors of `sources` (or None) stay the
+        same objects at the same versions and `key` is the same: eager inference's values derived
+        from scales and bias, which took more time than a small layer's GEMM or convolution. Traced
+        (torch.compile), build() runs each time."""
+        if torch.compiler.is_compiling():
+            return build()
+        versions = tuple(-1 if t is None else t._version for t in sources)
+        cached = self.__dict__.get(name)
+        if (cached is not None and cached[1] == versions and cached[2] == key
+                and all(a is b for a, b in zip(cached[0], sources))):
+            return cached[3]
+        value = build()
+        self.__dict__[name] = (sources, versions, key, value)
+        return value
+
     def __setstate__(self, state: dict) -> None:
         """A copy or an unpickled layer takes this CPU's GEMV layout and rebuilds its own packed
         operands (not copied)."""
@@ -427,18 +448,15 @@ class QLinear(_QWeighted):
         None): what native_codes_gemv takes besides x and the codes. Kept in the layer while scale,
         zero point and bias stay as they are (preparing them took 8-16 us of a 40 us decode call)."""
         wq = self.weight_quantizer
-        sources = (wq.scale, wq.zero_point, self.bias)  # held by the cache: compared by identity and version
-        versions = tuple(-1 if t is None else t._version for t in sources)
-        cached = self.__dict__.get("_gemv_operands")
-        if cached is not None and cached[1] == versions and all(a is b for a, b in zip(cached[0], sources)):
-            return cached[2]
-        n = self.out_features
-        scale = wq.scale.detach().reshape(n, -1).to(torch.float32).contiguous()
-        zero = None if wq.spec.symmetric else wq.zero_point
-        bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
-        operands = (wq.spec.bits, scale, gemv_offsets(wq.spec.bits, zero, n, scale.shape[1]), bias)
-        self.__dict__["_gemv_operands"] = (sources, versions, operands)
-        return operands
+
+        def build() -> tuple:
+            n = self.out_features
+            scale = wq.scale.detach().reshape(n, -1).to(torch.float32).contiguous()
+            zero = None if wq.spec.symmetric else wq.zero_point
+            bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
+            return wq.spec.bits, scale, gemv_offsets(wq.spec.bits, zero, n, scale.shape[1]), bias
+
+        return self._derived("_gemv_operands", (wq.scale, wq.zero_point, self.bias), build)
 
     def _gemv_layout_fits(self, block: int) -> bool:
         """Weight-only layers with int8 codes per output channel or int4 / int8 codes per group,
@@ -526,7 +544,9 @@ class _QConvNd(_QWeighted):
             s = aq.spec
             shift = 128 if s.signed else 0  # int8 codes as uint8 ones: the same differences to the zero point
             codes = uint8_codes(x, aq.scale, aq.zero_point, aq.qmin, aq.qmax, s.rounding, s.offset_in_rounding, shift)
-            acc = onednn_code_conv(codes, (aq.zero_point + shift).reshape(()).to(torch.int64), packed)
+            zero = self._derived("_cached_code_zero", (aq.zero_point,),
+                                 lambda: (aq.zero_point + shift).reshape(()).to(torch.int64), key=(id(aq), shift))
+            acc = onednn_code_conv(codes, zero, packed)
         else:
             if needs_grad:
                 codes, _, zx = self._input_codes(x)
@@ -538,12 +558,25 @@ class _QConvNd(_QWeighted):
             if centred.dim() == 4 and centred.device.type == "cpu":  # oneDNN's NCHW kernels ran 1.5-20x slower
                 centred = centred.contiguous(memory_format=torch.channels_last)
             acc = float_code_conv(self._conv, centred, self._weight_codes(), self.kernel)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        deq = (aq.scale * self.weight_quantizer.scale).reshape(-1)  # kernel order: (sums + qbias) * deq
-        qbias = self.quantized_bias(deq)
+        if torch.is_grad_enabled():  # scales or bias may carry gradients
+            deq, qbias = self._output_scaling(aq, acc.dtype, x.dim())
+        else:
+            sources = (aq.scale, self.weight_quantizer.scale, self.bias)
+            deq, qbias = self._derived("_cached_output_scaling", sources, lambda: self._output_scaling(aq, acc.dtype, x.dim()),
+                                       key=(id(aq), acc.dtype, x.dim()))
         if qbias is not None:
-            acc = acc + qbias.to(acc.dtype).reshape(shape) if acc.requires_grad else acc.add_(qbias.to(acc.dtype).reshape(shape))
-        return _scaled(acc.float(), deq.reshape(shape)).to(x.dtype)
+            acc = acc + qbias if acc.requires_grad else acc.add_(qbias)
+        return _scaled(acc.float(), deq).to(x.dtype)
+
+    def _output_scaling(self, aq: StaticQuantizer, dtype: torch.dtype,
+                        dims: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(deq, qbias) shaped [1, o, 1, ...] for an output of `dims` dimensions: the sums' scaling,
+        (sums + qbias) * deq in the kernel's order, deq = input scale x weight scale (float32),
+        qbias = round(bias / deq) in the sums' `dtype` (None without a bias)."""
+        shape = [1, -1] + [1] * (dims - 2)
+        deq = (aq.scale * self.weight_quantizer.scale).reshape(-1)
+        qbias = self.quantized_bias(deq)
+        return deq.reshape(shape), None if qbias is None else qbias.to(dtype).reshape(shape)
 
 
 class QConv1d(_QConvNd):
