@@ -486,9 +486,17 @@ class QLinear(_QWeighted):
             if self.bias is not None:
                 y = y + self.bias.float() if y.requires_grad else y.add_(self.bias.float())
         else:
-            deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
-            y = _scaled(code_matmul(xc, self._gemm_weight_codes(), zero, self.quantized_bias(deq), kernel,
-                                    self.weight_row_sums, packed), deq)
+            def scaling() -> tuple[torch.Tensor, torch.Tensor | None]:
+                deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
+                return deq, self.quantized_bias(deq)
+
+            if torch.is_grad_enabled():  # scales or bias may carry gradients
+                deq, qbias = scaling()
+            else:
+                sources = (aq.scale, self.weight_quantizer.scale, self.bias)
+                deq, qbias = self._derived("_cached_output_scaling", sources, scaling, key=(id(aq), x.dim()))
+            y = _scaled(code_matmul(xc, self._gemm_weight_codes(), zero, qbias, kernel, self.weight_row_sums, packed),
+                        deq)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

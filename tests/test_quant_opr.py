@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import fxquant
 from fxquant import QBMM, QAdd, QConv2d, QLinear, QMatMul, make_scheme
 from fxquant.errors import ConfigError
 from fxquant.kernels.weight_only import gemv_block
@@ -141,3 +142,36 @@ def test_small_ops_quantize_each_input(cls, shape_a, shape_b, fn):
     assert torch.allclose(out, fn(a, b), atol=0.5)
     q.set_quant(False, False)
     assert torch.equal(q(a, b), fn(a, b))
+
+
+@pytest.mark.parametrize("layer_type", ["conv", "linear"])
+def test_inference_keeps_the_scaling_only_while_scales_and_bias_stay(layer_type):
+    """Without gradients a static W8A8 layer keeps its deq and quantized bias between calls;
+    changing a scale or the bias, in place or by a new tensor, gives the outputs the scaling computed
+    afresh (with gradients enabled, as every call there) would give."""
+    torch.manual_seed(0)
+    if layer_type == "conv":
+        model, x = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1)), torch.randn(2, 8, 10, 10)
+    else:
+        model, x = torch.nn.Sequential(torch.nn.Linear(64, 32)), torch.randn(5, 64)
+    q = fxquant.quantize(model, [[x]], scheme="w8a8", disable_last_layer=False, progress=False)
+    layer = q.get_submodule("0")
+
+    def agrees() -> torch.Tensor:
+        with torch.no_grad():
+            kept = layer(x)
+        with torch.enable_grad():
+            fresh = layer(x).detach()
+        assert torch.equal(kept, fresh)
+        return kept
+
+    first = agrees()
+    assert "_cached_output_scaling" in layer.__dict__
+    with torch.no_grad():
+        layer.bias.add_(0.5)
+    assert not torch.equal(agrees(), first)
+    with torch.no_grad():
+        layer.weight_quantizer.scale.mul_(1.5)
+    agrees()
+    layer.input_quantizer.scale = layer.input_quantizer.scale * 2  # a new tensor (the frozen zero point stays)
+    agrees()
