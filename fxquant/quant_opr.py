@@ -42,6 +42,7 @@ from fxquant.kernels.weight_only import (
     unpack_codes,
 )
 
+from .conv_padding import padding_sides
 from .errors import ConfigError, NotQuantizableError
 from .fake_quant import dequantize_codes, round_ste
 from .kernel_choice import is_int8_pair, layer_kernel
@@ -262,6 +263,19 @@ class _QWeighted(QuantOpr):
             cached = self.__dict__["_packed"] = self._pack(codes)
         return cached
 
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        """True when this call's output must carry gradients to x or the bias."""
+        return torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+
+    def _kept_scaling(self, aq: Quantizer, build: Callable[[], T], key: Hashable) -> T:
+        """build() (the output scaling: deq and quantized bias), kept between calls without gradients
+        while the input scale, the weight scale and the bias stay as they are; with gradients enabled
+        built each call (scales or bias may carry them)."""
+        if torch.is_grad_enabled():
+            return build()
+        sources = (aq.scale, self.weight_quantizer.scale, self.bias)
+        return self._derived("_cached_output_scaling", sources, build, key=(id(aq), key))
+
     def _derived(self, name: str, sources: tuple[torch.Tensor | None, ...], build: Callable[[], T],
                  key: Hashable = None) -> T:
         """build(), kept in the layer under `name` while the tensors of `sources` (or None) stay the
@@ -438,8 +452,7 @@ class QLinear(_QWeighted):
         gradient to carry (the kernel is not differentiable)."""
         if torch.compiler.is_compiling() or not self.gemv_in_c:
             return False
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
-        return (not needs_grad and x.dtype == torch.float32 and x.device.type == "cpu"
+        return (not self._needs_grad(x) and x.dtype == torch.float32 and x.device.type == "cpu"
                 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and not self.input_quantizers[0].enabled
                 and self.weight_quantizer.enabled and self._stored_codes_in_use())
 
@@ -490,11 +503,7 @@ class QLinear(_QWeighted):
                 deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
                 return deq, self.quantized_bias(deq)
 
-            if torch.is_grad_enabled():  # scales or bias may carry gradients
-                deq, qbias = scaling()
-            else:
-                sources = (aq.scale, self.weight_quantizer.scale, self.bias)
-                deq, qbias = self._derived("_cached_output_scaling", sources, scaling, key=(id(aq), x.dim()))
+            deq, qbias = self._kept_scaling(aq, scaling, x.dim())
             y = _scaled(code_matmul(xc, self._gemm_weight_codes(), zero, qbias, kernel, self.weight_row_sums, packed),
                         deq)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -507,15 +516,11 @@ def _scaled(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _symmetric_padding(layer: torch.nn.modules.conv._ConvNd) -> tuple[int, ...] | str:
-    """The layer's padding as integers per side, which the integer kernels take: "valid" is none,
-    "same" (stride 1) is dilation x (kernel - 1) split evenly; "same" with an odd total (PyTorch
-    pads the extra one on the right) stays "same", which only the float convolutions take."""
-    if not isinstance(layer.padding, str):
-        return tuple(layer.padding)
-    if layer.padding == "valid":
-        return (0,) * len(layer.kernel_size)
-    totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
-    return "same" if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+    """The layer's padding as integers per side, which the integer kernels take ("valid", and
+    "same" with even sides, included); "same" with an odd total (torch pads the extra one after)
+    stays "same", which only the float convolutions take."""
+    sides = padding_sides(layer)
+    return tuple(before for before, _ in sides) if all(b == a for b, a in sides) else "same"
 
 
 class _QConvNd(_QWeighted):
@@ -546,7 +551,7 @@ class _QConvNd(_QWeighted):
         if not (self._integer_path(x) and isinstance(aq, StaticQuantizer)):
             return self._conv(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
         packed = self._packed_weight()
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        needs_grad = self._needs_grad(x)
         pays = self.kernel != "onednn_split" or split_conv_pays(x, self.weight_shape, self.stride)
         if packed is not None and pays and not needs_grad and x.device.type == "cpu":
             s = aq.spec
@@ -566,12 +571,7 @@ class _QConvNd(_QWeighted):
             if centred.dim() == 4 and centred.device.type == "cpu":  # oneDNN's NCHW kernels ran 1.5-20x slower
                 centred = centred.contiguous(memory_format=torch.channels_last)
             acc = float_code_conv(self._conv, centred, self._weight_codes(), self.kernel)
-        if torch.is_grad_enabled():  # scales or bias may carry gradients
-            deq, qbias = self._output_scaling(aq, acc.dtype, x.dim())
-        else:
-            sources = (aq.scale, self.weight_quantizer.scale, self.bias)
-            deq, qbias = self._derived("_cached_output_scaling", sources, lambda: self._output_scaling(aq, acc.dtype, x.dim()),
-                                       key=(id(aq), acc.dtype, x.dim()))
+        deq, qbias = self._kept_scaling(aq, lambda: self._output_scaling(aq, acc.dtype, x.dim()), (acc.dtype, x.dim()))
         if qbias is not None:
             acc = acc + qbias if acc.requires_grad else acc.add_(qbias)
         return _scaled(acc.float(), deq).to(x.dtype)

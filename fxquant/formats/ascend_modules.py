@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from fxquant.kernels import AscendOps, ascend_ops, decode_scale
 
+from ..conv_padding import padding_sides
 from ..errors import FxquantError
 
 
@@ -145,15 +146,8 @@ def _explicit_padding(conv: torch.nn.modules.conv._ConvNd) -> list[int]:
     if conv.padding_mode != "zeros":
         raise FxquantError(f"padding_mode={conv.padding_mode!r} has no Ascend runtime; only 'zeros'")
     pads: list[int] = []
-    for i in reversed(range(len(conv.kernel_size))):
-        if conv.padding == "valid":
-            left = right = 0
-        elif conv.padding == "same":
-            total = conv.dilation[i] * (conv.kernel_size[i] - 1)
-            left, right = total // 2, total - total // 2
-        else:
-            left = right = conv.padding[i]
-        pads += [left, right]
+    for before, after in reversed(padding_sides(conv)):
+        pads += [before, after]
     return pads
 
 

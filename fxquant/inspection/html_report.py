@@ -16,13 +16,12 @@ from torch import fx
 
 from fxquant.atomic_files import written_atomically
 from fxquant.calib_data import normalise_calib_data
-from fxquant.errors import ConfigError
 from fxquant.layer_metrics import ErrorStats, TensorStats
 from fxquant.quant_opr import QuantOpr, _QWeighted
 from fxquant.resources import storage_bytes
 
 from .graph_drawing import depth_for, draw_graph
-from .layer_table import LayerTable, inspect
+from .layer_table import LayerTable, inspect, require_graph
 from .svg_charts import bar_chart, scheme_color
 from .text_table import format_value
 
@@ -79,11 +78,7 @@ def report(qmodel: fx.GraphModule, calib_data: Any = None, path: str | os.PathLi
     weights are still held, the layer errors that quantization did not record
     (quantize(..., measure_layers=True) records both). Written to a temporary name, then renamed.
     """
-    if not isinstance(qmodel, fx.GraphModule):
-        raise ConfigError("report needs the GraphModule fxquant.quantize returns, not a model the quantized layers were "
-                          "installed into (inplace=True): quantize with consume_model=True instead (the same peak "
-                          "memory), report on the GraphModule, then fxquant.apply(model, gm) installs it (generate() "
-                          "keeps working)")
+    require_graph(qmodel, "report")
     table = inspect(qmodel)
     notes = []
     if calib_data is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxquant.errors import ConfigError
 from fxquant.ir import META_KEY, module_of
 from fxquant.quant_opr import QuantOpr, _QWeighted
 from fxquant.quantizer import DynamicQuantizer, IdentityQuantizer, Quantizer, StaticQuantizer
@@ -101,6 +102,16 @@ class LayerTable:
         return head + "\n" + text_table([h for h, _ in _TEXT_COLUMNS], rows, max_width=40)
 
     __repr__ = __str__
+
+
+def require_graph(qmodel: torch.nn.Module, tool: str) -> None:
+    """Raise ConfigError unless `qmodel` is the GraphModule fxquant.quantize returns, naming the
+    workflow that keeps it for `tool` (compare, report)."""
+    if not isinstance(qmodel, fx.GraphModule):
+        raise ConfigError(f"{tool} needs the GraphModule fxquant.quantize returns, not a model the quantized layers "
+                          "were installed into (inplace=True): quantize with consume_model=True instead (the same "
+                          f"peak memory), run {tool} on the GraphModule, then fxquant.apply(model, gm) installs it "
+                          "(generate() keeps working)")
 
 
 def inspect(qmodel: torch.nn.Module) -> LayerTable:

@@ -31,6 +31,7 @@ from fxquant.ir import META_KEY, bind_inputs, module_of
 from fxquant.layer_metrics import ErrorStats
 from fxquant.quant_opr import QuantOpr
 
+from .layer_table import require_graph
 from .text_table import text_table
 
 #: input errors below this (float rounding, e.g. an embedding's output) give no growth factor
@@ -128,11 +129,7 @@ class _Site:
 def compare(model: torch.nn.Module, qmodel: fx.GraphModule, inputs: Any) -> Comparison:
     """Run `model` (float) and `qmodel` (from fxquant.quantize, same signature) on `inputs` (calib
     data form: [[x], ...] or [{"input_ids": ...}, ...]) and return each matched node's errors."""
-    if not isinstance(qmodel, fx.GraphModule):
-        raise ConfigError("compare needs the GraphModule fxquant.quantize returns, not a model the quantized layers were "
-                          "installed into (inplace=True): quantize with consume_model=True instead (the same peak "
-                          "memory), compare with the GraphModule, then fxquant.apply(model, gm) installs it (generate() "
-                          "keeps working)")
+    require_graph(qmodel, "compare")
     float_modules = dict(model.named_modules())
     bn_of = {layer: bn for bn, layer in qmodel.meta.get("fxquant_folded_bn", {}).items()}
     sites: list[_Site] = []
