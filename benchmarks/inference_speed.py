@@ -7,7 +7,8 @@ Prints the CPU capability and the kernel each scheme runs, then:
   2. SmolLM2-135M prefill (1 x 512, 8 x 128): fp32 eager / inductor, each W8A8 scheme (lm_head
      float, and quantized: "+lm_head") eager and compiled with backend="fxquant", with its perplexity;
   3. SmolLM2 decode with a KV cache (greedy, 128 new tokens): fp32 eager and inductor, w8a16 /
-     w4a16 / w8a16 with an int8 lm_head, eager and compiled (compilation of a whole decoder takes
+     w4a16 / w8a16 with an int8 lm_head, eager and compiled, compiled also with
+     fxquant.skip_frozen_layer_guards as guard_filter_fn (compilation of a whole decoder takes
      minutes on 2 cores: the warm-up column);
   4. perplexity of each W8A8 scheme on GPL-3 (4 x 512): eager grad / eager no_grad / compiled /
      Ascend checkpoint reload / the float model compiled with fxquant.quantizing_backend;
@@ -189,6 +190,10 @@ def prefill_table(model, tok, calib, repeat: int, configs: list[str]) -> dict[st
     return models
 
 
+#: the decode rows compiled with fxquant.skip_frozen_layer_guards as torch.compile's guard_filter_fn
+FILTERED = "fxquant, frozen-layer guards skipped"
+
+
 def decode_table(model, tok, new_tokens: int, configs: list[str], compiled_too: bool = True) -> None:
     """Greedy decode with a KV cache; configs are "<scheme>" (lm_head float) or "<scheme>+lm_head".
     Each model runs eager and (compiled_too) compiled; warm-up is the first generate() (8 tokens:
@@ -204,9 +209,10 @@ def decode_table(model, tok, new_tokens: int, configs: list[str], compiled_too: 
             out = m.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         return warm, time.perf_counter() - start, out
 
-    def compile_forward(m, backend: str):
+    def compile_forward(m, backend: str, guard_filter=None):
         torch._dynamo.reset()
-        m.forward = torch.compile(m.forward, backend=backend, dynamic=True)
+        options = {"guard_filter_fn": guard_filter} if guard_filter else None
+        m.forward = torch.compile(m.forward, backend=backend, dynamic=True, options=options)
         return m
 
     _, base, _ = gen_seconds(model)
@@ -217,15 +223,15 @@ def decode_table(model, tok, new_tokens: int, configs: list[str], compiled_too: 
     for config in configs:
         scheme, _, head = config.partition("+")
         tokens = {}
-        for mode in ("eager", "fxquant") if compiled_too else ("eager",):
+        for mode in ("eager", "fxquant", FILTERED) if compiled_too else ("eager",):
             small = copy.deepcopy(model)
             fxquant.quantize(small, scheme=scheme, example_inputs=[prompt.input_ids], progress=False,
                              options=GROUP, inplace=True, disable_last_layer=head != "lm_head")
-            if mode == "fxquant":
-                compile_forward(small, "fxquant")
+            if mode != "eager":
+                compile_forward(small, "fxquant", fxquant.skip_frozen_layer_guards if mode == FILTERED else None)
             warm, t, tokens[mode] = gen_seconds(small)
-            same = "-" if mode == "eager" else str(torch.equal(tokens["eager"], tokens["fxquant"]))
-            rows.append([f"{config} {mode}", t / new_tokens * 1e3, base / t, warm if mode == "fxquant" else "-",
+            same = "-" if mode == "eager" else str(torch.equal(tokens["eager"], tokens[mode]))
+            rows.append([f"{config} {mode}", t / new_tokens * 1e3, base / t, warm if mode != "eager" else "-",
                          same])
             del small
     table(f"SmolLM2 decode, KV cache, {new_tokens} new tokens (greedy)",

@@ -4,7 +4,7 @@ from .api import quantize
 from .calibration import CalibrationRunner
 from .calibrator import Calibrator, QuantConfig
 from .capture import capture
-from .compiler import compile_backend, quantizing_backend
+from .compiler import compile_backend, quantizing_backend, skip_frozen_layer_guards
 from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantError
 from .formats.ascend_checkpoint import load_ascend, save_ascend
 from .inspection import compare, draw_graph, inspect, report, to_networkx
@@ -19,6 +19,7 @@ __all__ = [
     "load_ascend", "save_ascend", "CaptureError", "ConfigError",
     "DynamicQuantizer", "FxquantError", "IdentityQuantizer", "QAdd", "QBMM", "QConv1d", "QConv2d",
     "QLinear", "QMatMul", "QuantOpr", "QuantSpec", "Scheme", "SchemeOptions", "StaticQuantizer",
-    "capture", "compare", "draw_graph", "inspect", "report", "make_scheme", "quantize", "quantizing_backend", "set_timestep", "to_networkx",
+    "capture", "compare", "draw_graph", "inspect", "report", "make_scheme", "quantize", "quantizing_backend", "set_timestep",
+    "skip_frozen_layer_guards", "to_networkx",
 ]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ with a KV cache), and compiled with backend="fxquant" to the same values."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -86,6 +87,53 @@ def test_compiled_weight_only_decode_has_no_graph_breaks(smollm2, scheme):
     # prompt, first new token, later tokens (Dynamo guards the cache's state): not one per layer
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     assert torch.equal(eager, compiled), (tok.decode(eager[0]), tok.decode(compiled[0]))
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_frozen_layer_guard_filter_drops_only_guards_inside_frozen_layers(smollm2):
+    """skip_frozen_layer_guards: same tokens, the guards inside frozen layers gone except tensor,
+    `enabled` and bias guards, and a frozen layer replaced after compiling still recompiles."""
+    model, tok = smollm2
+    small = truncated_smollm2(model)
+    prompt = tok("The GNU General Public License is a free, copyleft license for", return_tensors="pt")
+    fxquant.quantize(small, scheme="w4a16", example_inputs=[prompt.input_ids], progress=False, inplace=True,
+                     options=fxquant.SchemeOptions(group_size=64))
+    decisions = []
+
+    def recording_filter(entries):
+        keep = fxquant.skip_frozen_layer_guards(entries)
+        decisions.extend(zip(entries, keep))
+        return keep
+
+    backend = fxquant.compile_backend(inner="eager")  # Dynamo's guards are under test, not inductor
+    with torch.no_grad():
+        eager = small.generate(**prompt, max_new_tokens=8, do_sample=False)
+        torch._dynamo.reset()
+        forward = small.forward
+        small.forward = torch.compile(forward, backend=backend, dynamic=True,
+                                      options={"guard_filter_fn": recording_filter})
+        compiled = small.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(eager, compiled), (tok.decode(eager[0]), tok.decode(compiled[0]))
+
+    inside = re.compile(r"_modules\['(q|k|v|o|gate|up|down)_proj'\][.)]")  # a path below a frozen layer
+    dropped = [e for e, keep in decisions if not keep]
+    assert all(inside.search(e.name) for e in dropped), [e.name for e in dropped if not inside.search(e.name)][:3]
+    assert not [e for e in dropped if e.guard_type == "TENSOR_MATCH" or e.name.endswith((".enabled", ".bias"))]
+    below = [e for e, _ in decisions if inside.search(e.name)]
+    assert len(dropped) > 0.6 * len(below), (len(dropped), len(below))
+    assert any(e.name.endswith(".codes_blocked") for e in dropped)
+    assert any(e.name.startswith("type(") for e in dropped)  # the class's methods, reached through type()
+
+    # the guard on the layer object itself stays: a float down_proj in its place recompiles
+    ids = prompt.input_ids
+    with torch.no_grad():
+        before = small(input_ids=ids, use_cache=False).logits
+        small.model.layers[0].mlp.down_proj = copy.deepcopy(model.model.layers[0].mlp.down_proj)
+        after = small(input_ids=ids, use_cache=False).logits
+        expected = forward(input_ids=ids, use_cache=False).logits
+    assert not torch.allclose(before, expected, atol=1e-4)
+    assert torch.allclose(after, expected, atol=1e-4), (after - expected).abs().max()
     torch._dynamo.reset()
 
 
