@@ -29,13 +29,14 @@ from fxquant.kernels.int_conv import (
 from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
+    NativeGemv,
+    bind_native_gemv,
     codes_gemv,
     from_gemv_layout,
     gemv_block,
     gemv_layout_ok,
     gemv_offsets,
     linear_from_weight,
-    native_codes_gemv,
     native_gemv_available,
     pack_codes,
     to_gemv_layout,
@@ -281,12 +282,13 @@ class _QWeighted(QuantOpr):
         """build(), kept in the layer under `name` while the tensors of `sources` (or None) stay the
         same objects at the same versions and `key` is the same: eager inference's values derived
         from scales and bias, which took more time than a small layer's GEMM or convolution. Traced
-        (torch.compile), build() runs each time."""
+        (torch.compile), build() runs each time. A kept None (a WeightCodesCache after a copy or
+        unpickling) is built again."""
         if torch.compiler.is_compiling():
             return build()
         versions = tuple(-1 if t is None else t._version for t in sources)
         cached = self.__dict__.get(name)
-        if (cached is not None and cached[1] == versions and cached[2] == key
+        if (cached is not None and cached[3] is not None and cached[1] == versions and cached[2] == key
                 and all(a is b for a, b in zip(cached[0], sources))):
             return cached[3]
         value = build()
@@ -426,7 +428,7 @@ class QLinear(_QWeighted):
             return codes_gemv(x, self._static_codes(), spec.bits, scale, None if spec.symmetric else zero, group,
                               self.bias)
         if self._native_gemv(x):
-            return native_codes_gemv(x, self.weight_codes, *self._gemv_c_operands())
+            return self._bound_gemv()(x)
         if self._integer_path(x):
             return self._int_forward(x)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
@@ -456,20 +458,21 @@ class QLinear(_QWeighted):
                 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and not self.input_quantizers[0].enabled
                 and self.weight_quantizer.enabled and self._stored_codes_in_use())
 
-    def _gemv_c_operands(self) -> tuple:
-        """(bits, scale float32 [n, groups], offset float32 [n, groups] or None, bias float32 [n] or
-        None): what native_codes_gemv takes besides x and the codes. Kept in the layer while scale,
-        zero point and bias stay as they are (preparing them took 8-16 us of a 40 us decode call)."""
+    def _bound_gemv(self) -> NativeGemv:
+        """The C GEMV bound to the codes and float32 scale [n, groups], offset and bias. Kept in
+        the layer while codes, scale, zero point and bias stay as they are (preparing them took
+        8-16 us of a 40 us decode call)."""
         wq = self.weight_quantizer
 
-        def build() -> tuple:
+        def build() -> NativeGemv:
             n = self.out_features
             scale = wq.scale.detach().reshape(n, -1).to(torch.float32).contiguous()
             zero = None if wq.spec.symmetric else wq.zero_point
             bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
-            return wq.spec.bits, scale, gemv_offsets(wq.spec.bits, zero, n, scale.shape[1]), bias
+            offset = gemv_offsets(wq.spec.bits, zero, n, scale.shape[1])
+            return bind_native_gemv(self.weight_codes, wq.spec.bits, scale, offset, bias)
 
-        return self._derived("_gemv_operands", (wq.scale, wq.zero_point, self.bias), build)
+        return self._derived("_gemv_operands", (self.weight_codes, wq.scale, wq.zero_point, self.bias), build)
 
     def _gemv_layout_fits(self, block: int) -> bool:
         """Weight-only layers with int8 codes per output channel or int4 / int8 codes per group,

@@ -1,3 +1,6 @@
+import copy
+import io
+
 import pytest
 import torch
 
@@ -100,15 +103,15 @@ def test_frozen_weight_only_decode_runs_the_c_gemv_and_keeps_gradients(monkeypat
     """Eager, a frozen weight-only layer computes inputs of up to 8 rows with codes_gemv's C
     kernel (the same values as its float GEMM up to rounding); where a gradient must reach the
     input, it takes the differentiable float GEMM."""
-    import fxquant.quant_opr as quant_opr
+    import fxquant.kernels.weight_only as weight_only
 
     torch.manual_seed(0)
     q = _calibrate(QLinear(torch.nn.Linear(256, 32), make_scheme(scheme)), torch.randn(5, 256))
     q.freeze()
     assert q.codes_blocked
     calls = []
-    native = quant_opr.native_codes_gemv
-    monkeypatch.setattr(quant_opr, "native_codes_gemv", lambda *a: calls.append(a[0].shape) or native(*a))
+    native = weight_only.NativeGemv.__call__
+    monkeypatch.setattr(weight_only.NativeGemv, "__call__", lambda gemv, x: calls.append(x.shape) or native(gemv, x))
     x = torch.randn(2, 3, 256)
     with torch.no_grad():
         out = q(x)
@@ -116,6 +119,17 @@ def test_frozen_weight_only_decode_runs_the_c_gemv_and_keeps_gradients(monkeypat
         many = q(torch.cat([x.reshape(6, 256)] * 2))  # 12 rows: the float GEMM
         assert len(calls) == 1
     torch.testing.assert_close(out.reshape(6, 32), many[:6], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # copies bind the kernel to their own codes (it holds addresses)
+        copied = copy.deepcopy(q)
+        buffer = io.BytesIO()
+        torch.save(q, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for other in (copied, loaded):
+            assert torch.equal(other(x), out)
+            gemv = other.__dict__["_gemv_operands"][3]
+            assert gemv is not q.__dict__["_gemv_operands"][3] and gemv.matches(other.weight_codes)
+        assert len(calls) == 3
     with torch.no_grad():  # the kernel's prepared scales follow the layer's
         q.weight_quantizer.scale.mul_(2)
         torch.testing.assert_close(q(x), 2 * out - q.bias, rtol=1e-5, atol=1e-5)
