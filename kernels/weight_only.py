@@ -168,7 +168,8 @@ class NativeGemv(WeightCodesCache):
     gemv_offsets and bias float32 [n] or None. Called with float32 x [..., k] of at most
     GEMV_MAX_ROWS rows: float32 [..., n]. It holds the operands while it holds their addresses,
     and, as every WeightCodesCache, a copy or an unpickled one is None (the addresses are this
-    process's). Binding once per layer, not per call, saved about 6 us of a 40-80 us decode GEMV."""
+    process's). Binding once per layer, not per call, saves about 3 us of a 12-43 us decode GEMV
+    (benchmarks/gemv_overhead.py)."""
 
     def __init__(self, run: Callable[..., int], blocked: torch.Tensor, bits: int, scale: torch.Tensor,
                  offset: torch.Tensor | None, bias: torch.Tensor | None) -> None:
