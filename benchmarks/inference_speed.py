@@ -8,8 +8,8 @@ Prints the CPU capability and the kernel each scheme runs, then:
      float, and quantized: "+lm_head") eager and compiled with backend="fxquant", with its perplexity;
   3. SmolLM2 decode with a KV cache (greedy, 128 new tokens): fp32 eager and inductor, w8a16 /
      w4a16 / w8a16 with an int8 lm_head, eager and compiled, compiled also with
-     fxquant.skip_frozen_layer_guards as guard_filter_fn (compilation of a whole decoder takes
-     minutes on 2 cores: the warm-up column);
+     fxquant.skip_frozen_layer_guards as guard_filter_fn, each timed in rounds interleaved with
+     fp32 eager (compilation of a whole decoder takes minutes on 2 cores: the warm-up column);
   4. perplexity of each W8A8 scheme on GPL-3 (4 x 512): eager grad / eager no_grad / compiled /
      Ascend checkpoint reload / the float model compiled with fxquant.quantizing_backend;
   5. parameter + buffer bytes (unique storages) per scheme;
@@ -194,20 +194,28 @@ def prefill_table(model, tok, calib, repeat: int, configs: list[str]) -> dict[st
 FILTERED = "fxquant, frozen-layer guards skipped"
 
 
-def decode_table(model, tok, new_tokens: int, configs: list[str], compiled_too: bool = True) -> None:
+def decode_table(model, tok, new_tokens: int, configs: list[str], repeat: int, compiled_too: bool = True) -> None:
     """Greedy decode with a KV cache; configs are "<scheme>" (lm_head float) or "<scheme>+lm_head".
     Each model runs eager and (compiled_too) compiled; warm-up is the first generate() (8 tokens:
-    compilation)."""
+    compilation). Each model's generate() of new_tokens runs `repeat` rounds interleaved with the
+    fp32 eager model's: the speed-up is the median of the rounds' ratios (the CPU's drift between
+    minutes cancels), ms / token the median of the model's rounds."""
     prompt = tok("The GNU General Public License is a free, copyleft license for", return_tensors="pt")
+    tokens: dict[str, torch.Tensor] = {}
 
-    def gen_seconds(m) -> tuple[float, float, torch.Tensor]:
+    def generate(m, name: str, n: int = new_tokens) -> None:
+        tokens[name] = m.generate(**prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def row(m, name: str, compiled_mode: bool) -> list[object]:
         with torch.no_grad():
             start = time.perf_counter()
-            m.generate(**prompt, max_new_tokens=8, do_sample=False)
+            generate(m, name, 8)
             warm = time.perf_counter() - start
-            start = time.perf_counter()
-            out = m.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        return warm, time.perf_counter() - start, out
+        timed = interleaved({"fp32 eager": partial(generate, model, "fp32 eager"), name: partial(generate, m, name)},
+                            repeat)
+        eager_name = name.replace(" inductor", " eager").replace(" fxquant", " eager").split(",")[0]
+        same = str(torch.equal(tokens[eager_name], tokens[name])) if compiled_mode else "-"
+        return [name, timed[name][0] / new_tokens * 1e3, timed[name][1], warm if compiled_mode else "-", same]
 
     def compile_forward(m, backend: str, guard_filter=None):
         torch._dynamo.reset()
@@ -215,26 +223,20 @@ def decode_table(model, tok, new_tokens: int, configs: list[str], compiled_too: 
         m.forward = torch.compile(m.forward, backend=backend, dynamic=True, options=options)
         return m
 
-    _, base, _ = gen_seconds(model)
-    rows = [["fp32 eager", base / new_tokens * 1e3, 1.0, "-", "-"]]
+    rows = [["fp32 eager", seconds(partial(generate, model, "fp32 eager"), repeat) / new_tokens * 1e3, 1.0, "-", "-"]]
     if compiled_too:
-        warm, t, _ = gen_seconds(compile_forward(copy.deepcopy(model), "inductor"))
-        rows.append(["fp32 inductor", t / new_tokens * 1e3, base / t, warm, "-"])
+        rows.append(row(compile_forward(copy.deepcopy(model), "inductor"), "fp32 inductor", True))
     for config in configs:
         scheme, _, head = config.partition("+")
-        tokens = {}
         for mode in ("eager", "fxquant", FILTERED) if compiled_too else ("eager",):
             small = copy.deepcopy(model)
             fxquant.quantize(small, scheme=scheme, example_inputs=[prompt.input_ids], progress=False,
                              options=GROUP, inplace=True, disable_last_layer=head != "lm_head")
             if mode != "eager":
                 compile_forward(small, "fxquant", fxquant.skip_frozen_layer_guards if mode == FILTERED else None)
-            warm, t, tokens[mode] = gen_seconds(small)
-            same = "-" if mode == "eager" else str(torch.equal(tokens["eager"], tokens[mode]))
-            rows.append([f"{config} {mode}", t / new_tokens * 1e3, base / t, warm if mode != "eager" else "-",
-                         same])
+            rows.append(row(small, f"{config} {mode}", mode != "eager"))
             del small
-    table(f"SmolLM2 decode, KV cache, {new_tokens} new tokens (greedy)",
+    table(f"SmolLM2 decode, KV cache, {new_tokens} new tokens (greedy), {repeat} rounds interleaved with fp32 eager",
           ["model", "ms / token", "vs fp32 eager", "warm-up s", "compiled tokens = eager tokens"], rows)
 
 
@@ -360,7 +362,7 @@ def main() -> None:
     if "prefill" not in args.skip:
         models = prefill_table(model, tok, calib, args.repeat, args.prefill)
     if "decode" not in args.skip:
-        decode_table(model, tok, args.new_tokens, args.decode, compiled_too=not args.decode_eager_only)
+        decode_table(model, tok, args.new_tokens, args.decode, args.repeat, compiled_too=not args.decode_eager_only)
     if "ppl" not in args.skip:
         perplexity_table(model, tok, calib)
     if "size" not in args.skip:
