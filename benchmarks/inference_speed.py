@@ -206,16 +206,18 @@ def decode_table(model, tok, new_tokens: int, configs: list[str], repeat: int, c
     def generate(m, name: str, n: int = new_tokens) -> None:
         tokens[name] = m.generate(**prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    def row(m, name: str, compiled_mode: bool) -> list[object]:
+    def row(m, name: str, eager_name: str | None = None) -> list[object]:
+        """The table row of model m; eager_name: the row whose tokens a compiled m must give."""
         with torch.no_grad():
             start = time.perf_counter()
             generate(m, name, 8)
             warm = time.perf_counter() - start
         timed = interleaved({"fp32 eager": partial(generate, model, "fp32 eager"), name: partial(generate, m, name)},
                             repeat)
-        eager_name = name.replace(" inductor", " eager").replace(" fxquant", " eager").split(",")[0]
-        same = str(torch.equal(tokens[eager_name], tokens[name])) if compiled_mode else "-"
-        return [name, timed[name][0] / new_tokens * 1e3, timed[name][1], warm if compiled_mode else "-", same]
+        if eager_name is None:
+            return [name, timed[name][0] / new_tokens * 1e3, timed[name][1], "-", "-"]
+        same = str(torch.equal(tokens[eager_name], tokens[name]))
+        return [name, timed[name][0] / new_tokens * 1e3, timed[name][1], warm, same]
 
     def compile_forward(m, backend: str, guard_filter=None):
         torch._dynamo.reset()
@@ -225,7 +227,7 @@ def decode_table(model, tok, new_tokens: int, configs: list[str], repeat: int, c
 
     rows = [["fp32 eager", seconds(partial(generate, model, "fp32 eager"), repeat) / new_tokens * 1e3, 1.0, "-", "-"]]
     if compiled_too:
-        rows.append(row(compile_forward(copy.deepcopy(model), "inductor"), "fp32 inductor", True))
+        rows.append(row(compile_forward(copy.deepcopy(model), "inductor"), "fp32 inductor", "fp32 eager"))
     for config in configs:
         scheme, _, head = config.partition("+")
         for mode in ("eager", "fxquant", FILTERED) if compiled_too else ("eager",):
@@ -234,7 +236,7 @@ def decode_table(model, tok, new_tokens: int, configs: list[str], repeat: int, c
                              options=GROUP, inplace=True, disable_last_layer=head != "lm_head")
             if mode != "eager":
                 compile_forward(small, "fxquant", fxquant.skip_frozen_layer_guards if mode == FILTERED else None)
-            rows.append(row(small, f"{config} {mode}", mode != "eager"))
+            rows.append(row(small, f"{config} {mode}", None if mode == "eager" else f"{config} eager"))
             del small
     table(f"SmolLM2 decode, KV cache, {new_tokens} new tokens (greedy), {repeat} rounds interleaved with fp32 eager",
           ["model", "ms / token", "vs fp32 eager", "warm-up s", "compiled tokens = eager tokens"], rows)
