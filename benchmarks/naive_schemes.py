@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant.kernels import int_matmul
-from fxquant.kernels.int_matmul import KERNELS, cpu_has_int8_dot
+from fxquant.kernels.int_matmul import cpu_has_int8_dot, exact_kernels
 from fxquant.real_models import (
     license_text,
     load_gemma3,
@@ -243,9 +243,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="noise realizations (0: the model as shipped)")
     parser.add_argument("--spread", type=float, default=0.01,
                         help="channel rescale factors of a realization: U(1 - spread, 1 + spread)")
-    parser.add_argument("--kernel", choices=KERNELS, default=None,
-                        help="force fxquant's int8 GEMM (e.g. int_mm under ONEDNN_MAX_CPU_ISA=AVX2 shows "
-                             "the saturating kernel fxquant used before it dispatched by CPU)")
+    parser.add_argument("--kernel", choices=exact_kernels(torch.device("cpu")), default=None,
+                        help="force one of fxquant's exact int8 GEMMs on this CPU (int_mm only with VNNI / AMX: "
+                             "without them its sums saturate, and fxquant refuses it)")
     parser.add_argument("--torchao-grid", action="store_true",
                         help="also the reference on torchao's int8 grid (amax / 127.5, codes [-128, 127])")
     args = parser.parse_args()

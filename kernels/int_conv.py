@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import c_kernels
-from .int_matmul import cpu_has_int8_dot
+from .int_matmul import check_exact, cpu_has_int8_dot
 from .layer_cache import WeightCodesCache
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class PackedConvWeight(WeightCodesCache):
     def __init__(self, codes: torch.Tensor, geometry: ConvGeometry, source: torch.Tensor, split: bool = False) -> None:
         if codes.dtype != torch.int8 or codes.dim() != geometry.dims + 2:
             raise TypeError(f"PackedConvWeight takes int8 codes [o, c, *kernel], got {codes.dtype} {tuple(codes.shape)}")
+        if not split:
+            check_exact("onednn_qconv", codes.device, CONV_KERNELS)
         _register_ops()
         g = geometry
         w = codes.unsqueeze(2) if g.dims == 1 else codes

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -39,6 +40,34 @@ def cpu_has_int8_dot() -> bool:
     except OSError:
         return False  # unknown CPU (not Linux): the exact float path is always correct
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+#: kernels whose CPU implementation is oneDNN's int8 GEMM / convolution: exact on x86 only with
+#: int8 dot products (without them the 16-bit pair sums of `vpmaddubsw` saturate)
+INT8_DOT_KERNELS = ("int_mm", "onednn_qconv")
+
+
+@functools.cache
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def _saturating_cpu() -> bool:
+    """True on an x86 CPU without int8 dot products, where INT8_DOT_KERNELS compute wrong sums."""
+    return _x86() and not cpu_has_int8_dot()
+
+
+def exact_kernels(device: torch.device, names: tuple[str, ...] = KERNELS) -> tuple[str, ...]:
+    """The kernels of `names` that give exact sums on `device`."""
+    saturating = device.type == "cpu" and _saturating_cpu()
+    return tuple(k for k in names if not (saturating and k in INT8_DOT_KERNELS))
+
+
+def check_exact(kernel: str, device: torch.device, names: tuple[str, ...] = KERNELS) -> None:
+    """Raise ValueError where `kernel` would compute wrong sums on `device`, naming the exact ones."""
+    if device.type == "cpu" and kernel in INT8_DOT_KERNELS and _saturating_cpu():
+        raise ValueError(f"kernel {kernel!r} is not exact on this CPU: it has no VNNI / AMX int8 dot products, so "
+                         f"oneDNN's 16-bit pair sums saturate; exact here: {', '.join(exact_kernels(device, names))}")
 
 
 def default_kernel(device: torch.device) -> str:
@@ -96,6 +125,8 @@ def codes_matmul(xc: torch.Tensor, wc: torch.Tensor, kernel: str | None = None,
 def _plain_codes_matmul(xc: torch.Tensor, wc: torch.Tensor, kernel: str) -> torch.Tensor:
     """xc @ wc^T, exact, by the kernels that take no zero point."""
     if kernel == "int_mm":
+        if not torch.compiler.is_compiling():
+            check_exact(kernel, xc.device)
         a = xc if xc.dtype == torch.int8 else xc.to(torch.int8)
         b = wc if wc.dtype == torch.int8 else wc.to(torch.int8)
         try:

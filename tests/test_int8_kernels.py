@@ -96,7 +96,7 @@ def test_frozen_layer_gives_the_same_values_on_every_kernel(scheme):
     the same output up to float rounding of the final scaling."""
     import fxquant
     from fxquant.kernel_choice import KERNEL_DESCRIPTIONS
-    from fxquant.kernels.int_matmul import KERNELS
+    from fxquant.kernels.int_matmul import exact_kernels
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1536, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8))
@@ -109,12 +109,39 @@ def test_frozen_layer_gives_the_same_values_on_every_kernel(scheme):
     x = torch.randn(7, 1536) * 3
     outs = {}
     with torch.no_grad():
-        for kernel in KERNELS:
+        for kernel in exact_kernels(torch.device("cpu")):
             layer.kernel = kernel
             outs[kernel] = layer(x)
     ref = outs["fp64"]
     for kernel, out in outs.items():
         assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), kernel
+
+
+def test_int_mm_is_refused_where_the_cpu_would_saturate_its_sums(monkeypatch):
+    """Without int8 dot products (AVX2 only) oneDNN's int8 GEMM and convolution compute wrong sums:
+    a layer forced onto them says so and names the exact kernels, instead of computing them."""
+    from fxquant.kernels import int_matmul
+    from fxquant.kernels.int_conv import ConvGeometry, PackedConvWeight
+    from fxquant.kernels.int_matmul import KERNELS, cpu_has_int8_dot, exact_kernels
+
+    cpu = torch.device("cpu")
+    assert ("int_mm" in exact_kernels(cpu)) == cpu_has_int8_dot()
+    assert default_kernel(cpu) in exact_kernels(cpu)
+    assert exact_kernels(torch.device("cuda")) == KERNELS
+    a = torch.full((4, 64), -128, dtype=torch.int8)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    int_matmul.cpu_has_int8_dot.cache_clear()
+    try:
+        assert exact_kernels(cpu) == ("onednn_split", "fp32_split", "fp64")
+        with pytest.raises(ValueError, match="'int_mm' is not exact on this CPU.*exact here: onednn_split, fp32_split, fp64"):
+            int8_matmul(a, a.t().contiguous(), "int_mm")
+        with pytest.raises(ValueError, match="'onednn_qconv' is not exact.*exact here: onednn_split, fp32_split, fp64"):
+            PackedConvWeight(torch.ones(4, 2, 3, 3, dtype=torch.int8), ConvGeometry((1, 1), (1, 1), (1, 1), 1, 2),
+                             source=torch.ones(1))
+        assert torch.equal(int8_matmul(a, a.t().contiguous(), "fp64"), torch.full((4, 4), 64 * 128 * 128,
+                                                                                   dtype=torch.int32))
+    finally:
+        int_matmul.cpu_has_int8_dot.cache_clear()
 
 
 @pytest.mark.parametrize("block", [8, 16])
