@@ -69,7 +69,7 @@ def main() -> None:
                              options=fxquant.SchemeOptions(group_size=64), disable_last_layer=False)
             layer = model[0]
             with torch.no_grad():
-                bound = layer._bound_gemv()
+                bound = layer._eager_gemv(x)
             codes, scale, offset, bias = bound.operands
             per_call = partial(_per_call_bind, blocked=codes, bits=bound.bits, scale=scale, offset=offset, bias=bias)
             times = [microseconds(fn, x, args.calls) for fn in (layer, bound, per_call, partial(F.linear, weight=weight))]

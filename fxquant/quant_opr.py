@@ -11,6 +11,7 @@ weight_scale (gradients pass straight through the integer accumulation).
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
@@ -286,10 +287,10 @@ class _QWeighted(QuantOpr):
         unpickling) is built again."""
         if torch.compiler.is_compiling():
             return build()
-        versions = tuple(-1 if t is None else t._version for t in sources)
+        versions = [-1 if t is None else t._version for t in sources]
         cached = self.__dict__.get(name)
         if (cached is not None and cached[3] is not None and cached[1] == versions and cached[2] == key
-                and all(a is b for a, b in zip(cached[0], sources))):
+                and all(map(operator.is_, cached[0], sources))):
             return cached[3]
         value = build()
         self.__dict__[name] = (sources, versions, key, value)
@@ -427,8 +428,9 @@ class QLinear(_QWeighted):
             scale, zero = (wq.scale, wq.zero_point) if group else (wq.scale.reshape(-1), wq.zero_point.reshape(-1))
             return codes_gemv(x, self._static_codes(), spec.bits, scale, None if spec.symmetric else zero, group,
                               self.bias)
-        if self._native_gemv(x):
-            return self._bound_gemv()(x)
+        gemv = self._eager_gemv(x)
+        if gemv is not None:
+            return gemv(x)
         if self._integer_path(x):
             return self._int_forward(x)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
@@ -448,31 +450,42 @@ class QLinear(_QWeighted):
         builds in this process)."""
         return self.codes_blocked and native_gemv_available()
 
-    def _native_gemv(self, x: torch.Tensor) -> bool:
-        """True, eager, where codes_gemv's C kernel takes this call: a weight-only layer with stored
-        codes in the GEMV layout, float32 CPU inputs of at most GEMV_MAX_ROWS rows, and no
-        gradient to carry (the kernel is not differentiable)."""
-        if torch.compiler.is_compiling() or not self.gemv_in_c:
-            return False
-        return (not self._needs_grad(x) and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and not self.input_quantizers[0].enabled
-                and self.weight_quantizer.enabled and self._stored_codes_in_use())
+    def _eager_gemv(self, x: torch.Tensor) -> NativeGemv | None:
+        """codes_gemv's C kernel bound to this layer's operands where it takes this call, else None:
+        eager, a weight-only layer with stored codes in the GEMV layout, float32 CPU x of at most
+        GEMV_MAX_ROWS rows, and no gradient to carry (the kernel is not differentiable).
 
-    def _bound_gemv(self) -> NativeGemv:
-        """The C GEMV bound to the codes and float32 scale [n, groups], offset and bias. Kept in
-        the layer while codes, scale, zero point and bias stay as they are (preparing them took
-        8-16 us of a 40 us decode call)."""
-        wq = self.weight_quantizer
+        The binding is kept while codes, scale, zero point and bias stay the same tensors at the
+        same versions (binding took 8-16 us of a 40 us decode call). The layer's state is read
+        from nn.Module's dicts: each nn.Module.__getattr__ takes about 0.8 us, and the eight a
+        decode call made cost as much as a small layer's GEMV (benchmarks/gemv_overhead.py)."""
+        if not self.codes_blocked or torch.compiler.is_compiling() or not native_gemv_available():
+            return None
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > GEMV_MAX_ROWS * x.shape[-1]:
+            return None
+        modules, parameters = self._modules, self._parameters
+        wq = modules["weight_quantizer"]
+        if modules["input_quantizers"]._modules["0"].enabled or not wq.enabled:
+            return None
+        bias = parameters.get("bias")  # a bias is a Parameter, or None kept outside _parameters
+        grad = torch.is_grad_enabled()
+        if grad and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return None
+        codes = self._buffers["weight_codes"]
+        if codes is None or (grad and not self.codes_fixed and "weight" in parameters):
+            return None  # not frozen: forward quantizes the float weight afresh (_stored_codes_in_use)
+        sources = (codes, wq._buffers["scale"], wq._buffers["zero_point"], bias)
+        return self._derived("_gemv_operands", sources, lambda: self._bind_gemv(*sources))
 
-        def build() -> NativeGemv:
-            n = self.out_features
-            scale = wq.scale.detach().reshape(n, -1).to(torch.float32).contiguous()
-            zero = None if wq.spec.symmetric else wq.zero_point
-            bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
-            offset = gemv_offsets(wq.spec.bits, zero, n, scale.shape[1])
-            return bind_native_gemv(self.weight_codes, wq.spec.bits, scale, offset, bias)
-
-        return self._derived("_gemv_operands", (self.weight_codes, wq.scale, wq.zero_point, self.bias), build)
+    def _bind_gemv(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   bias: torch.Tensor | None) -> NativeGemv:
+        """The C GEMV bound to the codes in the GEMV layout and float32 scale [n, groups], offset
+        and bias [n]."""
+        spec, n = self.weight_quantizer.spec, self.out_features
+        scale = scale.detach().reshape(n, -1).to(torch.float32).contiguous()
+        offset = gemv_offsets(spec.bits, None if spec.symmetric else zero, n, scale.shape[1])
+        bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        return bind_native_gemv(codes, spec.bits, scale, offset, bias)
 
     def _gemv_layout_fits(self, block: int) -> bool:
         """Weight-only layers with int8 codes per output channel or int4 / int8 codes per group,

@@ -130,12 +130,21 @@ def test_frozen_weight_only_decode_runs_the_c_gemv_and_keeps_gradients(monkeypat
             gemv = other.__dict__["_gemv_operands"][3]
             assert gemv is not q.__dict__["_gemv_operands"][3] and gemv.matches(other.weight_codes)
         assert len(calls) == 3
-    with torch.no_grad():  # the kernel's prepared scales follow the layer's
+    with torch.no_grad():  # the kernel's prepared operands follow the layer's, in place or replaced
         q.weight_quantizer.scale.mul_(2)
         torch.testing.assert_close(q(x), 2 * out - q.bias, rtol=1e-5, atol=1e-5)
         q.weight_quantizer.scale.div_(2)
-    x.requires_grad_(True)
+        scale = q.weight_quantizer.scale
+        q.weight_quantizer.scale = scale * 3
+        torch.testing.assert_close(q(x), 3 * out - 2 * q.bias, rtol=1e-5, atol=1e-5)
+        q.weight_quantizer.scale = scale
+        q.bias.add_(1)
+        torch.testing.assert_close(q(x), out + 1, rtol=1e-5, atol=1e-5)
+        q.bias.sub_(1)
+        torch.testing.assert_close(q(x), out, rtol=1e-6, atol=1e-6)
     before = len(calls)
+    assert q(x).grad_fn is not None and len(calls) == before  # the bias wants a gradient: not the C kernel
+    x.requires_grad_(True)
     q(x).sum().backward()  # not the C kernel: it carries no gradient
     assert len(calls) == before and x.grad is not None and x.grad.abs().sum() > 0
 
