@@ -28,6 +28,12 @@ from fxquant.kernels.int_conv import (
     split_conv_pays,
 )
 from fxquant.kernels.onednn_split import SplitPackedWeight
+from fxquant.kernels.token_linear import (
+    TOKEN_LINEAR_MAX_ROWS,
+    NativeTokenLinear,
+    bind_token_linear,
+    token_linear_available,
+)
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
     NativeGemv,
@@ -46,7 +52,7 @@ from fxquant.kernels.weight_only import (
 
 from .conv_padding import padding_sides
 from .errors import ConfigError, NotQuantizableError
-from .fake_quant import dequantize_codes, round_ste
+from .fake_quant import MIN_SCALE, dequantize_codes, round_ste
 from .kernel_choice import is_int8_pair, layer_kernel
 from .quantizer import DynamicQuantizer, IdentityQuantizer, Quantizer, StaticQuantizer
 from .quantizer_factory import build_quantizer
@@ -289,7 +295,8 @@ class _QWeighted(QuantOpr):
             return build()
         versions = [-1 if t is None else t._version for t in sources]
         cached = self.__dict__.get(name)
-        if (cached is not None and cached[3] is not None and cached[1] == versions and cached[2] == key
+        if (cached is not None and cached[3] is not None and cached[1] == versions
+                and (cached[2] is key or cached[2] == key)
                 and all(map(operator.is_, cached[0], sources))):
             return cached[3]
         value = build()
@@ -431,6 +438,9 @@ class QLinear(_QWeighted):
         gemv = self._eager_gemv(x)
         if gemv is not None:
             return gemv(x)
+        token_linear = self._eager_token_linear(x)
+        if token_linear is not None:
+            return token_linear(x)
         if self._integer_path(x):
             return self._int_forward(x)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
@@ -476,6 +486,37 @@ class QLinear(_QWeighted):
             return None  # not frozen: forward quantizes the float weight afresh (_stored_codes_in_use)
         sources = (codes, wq._buffers["scale"], wq._buffers["zero_point"], bias)
         return self._derived("_gemv_operands", sources, lambda: self._bind_gemv(*sources))
+
+    def _eager_token_linear(self, x: torch.Tensor) -> NativeTokenLinear | None:
+        """The token linear C kernel (kernels/token_linear.py) bound to this layer where it takes
+        this call, else None: eager, on an integer GEMM kernel (TOKEN_LINEAR_KERNELS: not the
+        fp64 reference), frozen int8 codes with per-token symmetric int8 inputs, float32 CPU x of
+        at most TOKEN_LINEAR_MAX_ROWS rows (decode), and no gradient to carry. The same floats as
+        the layer's torch path. The binding is kept as _eager_gemv keeps its own."""
+        if self.kernel not in TOKEN_LINEAR_KERNELS or torch.compiler.is_compiling() or not token_linear_available():
+            return None
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > TOKEN_LINEAR_MAX_ROWS * x.shape[-1]:
+            return None
+        modules, parameters = self._modules, self._parameters
+        wq, aq = modules["weight_quantizer"], modules["input_quantizers"]._modules["0"]
+        if not (type(aq) is DynamicQuantizer and aq.enabled and wq.enabled and is_int8_pair(wq, aq)
+                and not aq.spec.pow2_scale):
+            return None
+        bias = parameters.get("bias")
+        grad = torch.is_grad_enabled()
+        if grad and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return None
+        codes = self._buffers["weight_codes"]
+        if codes is None or self.codes_blocked or (grad and not self.codes_fixed and "weight" in parameters):
+            return None
+        scale = wq._buffers["scale"]
+
+        def build() -> NativeTokenLinear:
+            return bind_token_linear(codes, scale.detach().reshape(-1).to(torch.float32).contiguous(),
+                                     None if bias is None else bias.detach().to(torch.float32).contiguous(),
+                                     aq.qmin, aq.qmax, MIN_SCALE, aq.spec.rounding)
+
+        return self._derived("_token_linear_operands", (codes, scale, bias), build, key=aq.spec)
 
     def _bind_gemv(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    bias: torch.Tensor | None) -> NativeGemv:
@@ -523,6 +564,11 @@ class QLinear(_QWeighted):
             y = _scaled(code_matmul(xc, self._gemm_weight_codes(), zero, qbias, kernel, self.weight_row_sums, packed),
                         deq)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+#: layer kernels whose eager decode of per-token W8A8 rows runs the token linear C kernel (the
+#: exact fp64 reference does not)
+TOKEN_LINEAR_KERNELS = ("int_mm", "onednn_split", "fp32_split")
 
 
 def _scaled(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

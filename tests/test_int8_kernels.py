@@ -106,15 +106,16 @@ def test_frozen_layer_gives_the_same_values_on_every_kernel(scheme):
     assert layer.kernel == default_kernel(torch.device("cpu")) and layer.kernel in KERNEL_DESCRIPTIONS
     node = next(n for n in q.graph.nodes if n.target == "0")
     assert node.meta["fxquant_kernel"] == layer.kernel
-    x = torch.randn(7, 1536) * 3
-    outs = {}
-    with torch.no_grad():
-        for kernel in exact_kernels(torch.device("cpu")):
-            layer.kernel = kernel
-            outs[kernel] = layer(x)
-    ref = outs["fp64"]
-    for kernel, out in outs.items():
-        assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), kernel
+    for rows in (7, 40):  # decode (the token linear C kernel, for dynamic inputs) and a GEMM
+        x = torch.randn(rows, 1536) * 3
+        outs = {}
+        with torch.no_grad():
+            for kernel in exact_kernels(torch.device("cpu")):
+                layer.kernel = kernel
+                outs[kernel] = layer(x)
+        ref = outs["fp64"]
+        for kernel, out in outs.items():
+            assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), (kernel, rows)
 
 
 def test_int_mm_is_refused_where_the_cpu_would_saturate_its_sums(monkeypatch):

@@ -149,6 +149,65 @@ def test_frozen_weight_only_decode_runs_the_c_gemv_and_keeps_gradients(monkeypat
     assert len(calls) == before and x.grad is not None and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("rounding", ["half_even", "floor_add"])
+def test_dynamic_decode_runs_the_token_linear_kernel_bit_for_bit(monkeypatch, rounding):
+    """Eager, a frozen per-token W8A8 layer computes up to 8 rows (decode) with the token linear C
+    kernel: the same floats as its torch path (here the fp64 reference kernel) for every row count,
+    ties and a NaN row included; more rows, the fp64 kernel and inputs that want a gradient take the
+    torch path; copies bind their own kernel."""
+    import dataclasses
+
+    import fxquant.kernels.token_linear as token_linear
+    from fxquant.kernels import c_kernels
+
+    torch.manual_seed(0)
+    q = _calibrate(QLinear(torch.nn.Linear(320, 48), make_scheme("w8a8_dynamic")), torch.randn(5, 320))
+    q.input_quantizer.spec = dataclasses.replace(q.input_quantizer.spec, rounding=rounding)
+    q.freeze()
+    assert q.kernel != "fp64" and not q.codes_blocked
+    calls = []
+    native = token_linear.NativeTokenLinear.__call__
+    monkeypatch.setattr(token_linear.NativeTokenLinear, "__call__", lambda op, x: calls.append(x.shape) or native(op, x))
+    builds = c_kernels.compiler() is not None
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        kernel, q.kernel = q.kernel, "fp64"
+        try:
+            return q(x)
+        finally:
+            q.kernel = kernel
+
+    x = torch.randn(8, 320) * torch.linspace(0.01, 30, 8)[:, None]
+    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.5]) * x[0].abs().max() / 127  # codes on ties
+    with torch.no_grad():
+        for rows in (1, 3, 8):
+            assert torch.equal(q(x[:rows]), reference(x[:rows]))
+        assert calls == ([(1, 320), (3, 320), (8, 320)] if builds else [])
+        assert torch.equal(q(torch.cat([x, x[:1]])), reference(torch.cat([x, x[:1]])))  # 9 rows: the GEMM
+        assert len(calls) == (3 if builds else 0)
+        nan = x[:2].clone()
+        nan[1, 5] = float("nan")
+        out = q(nan)
+        assert out[1].isnan().all() and torch.equal(out[0], reference(x[:1])[0])
+        q.bias.add_(1)  # the bound kernel follows the bias
+        torch.testing.assert_close(q(x[:1]), reference(x[:1]), rtol=0, atol=0)
+        for other in (copy.deepcopy(q), torch.load(io.BytesIO(_saved(q)), weights_only=False)):
+            assert torch.equal(other(x[:2]), reference(x[:2]))
+            if builds:
+                bound = other.__dict__["_token_linear_operands"][3]
+                assert bound is not q.__dict__["_token_linear_operands"][3] and bound.matches(other.weight_codes)
+    before = len(calls)
+    xg = x[:2].clone().requires_grad_(True)
+    q(xg).sum().backward()  # not the C kernel: it carries no gradient
+    assert len(calls) == before and xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def _saved(module: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("cls,shape_a,shape_b,fn", [
     (QAdd, (2, 3, 4), (2, 3, 4), torch.add),
     (QBMM, (2, 3, 4), (2, 4, 5), torch.bmm),
