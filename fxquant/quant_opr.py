@@ -460,23 +460,18 @@ class QLinear(_QWeighted):
         builds in this process)."""
         return self.codes_blocked and native_gemv_available()
 
-    def _eager_gemv(self, x: torch.Tensor) -> NativeGemv | None:
-        """codes_gemv's C kernel bound to this layer's operands where it takes this call, else None:
-        eager, a weight-only layer with stored codes in the GEMV layout, float32 CPU x of at most
-        GEMV_MAX_ROWS rows, and no gradient to carry (the kernel is not differentiable).
+    def _decode_operands(self, x: torch.Tensor, max_rows: int) -> tuple[Quantizer, Quantizer, torch.Tensor,
+                                                                          torch.Tensor | None] | None:
+        """(weight quantizer, input quantizer, stored codes, bias) where an eager C decode kernel
+        may take this call (the caller checked that torch.compile is not tracing): float32 CPU x of at most `max_rows` rows, the frozen
+        codes in use, no gradient to carry (the C kernels are not differentiable); else None.
 
-        The binding is kept while codes, scale, zero point and bias stay the same tensors at the
-        same versions (binding took 8-16 us of a 40 us decode call). The layer's state is read
-        from nn.Module's dicts: each nn.Module.__getattr__ takes about 0.8 us, and the eight a
-        decode call made cost as much as a small layer's GEMV (benchmarks/gemv_overhead.py)."""
-        if not self.codes_blocked or torch.compiler.is_compiling() or not native_gemv_available():
+        The state is read from nn.Module's dicts: each nn.Module.__getattr__ takes about 0.8 us,
+        and the eight a decode call made cost as much as a small layer's GEMV
+        (benchmarks/gemv_overhead.py)."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > max_rows * x.shape[-1]:
             return None
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > GEMV_MAX_ROWS * x.shape[-1]:
-            return None
-        modules, parameters = self._modules, self._parameters
-        wq = modules["weight_quantizer"]
-        if modules["input_quantizers"]._modules["0"].enabled or not wq.enabled:
-            return None
+        parameters = self._parameters
         bias = parameters.get("bias")  # a bias is a Parameter, or None kept outside _parameters
         grad = torch.is_grad_enabled()
         if grad and (x.requires_grad or (bias is not None and bias.requires_grad)):
@@ -484,30 +479,40 @@ class QLinear(_QWeighted):
         codes = self._buffers["weight_codes"]
         if codes is None or (grad and not self.codes_fixed and "weight" in parameters):
             return None  # not frozen: forward quantizes the float weight afresh (_stored_codes_in_use)
+        modules = self._modules
+        return modules["weight_quantizer"], modules["input_quantizers"]._modules["0"], codes, bias
+
+    def _eager_gemv(self, x: torch.Tensor) -> NativeGemv | None:
+        """codes_gemv's C kernel bound to this layer's operands where it takes this call, else None:
+        a weight-only layer with stored codes in the GEMV layout, at most GEMV_MAX_ROWS rows (and
+        _decode_operands' conditions). The binding is kept while codes, scale, zero point and bias
+        stay the same tensors at the same versions (binding took 8-16 us of a 40 us decode call)."""
+        if not self.codes_blocked or torch.compiler.is_compiling() or not native_gemv_available():
+            return None
+        operands = self._decode_operands(x, GEMV_MAX_ROWS)
+        if operands is None:
+            return None
+        wq, aq, codes, bias = operands
+        if aq.enabled or not wq.enabled:
+            return None
         sources = (codes, wq._buffers["scale"], wq._buffers["zero_point"], bias)
         return self._derived("_gemv_operands", sources, lambda: self._bind_gemv(*sources))
 
     def _eager_token_linear(self, x: torch.Tensor) -> NativeTokenLinear | None:
         """The token linear C kernel (kernels/token_linear.py) bound to this layer where it takes
-        this call, else None: eager, on an integer GEMM kernel (TOKEN_LINEAR_KERNELS: not the
-        fp64 reference), frozen int8 codes with per-token symmetric int8 inputs, float32 CPU x of
-        at most TOKEN_LINEAR_MAX_ROWS rows (decode), and no gradient to carry. The same floats as
-        the layer's torch path. The binding is kept as _eager_gemv keeps its own."""
-        if self.kernel not in TOKEN_LINEAR_KERNELS or torch.compiler.is_compiling() or not token_linear_available():
+        this call, else None: a layer on an integer GEMM kernel (TOKEN_LINEAR_KERNELS: not the fp64
+        reference) with int8 codes in row order and per-token symmetric int8 inputs, at most
+        TOKEN_LINEAR_MAX_ROWS rows (and _decode_operands' conditions). The same floats as the
+        layer's torch path. The binding is kept as _eager_gemv keeps its own."""
+        if (self.kernel not in TOKEN_LINEAR_KERNELS or self.codes_blocked or torch.compiler.is_compiling()
+                or not token_linear_available()):
             return None
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > TOKEN_LINEAR_MAX_ROWS * x.shape[-1]:
+        operands = self._decode_operands(x, TOKEN_LINEAR_MAX_ROWS)
+        if operands is None:
             return None
-        modules, parameters = self._modules, self._parameters
-        wq, aq = modules["weight_quantizer"], modules["input_quantizers"]._modules["0"]
+        wq, aq, codes, bias = operands
         if not (type(aq) is DynamicQuantizer and aq.enabled and wq.enabled and is_int8_pair(wq, aq)
                 and not aq.spec.pow2_scale):
-            return None
-        bias = parameters.get("bias")
-        grad = torch.is_grad_enabled()
-        if grad and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            return None
-        codes = self._buffers["weight_codes"]
-        if codes is None or self.codes_blocked or (grad and not self.codes_fixed and "weight" in parameters):
             return None
         scale = wq._buffers["scale"]
 
