@@ -7,7 +7,8 @@ Prints the CPU capability and the kernel each scheme runs, then:
   2. SmolLM2-135M prefill (1 x 512, 8 x 128): fp32 eager / inductor, each W8A8 scheme (lm_head
      float, and quantized: "+lm_head") eager and compiled with backend="fxquant", with its perplexity;
   3. SmolLM2 decode with a KV cache (greedy, 128 new tokens): fp32 eager and inductor, w8a16 /
-     w4a16 / w8a16 with an int8 lm_head, eager and compiled, compiled also with
+     w4a16 / w8a16 with an int8 lm_head by default (any scheme with --decode: w8a8_dynamic, w8a8
+     calibrated as in 2.), eager and compiled, compiled also with
      fxquant.skip_frozen_layer_guards as guard_filter_fn, each timed in rounds interleaved with
      fp32 eager (compilation of a whole decoder takes minutes on 2 cores: the warm-up column);
   4. perplexity of each W8A8 scheme on GPL-3 (4 x 512): eager grad / eager no_grad / compiled /
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant.kernels import default_kernel
+from fxquant.kernels.int8_decode import int8_decode_available
 from fxquant.kernels.int_matmul import cpu_has_int8_dot
 from fxquant.kernels.weight_only import native_gemv_available
 from fxquant.real_models import (
@@ -103,13 +105,15 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> None:
         print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row) + " |")
 
 
-def quantize_smollm2(model, tok, scheme: str, calib: list[torch.Tensor], lm_head: bool = False):
-    """SmolLM2 quantized as the tables use it; lm_head float unless `lm_head`."""
+def quantize_smollm2(model, tok, scheme: str, calib: list[torch.Tensor], lm_head: bool = False,
+                     inplace: bool = False):
+    """SmolLM2 quantized as the tables use it; lm_head float unless `lm_head`; `inplace`: the
+    layers installed into `model` (it keeps generate())."""
     if scheme == "w8a8":
         return fxquant.quantize(model, [[w] for w in calib], scheme="w8a8", progress=False, smooth_alpha=0.5,
-                                options=ASCEND_ROUNDING, disable_last_layer=not lm_head)
+                                options=ASCEND_ROUNDING, disable_last_layer=not lm_head, inplace=inplace)
     return fxquant.quantize(model, scheme=scheme, example_inputs=[calib[0]], progress=False, options=GROUP,
-                            disable_last_layer=not lm_head)
+                            disable_last_layer=not lm_head, inplace=inplace)
 
 
 def quantizing_backend_for(scheme: str, calib: list[torch.Tensor]) -> fxquant.compiler.QuantizingBackend:
@@ -194,7 +198,8 @@ def prefill_table(model, tok, calib, repeat: int, configs: list[str]) -> dict[st
 FILTERED = "fxquant, frozen-layer guards skipped"
 
 
-def decode_table(model, tok, new_tokens: int, configs: list[str], repeat: int, compiled_too: bool = True) -> None:
+def decode_table(model, tok, calib: list[torch.Tensor], new_tokens: int, configs: list[str], repeat: int,
+                 compiled_too: bool = True) -> None:
     """Greedy decode with a KV cache; configs are "<scheme>" (lm_head float) or "<scheme>+lm_head".
     Each model runs eager and (compiled_too) compiled; warm-up is the first generate() (8 tokens:
     compilation). Each model's generate() of new_tokens runs `repeat` rounds interleaved with the
@@ -231,9 +236,7 @@ def decode_table(model, tok, new_tokens: int, configs: list[str], repeat: int, c
     for config in configs:
         scheme, _, head = config.partition("+")
         for mode in ("eager", "fxquant", FILTERED) if compiled_too else ("eager",):
-            small = copy.deepcopy(model)
-            fxquant.quantize(small, scheme=scheme, example_inputs=[prompt.input_ids], progress=False,
-                             options=GROUP, inplace=True, disable_last_layer=head != "lm_head")
+            small = quantize_smollm2(copy.deepcopy(model), tok, scheme, calib, lm_head=head == "lm_head", inplace=True)
             if mode != "eager":
                 compile_forward(small, "fxquant", fxquant.skip_frozen_layer_guards if mode == FILTERED else None)
             rows.append(row(small, f"{config} {mode}", None if mode == "eager" else f"{config} eager"))
@@ -354,8 +357,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"int8 dot products (VNNI/AMX): {cpu_has_int8_dot()}, threads {torch.get_num_threads()}")
     gemv = "C kernel" if native_gemv_available() else "torch ops (no C compiler)"
-    print(f"W8A8 integer kernel: {default_kernel(cpu)}; weight-only: dequant_mm, up to 8 rows a GEMV over the codes "
-          f"(eager: {gemv}; compiled: fused by inductor)")
+    int8_decode = "C kernel" if int8_decode_available() else "as more rows (no C compiler)"
+    print(f"W8A8 integer kernel: {default_kernel(cpu)}, up to 8 rows eager: {int8_decode}; weight-only: dequant_mm, "
+          f"up to 8 rows a GEMV over the codes (eager: {gemv}; compiled: fused by inductor)")
     model, tok = load_smollm2()
     calib = token_windows(tok, text_corpus("calib"), 4, 512)
     if "gemm" not in args.skip:
@@ -364,7 +368,8 @@ def main() -> None:
     if "prefill" not in args.skip:
         models = prefill_table(model, tok, calib, args.repeat, args.prefill)
     if "decode" not in args.skip:
-        decode_table(model, tok, args.new_tokens, args.decode, args.repeat, compiled_too=not args.decode_eager_only)
+        decode_table(model, tok, calib, args.new_tokens, args.decode, args.repeat,
+                     compiled_too=not args.decode_eager_only)
     if "ppl" not in args.skip:
         perplexity_table(model, tok, calib)
     if "size" not in args.skip:

@@ -20,6 +20,11 @@ import torch.nn.functional as F
 
 from fxquant.kernels import code_matmul, code_row_sums
 from fxquant.kernels.activation_codes import centred_codes, uint8_codes
+from fxquant.kernels.int8_decode import (
+    INT8_DECODE_MAX_ROWS,
+    Int8DecodeLinear,
+    int8_decode_available,
+)
 from fxquant.kernels.int_conv import (
     ConvGeometry,
     PackedConvWeight,
@@ -28,12 +33,6 @@ from fxquant.kernels.int_conv import (
     split_conv_pays,
 )
 from fxquant.kernels.onednn_split import SplitPackedWeight
-from fxquant.kernels.token_linear import (
-    TOKEN_LINEAR_MAX_ROWS,
-    NativeTokenLinear,
-    bind_token_linear,
-    token_linear_available,
-)
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
     NativeGemv,
@@ -385,9 +384,14 @@ class _QWeighted(QuantOpr):
             codes = codes - 128
         if isinstance(aq, DynamicQuantizer):
             return codes, sx, 0
+        return codes, sx, self._static_input_zero(aq, zx)
+
+    def _static_input_zero(self, aq: Quantizer, zx: torch.Tensor) -> int:
+        """The zero point of static per-tensor input codes as signed int8 values: the frozen one
+        for the layer's own quantizer, else zx (uint8 codes shift by -128)."""
         if self._input_zero is not None and aq is self.input_quantizer:
-            return codes, sx, self._input_zero
-        return codes, sx, int(zx) - (0 if aq.spec.signed else 128)
+            return self._input_zero
+        return int(zx) - (0 if aq.spec.signed else 128)
 
     def quantized_bias(self, deq: torch.Tensor) -> torch.Tensor | None:
         """Static activations: the bias on the accumulator's grid, round(bias / deq) as float
@@ -438,9 +442,9 @@ class QLinear(_QWeighted):
         gemv = self._eager_gemv(x)
         if gemv is not None:
             return gemv(x)
-        token_linear = self._eager_token_linear(x)
-        if token_linear is not None:
-            return token_linear(x)
+        int8_decode = self._eager_int8_decode(x)
+        if int8_decode is not None:
+            return int8_decode(x)
         if self._integer_path(x):
             return self._int_forward(x)
         return linear_from_weight(self.input_quantizer(x), self.quantized_weight(), self.bias_on_grid())
@@ -498,30 +502,45 @@ class QLinear(_QWeighted):
         sources = (codes, wq._buffers["scale"], wq._buffers["zero_point"], bias)
         return self._derived("_gemv_operands", sources, lambda: self._bind_gemv(*sources))
 
-    def _eager_token_linear(self, x: torch.Tensor) -> NativeTokenLinear | None:
-        """The token linear C kernel (kernels/token_linear.py) bound to this layer where it takes
-        this call, else None: a layer on an integer GEMM kernel (TOKEN_LINEAR_KERNELS: not the fp64
-        reference) with int8 codes in row order and per-token symmetric int8 inputs, at most
-        TOKEN_LINEAR_MAX_ROWS rows (and _decode_operands' conditions). The same floats as the
+    def _eager_int8_decode(self, x: torch.Tensor) -> Int8DecodeLinear | None:
+        """The int8 decode C kernel (kernels/int8_decode.py) bound to this layer where it takes this
+        call, else None: a W8A8 layer on an integer GEMM kernel (INT8_DECODE_KERNELS: not the
+        fp64 reference) with int8 codes in row order, per-token or static per-tensor inputs, at
+        most INT8_DECODE_MAX_ROWS rows (and _decode_operands' conditions). The same floats as the
         layer's torch path. The binding is kept as _eager_gemv keeps its own."""
-        if (self.kernel not in TOKEN_LINEAR_KERNELS or self.codes_blocked or torch.compiler.is_compiling()
-                or not token_linear_available()):
+        if (self.kernel not in INT8_DECODE_KERNELS or self.codes_blocked or torch.compiler.is_compiling()
+                or not int8_decode_available()):
             return None
-        operands = self._decode_operands(x, TOKEN_LINEAR_MAX_ROWS)
+        operands = self._decode_operands(x, INT8_DECODE_MAX_ROWS)
         if operands is None:
             return None
         wq, aq, codes, bias = operands
-        if not (type(aq) is DynamicQuantizer and aq.enabled and wq.enabled and is_int8_pair(wq, aq)
-                and not aq.spec.pow2_scale):
+        if not (aq.enabled and wq.enabled and is_int8_pair(wq, aq)):
             return None
-        scale = wq._buffers["scale"]
+        w_scale = wq._buffers["scale"]
+        if type(aq) is DynamicQuantizer and not aq.spec.pow2_scale:
+            def per_token() -> Int8DecodeLinear:
+                return Int8DecodeLinear.per_token(
+                    codes, w_scale.detach().reshape(-1).to(torch.float32).contiguous(),
+                    None if bias is None else bias.detach().to(torch.float32).contiguous(),
+                    aq.qmin, aq.qmax, MIN_SCALE, aq.spec.rounding)
 
-        def build() -> NativeTokenLinear:
-            return bind_token_linear(codes, scale.detach().reshape(-1).to(torch.float32).contiguous(),
-                                     None if bias is None else bias.detach().to(torch.float32).contiguous(),
-                                     aq.qmin, aq.qmax, MIN_SCALE, aq.spec.rounding)
+            return self._derived("_int8_decode_operands", (codes, w_scale, bias), per_token, key=aq.spec)
+        a_scale, a_zero = aq._buffers.get("scale"), aq._buffers.get("zero_point")
+        if type(aq) is not StaticQuantizer or a_scale.numel() != 1:
+            return None
 
-        return self._derived("_token_linear_operands", (codes, scale, bias), build, key=aq.spec)
+        def static() -> Int8DecodeLinear:
+            deq, qbias = self._static_output_scaling(a_scale, w_scale.reshape(-1))
+            centre = self._static_input_zero(aq, a_zero) + (0 if aq.spec.signed else 128)  # what the codes are less
+            return Int8DecodeLinear.static(
+                codes, deq.detach().reshape(-1).to(torch.float32).contiguous(),
+                None if qbias is None else qbias.detach().reshape(-1).to(torch.int32).contiguous(),
+                float(a_scale), float(a_zero), aq.qmin, aq.qmax, aq.spec.rounding, aq.spec.offset_in_rounding,
+                centre)
+
+        return self._derived("_int8_decode_operands", (codes, w_scale, bias, a_scale, a_zero), static,
+                             key=(aq.spec, self._input_zero))
 
     def _bind_gemv(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    bias: torch.Tensor | None) -> NativeGemv:
@@ -561,19 +580,22 @@ class QLinear(_QWeighted):
             if self.bias is not None:
                 y = y + self.bias.float() if y.requires_grad else y.add_(self.bias.float())
         else:
-            def scaling() -> tuple[torch.Tensor, torch.Tensor | None]:
-                deq = sx * wscale  # kernel order: one deq_scale = input_scale * weight_scale
-                return deq, self.quantized_bias(deq)
-
-            deq, qbias = self._kept_scaling(aq, scaling, x.dim())
+            deq, qbias = self._kept_scaling(aq, lambda: self._static_output_scaling(sx, wscale), x.dim())
             y = _scaled(code_matmul(xc, self._gemm_weight_codes(), zero, qbias, kernel, self.weight_row_sums, packed),
                         deq)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def _static_output_scaling(self, sx: torch.Tensor, wscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(deq [n], qbias [n] or None) of static per-tensor inputs of scale sx and weights of scale
+        wscale [n]: one deq_scale = input_scale * weight_scale (the kernel's order) and the bias on
+        the accumulator's grid."""
+        deq = sx * wscale
+        return deq, self.quantized_bias(deq)
 
-#: layer kernels whose eager decode of per-token W8A8 rows runs the token linear C kernel (the
-#: exact fp64 reference does not)
-TOKEN_LINEAR_KERNELS = ("int_mm", "onednn_split", "fp32_split")
+
+#: layer kernels whose eager decode of W8A8 rows runs the int8 decode C kernel (the exact fp64
+#: reference does not)
+INT8_DECODE_KERNELS = ("int_mm", "onednn_split", "fp32_split")
 
 
 def _scaled(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -149,25 +149,30 @@ def test_frozen_weight_only_decode_runs_the_c_gemv_and_keeps_gradients(monkeypat
     assert len(calls) == before and x.grad is not None and x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("rounding", ["half_even", "floor_add"])
-def test_dynamic_decode_runs_the_token_linear_kernel_bit_for_bit(monkeypatch, rounding):
-    """Eager, a frozen per-token W8A8 layer computes up to 8 rows (decode) with the token linear C
-    kernel: the same floats as its torch path (here the fp64 reference kernel) for every row count,
-    ties and a NaN row included; more rows, the fp64 kernel and inputs that want a gradient take the
-    torch path; copies bind their own kernel."""
+@pytest.mark.parametrize("scheme, rounding, offset_in_rounding", [
+    ("w8a8_dynamic", "half_even", False), ("w8a8_dynamic", "floor_add", False),
+    ("w8a8", "half_even", False), ("w8a8", "floor_add", True),
+])
+def test_w8a8_decode_runs_the_int8_decode_kernel_bit_for_bit(monkeypatch, scheme, rounding, offset_in_rounding):
+    """Eager, a frozen W8A8 layer (per-token or static inputs) computes up to 8 rows (decode) with
+    the int8 decode C kernel: the same floats as its torch path (here the fp64 reference kernel)
+    for every row count, codes on ties and a NaN row included; more rows, the fp64 kernel and
+    inputs that want a gradient take the torch path; the binding follows the bias and scales, and
+    copies bind their own."""
     import dataclasses
 
-    import fxquant.kernels.token_linear as token_linear
+    import fxquant.kernels.int8_decode as int8_decode
     from fxquant.kernels import c_kernels
 
     torch.manual_seed(0)
-    q = _calibrate(QLinear(torch.nn.Linear(320, 48), make_scheme("w8a8_dynamic")), torch.randn(5, 320))
-    q.input_quantizer.spec = dataclasses.replace(q.input_quantizer.spec, rounding=rounding)
+    q = _calibrate(QLinear(torch.nn.Linear(320, 48), make_scheme(scheme)), torch.randn(16, 320) * 3 + 0.5)
+    aq = q.input_quantizer
+    aq.spec = dataclasses.replace(aq.spec, rounding=rounding, offset_in_rounding=offset_in_rounding)
     q.freeze()
     assert q.kernel != "fp64" and not q.codes_blocked
     calls = []
-    native = token_linear.NativeTokenLinear.__call__
-    monkeypatch.setattr(token_linear.NativeTokenLinear, "__call__", lambda op, x: calls.append(x.shape) or native(op, x))
+    native = int8_decode.Int8DecodeLinear.__call__
+    monkeypatch.setattr(int8_decode.Int8DecodeLinear, "__call__", lambda op, x: calls.append(x.shape) or native(op, x))
     builds = c_kernels.compiler() is not None
 
     def reference(x: torch.Tensor) -> torch.Tensor:
@@ -177,8 +182,9 @@ def test_dynamic_decode_runs_the_token_linear_kernel_bit_for_bit(monkeypatch, ro
         finally:
             q.kernel = kernel
 
-    x = torch.randn(8, 320) * torch.linspace(0.01, 30, 8)[:, None]
-    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.5]) * x[0].abs().max() / 127  # codes on ties
+    x = torch.randn(8, 320) * torch.linspace(0.05, 4, 8)[:, None]
+    step = x[0].abs().max() / 127 if scheme == "w8a8_dynamic" else aq.scale
+    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.5]) * step  # codes on ties
     with torch.no_grad():
         for rows in (1, 3, 8):
             assert torch.equal(q(x[:rows]), reference(x[:rows]))
@@ -189,13 +195,18 @@ def test_dynamic_decode_runs_the_token_linear_kernel_bit_for_bit(monkeypatch, ro
         nan[1, 5] = float("nan")
         out = q(nan)
         assert out[1].isnan().all() and torch.equal(out[0], reference(x[:1])[0])
-        q.bias.add_(1)  # the bound kernel follows the bias
-        torch.testing.assert_close(q(x[:1]), reference(x[:1]), rtol=0, atol=0)
+        q.bias.add_(0.25)  # the binding follows the bias and the scales
+        assert torch.equal(q(x[:2]), reference(x[:2]))
+        q.weight_quantizer.scale.mul_(1.5)
+        assert torch.equal(q(x[:2]), reference(x[:2]))
+        if scheme == "w8a8":
+            aq.scale = aq.scale * 2  # a new tensor
+            assert torch.equal(q(x[:2]), reference(x[:2]))
         for other in (copy.deepcopy(q), torch.load(io.BytesIO(_saved(q)), weights_only=False)):
             assert torch.equal(other(x[:2]), reference(x[:2]))
             if builds:
-                bound = other.__dict__["_token_linear_operands"][3]
-                assert bound is not q.__dict__["_token_linear_operands"][3] and bound.matches(other.weight_codes)
+                bound = other.__dict__["_int8_decode_operands"][3]
+                assert bound is not q.__dict__["_int8_decode_operands"][3] and bound.matches(other.weight_codes)
     before = len(calls)
     xg = x[:2].clone().requires_grad_(True)
     q(xg).sum().backward()  # not the C kernel: it carries no gradient
@@ -235,7 +246,8 @@ def test_inference_keeps_the_scaling_only_while_scales_and_bias_stay(layer_type)
     if layer_type == "conv":
         model, x = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1)), torch.randn(2, 8, 10, 10)
     else:
-        model, x = torch.nn.Sequential(torch.nn.Linear(64, 32)), torch.randn(5, 64)
+        # more rows than decode's (whose C kernel binds its own scaling: the int8 decode test)
+        model, x = torch.nn.Sequential(torch.nn.Linear(64, 32)), torch.randn(12, 64)
     q = fxquant.quantize(model, [[x]], scheme="w8a8", disable_last_layer=False, progress=False)
     layer = q.get_submodule("0")
 
