@@ -518,10 +518,14 @@ class QLinear(_QWeighted):
         if not (aq.enabled and wq.enabled and is_int8_pair(wq, aq)):
             return None
         w_scale = wq._buffers["scale"]
+
+        def per_row(scale: torch.Tensor) -> torch.Tensor:  # float32 [n] (a per-tensor weight scale: broadcast)
+            return scale.detach().reshape(-1).expand(self.out_features).to(torch.float32).contiguous()
+
         if type(aq) is DynamicQuantizer and not aq.spec.pow2_scale:
             def per_token() -> Int8DecodeLinear:
                 return Int8DecodeLinear.per_token(
-                    codes, w_scale.detach().reshape(-1).to(torch.float32).contiguous(),
+                    codes, per_row(w_scale),
                     None if bias is None else bias.detach().to(torch.float32).contiguous(),
                     aq.qmin, aq.qmax, MIN_SCALE, aq.spec.rounding)
 
@@ -534,7 +538,7 @@ class QLinear(_QWeighted):
             deq, qbias = self._static_output_scaling(a_scale, w_scale.reshape(-1))
             centre = self._static_input_zero(aq, a_zero) + (0 if aq.spec.signed else 128)  # what the codes are less
             return Int8DecodeLinear.static(
-                codes, deq.detach().reshape(-1).to(torch.float32).contiguous(),
+                codes, per_row(deq),
                 None if qbias is None else qbias.detach().reshape(-1).to(torch.int32).contiguous(),
                 float(a_scale), float(a_zero), aq.qmin, aq.qmax, aq.spec.rounding, aq.spec.offset_in_rounding,
                 centre)

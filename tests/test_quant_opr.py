@@ -149,14 +149,15 @@ def test_frozen_weight_only_decode_runs_the_c_gemv_and_keeps_gradients(monkeypat
     assert len(calls) == before and x.grad is not None and x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("scheme, rounding, offset_in_rounding", [
-    ("w8a8_dynamic", "half_even", False), ("w8a8_dynamic", "floor_add", False),
-    ("w8a8", "half_even", False), ("w8a8", "floor_add", True),
+@pytest.mark.parametrize("scheme, rounding, options", [
+    ("w8a8_dynamic", "half_even", {}), ("w8a8_dynamic", "floor_add", {"w_per_channel": False}),
+    ("w8a8", "half_even", {}), ("w8a8", "floor_add", {"offset_in_rounding": True}),
+    ("w8a8", "half_even", {"a_signed": False, "w_per_channel": False}),
 ])
-def test_w8a8_decode_runs_the_int8_decode_kernel_bit_for_bit(monkeypatch, scheme, rounding, offset_in_rounding):
+def test_w8a8_decode_runs_the_int8_decode_kernel_bit_for_bit(monkeypatch, scheme, rounding, options):
     """Eager, a frozen W8A8 layer (per-token or static inputs) computes up to 8 rows (decode) with
     the int8 decode C kernel: the same floats as its torch path (here the fp64 reference kernel)
-    for every row count, codes on ties and a NaN row included; more rows, the fp64 kernel and
+    for every row count, weight scales per channel or per tensor, int8 or uint8 static codes, codes on ties and a NaN row included; more rows, the fp64 kernel and
     inputs that want a gradient take the torch path; the binding follows the bias and scales, and
     copies bind their own."""
     import dataclasses
@@ -165,9 +166,10 @@ def test_w8a8_decode_runs_the_int8_decode_kernel_bit_for_bit(monkeypatch, scheme
     from fxquant.kernels import c_kernels
 
     torch.manual_seed(0)
-    q = _calibrate(QLinear(torch.nn.Linear(320, 48), make_scheme(scheme)), torch.randn(16, 320) * 3 + 0.5)
+    q = QLinear(torch.nn.Linear(320, 48), make_scheme(scheme, fxquant.SchemeOptions(**options)))
+    q = _calibrate(q, torch.randn(16, 320) * 3 + 0.5)
     aq = q.input_quantizer
-    aq.spec = dataclasses.replace(aq.spec, rounding=rounding, offset_in_rounding=offset_in_rounding)
+    aq.spec = dataclasses.replace(aq.spec, rounding=rounding)
     q.freeze()
     assert q.kernel != "fp64" and not q.codes_blocked
     calls = []
