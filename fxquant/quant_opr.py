@@ -467,8 +467,9 @@ class QLinear(_QWeighted):
     def _decode_operands(self, x: torch.Tensor, max_rows: int) -> tuple[Quantizer, Quantizer, torch.Tensor,
                                                                           torch.Tensor | None] | None:
         """(weight quantizer, input quantizer, stored codes, bias) where an eager C decode kernel
-        may take this call (the caller checked that torch.compile is not tracing): float32 CPU x of at most `max_rows` rows, the frozen
-        codes in use, no gradient to carry (the C kernels are not differentiable); else None.
+        may take this call (the caller checked that torch.compile is not tracing): float32 CPU x
+        of at most `max_rows` rows, the frozen codes in use, no gradient to carry (the C kernels
+        are not differentiable); else None.
 
         The state is read from nn.Module's dicts: each nn.Module.__getattr__ takes about 0.8 us,
         and the eight a decode call made cost as much as a small layer's GEMV
