@@ -13,16 +13,16 @@ from .quantizer import DynamicQuantizer, Quantizer, StaticQuantizer
 if TYPE_CHECKING:
     from .quant_opr import _QWeighted
 
-#: what the integer GEMM kernels run for per-token inputs of up to 8 rows (decode), eager on CPU
-_TOKEN_DECODE = "; up to 8 per-token rows (decode) eager: codes and int32 sums in one C call"
+#: what the integer GEMM kernels of linear layers run for up to 8 rows (decode), eager on CPU
+_DECODE = "; linear, up to 8 rows (decode) eager: input codes, int32 sums and scaling in one C call"
 #: kernel names a layer may record, and what each computes
 KERNEL_DESCRIPTIONS = {
-    "int_mm": "int8 x int8 -> int32 GEMM (torch._int_mm: VNNI / AMX on CPU, CUDA)" + _TOKEN_DECODE,
+    "int_mm": "int8 x int8 -> int32 GEMM (torch._int_mm: VNNI / AMX on CPU, CUDA)" + _DECODE,
     "onednn_split": ("oneDNN u8 x s8 GEMM / convolution on 7-bit parts of the codes, large codes added back "
-                     "exactly (AVX2)" + _TOKEN_DECODE),
+                     "exactly (AVX2)" + _DECODE),
     "onednn_qconv": "oneDNN u8 x s8 convolution, int32 sums, scales and bias applied in one pass (VNNI / AMX)",
     "fp32_split": ("int8 codes multiplied in fp32, k (convolutions: the input channels) split so that every "
-                   "partial sum is exact" + _TOKEN_DECODE),
+                   "partial sum is exact" + _DECODE),
     "fp64": "int8 codes multiplied in fp64 (exact)",
     "dequant_mm": ("int8 / packed int4 weight dequantized, one float GEMM; up to 8 rows (decode) a GEMV over "
                    "the codes (C kernel eager, fused by inductor when compiled)"),
