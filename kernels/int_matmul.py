@@ -66,8 +66,9 @@ def exact_kernels(device: torch.device, names: tuple[str, ...] = KERNELS) -> tup
 def check_exact(kernel: str, device: torch.device, names: tuple[str, ...] = KERNELS) -> None:
     """Raise ValueError where `kernel` would compute wrong sums on `device`, naming the exact ones."""
     if device.type == "cpu" and kernel in INT8_DOT_KERNELS and _saturating_cpu():
-        raise ValueError(f"kernel {kernel!r} is not exact on this CPU: it has no VNNI / AMX int8 dot products, so "
-                         f"oneDNN's 16-bit pair sums saturate; exact here: {', '.join(exact_kernels(device, names))}")
+        raise ValueError(f"kernel {kernel!r} is not exact on this CPU: fxquant finds no VNNI / AMX int8 dot products "
+                         f"(/proc/cpuinfo, ONEDNN_MAX_CPU_ISA), without which oneDNN's 16-bit pair sums saturate; "
+                         f"exact here: {', '.join(exact_kernels(device, names))}")
 
 
 def default_kernel(device: torch.device) -> str:
