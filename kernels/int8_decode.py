@@ -16,7 +16,7 @@ import functools
 import torch
 
 from . import c_kernels
-from .layer_cache import WeightCodesCache
+from .layer_cache import BoundRowKernel
 
 #: the most rows (tokens) the kernel takes: decode's
 INT8_DECODE_MAX_ROWS = 8
@@ -41,11 +41,13 @@ def _checked(t: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ...],
     return t
 
 
-class Int8DecodeLinear(WeightCodesCache):
+class Int8DecodeLinear(BoundRowKernel):
     """The C kernel bound to one layer's operands (build it with `per_token` or `static`). Called
     with float32 x [..., k] of at most INT8_DECODE_MAX_ROWS rows: float32 [..., n]. It holds the
     operands while it holds their addresses; like every WeightCodesCache, a copy or an unpickled
     one is None (the addresses are this process's)."""
+
+    name = "the int8 decode kernel"
 
     def __init__(self, codes: torch.Tensor, out_scale: torch.Tensor, bias: torch.Tensor | None,
                  qbias: torch.Tensor | None, rounding: str, **fields: float) -> None:
@@ -80,17 +82,8 @@ class Int8DecodeLinear(WeightCodesCache):
         return cls(codes, deq, None, qbias, rounding, per_token=0, qmin=qmin, qmax=qmax, scale=scale, zero=zero,
                    offset_in_rounding=int(offset_in_rounding), centre=centre)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.shape[-1] != self.k:
-            raise ValueError(f"the int8 decode kernel takes float32 x [..., {self.k}]; got {x.dtype} {tuple(x.shape)}")
-        if not x.is_contiguous():
-            x = x.contiguous()
-        y = torch.empty((*x.shape[:-1], self.n), dtype=torch.float32)
-        status = _native_int8_decode()(self.pointer, x.data_ptr(), x.numel() // self.k, y.data_ptr())
-        if status:
-            raise ValueError(f"the int8 decode kernel refused x {tuple(x.shape)} for [{self.n}, {self.k}] "
-                             f"(status {status})")
-        return y
+    def _run(self, x: int, rows: int, y: int) -> int:
+        return _native_int8_decode()(self.pointer, x, rows, y)
 
 
 @functools.cache

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import c_kernels
-from .layer_cache import WeightCodesCache
+from .layer_cache import BoundRowKernel
 
 #: inputs with at most this many rows take the fused GEMV form under torch.compile
 GEMV_MAX_ROWS = 8
@@ -162,7 +162,7 @@ def gemv_offsets(bits: int, zero_point: torch.Tensor | None, n: int, groups: int
     return (offset if bits == 8 else offset + 8).contiguous()
 
 
-class NativeGemv(WeightCodesCache):
+class NativeGemv(BoundRowKernel):
     """codes_gemv's C kernel (csrc/codes_gemv.c) bound to one layer's operands, checked once: the
     GEMV layout `blocked` [n / B, w, 4 B], scale float32 [n, groups] (contiguous), offset from
     gemv_offsets and bias float32 [n] or None. Called with float32 x [..., k] of at most
@@ -170,6 +170,8 @@ class NativeGemv(WeightCodesCache):
     and, as every WeightCodesCache, a copy or an unpickled one is None (the addresses are this
     process's). Binding once per layer, not per call, saves about 3 us of a 12-43 us decode GEMV
     (benchmarks/gemv_overhead.py)."""
+
+    name = "codes_gemv's C kernel"
 
     def __init__(self, run: Callable[..., int], blocked: torch.Tensor, bits: int, scale: torch.Tensor,
                  offset: torch.Tensor | None, bias: torch.Tensor | None) -> None:
@@ -190,19 +192,9 @@ class NativeGemv(WeightCodesCache):
         self.run, self.operands = run, (blocked, scale, offset, bias)
         self.pointers = tuple(None if t is None else t.data_ptr() for t in (blocked, scale, offset, bias))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.shape[-1] != self.k:
-            raise ValueError(f"codes_gemv's C kernel takes float32 x [..., {self.k}]; got {x.dtype} {tuple(x.shape)}")
-        if not x.is_contiguous():
-            x = x.contiguous()
-        y = torch.empty((*x.shape[:-1], self.n), dtype=torch.float32)  # no reshapes: each costs ~1 us
+    def _run(self, x: int, rows: int, y: int) -> int:
         codes, scale, offset, bias = self.pointers
-        status = self.run(x.data_ptr(), x.numel() // self.k, self.k, codes, self.n, self.block, self.bits, self.groups,
-                          scale, offset, bias, y.data_ptr())
-        if status:
-            raise ValueError(f"codes_gemv's C kernel refused x {tuple(x.shape)} for [{self.n}, {self.k}], {self.bits} "
-                             f"bits, {self.groups} groups (status {status})")
-        return y
+        return self.run(x, rows, self.k, codes, self.n, self.block, self.bits, self.groups, scale, offset, bias, y)
 
 
 def bind_native_gemv(blocked: torch.Tensor, bits: int, scale: torch.Tensor, offset: torch.Tensor | None,
