@@ -188,8 +188,9 @@ def _export_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
                                f"{type(model).__name__}.forward (they would go to **{p.name}); "
                                "pass only the named inputs")
     forced = {}
-    if "use_cache" in sig.parameters and "use_cache" not in bound:
-        forced["use_cache"] = bound["use_cache"] = False  # a captured graph keeps no KV cache
+    if "use_cache" in sig.parameters and bound.get("use_cache", False) is False:
+        # a captured graph keeps no KV cache: use_cache=False, given or not, becomes its default
+        forced["use_cache"] = bound["use_cache"] = False
     dynamic = {
         k: ({i: torch.export.Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
         for k, v in bound.items()

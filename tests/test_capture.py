@@ -82,6 +82,8 @@ def test_smollm2_capture_two_lengths(smollm2):
             ours, ref = gm(ids, use_cache=False), model(input_ids=ids, use_cache=False)
         assert type(ours) is type(ref)
         assert (ours.logits - ref.logits).abs().max() <= 1e-5
+    with torch.no_grad():  # captured with use_cache=False: the graph's default, it keeps no cache
+        assert torch.equal(gm(ids).logits, ours.logits)
     with pytest.raises(CapturedInputError, match="use_cache"):
         gm(ids, use_cache=True)
     with pytest.raises(CapturedInputError, match="attention_mask"):
