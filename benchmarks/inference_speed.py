@@ -9,8 +9,8 @@ Prints the CPU capability and the kernel each scheme runs, then:
   3. SmolLM2 decode with a KV cache (greedy, 128 new tokens): fp32 eager and inductor, w8a16 /
      w4a16 / w8a16 with an int8 lm_head by default (any scheme with --decode: w8a8_dynamic, w8a8
      calibrated as in 2.), eager and compiled, compiled also with
-     fxquant.skip_frozen_layer_guards as guard_filter_fn, each timed in rounds interleaved with
-     fp32 eager (compilation of a whole decoder takes minutes on 2 cores: the warm-up column);
+     fxquant.skip_frozen_layer_guards as guard_filter_fn, and reloaded from its Ascend checkpoint
+     (eager), each timed in rounds interleaved with fp32 eager (compilation of a whole decoder takes minutes on 2 cores: the warm-up column);
   4. perplexity of each W8A8 scheme on GPL-3 (4 x 512): eager grad / eager no_grad / compiled /
      Ascend checkpoint reload / the float model compiled with fxquant.quantizing_backend;
   5. parameter + buffer bytes (unique storages) per scheme;
@@ -241,6 +241,12 @@ def decode_table(model, tok, calib: list[torch.Tensor], new_tokens: int, configs
                 compile_forward(small, "fxquant", fxquant.skip_frozen_layer_guards if mode == FILTERED else None)
             rows.append(row(small, f"{config} {mode}", None if mode == "eager" else f"{config} eager"))
             del small
+        with tempfile.TemporaryDirectory() as folder:  # its Ascend checkpoint, reloaded (the C kernels)
+            fxquant.save_ascend(quantize_smollm2(model, tok, scheme, calib, lm_head=head == "lm_head"), model, folder,
+                                scheme)
+            reloaded = fxquant.load_ascend(copy.deepcopy(model), folder)
+        rows.append(row(reloaded, f"{config} Ascend reload", f"{config} eager"))
+        del reloaded
     table(f"SmolLM2 decode, KV cache, {new_tokens} new tokens (greedy), {repeat} rounds interleaved with fp32 eager",
           ["model", "ms / token", "vs fp32 eager", "warm-up s", "compiled tokens = eager tokens"], rows)
 

@@ -1,5 +1,6 @@
 """Ascend-ready save / load_ascend round trips on SmolLM2 and the exact on-disk format."""
 
+import copy
 import json
 import os
 
@@ -9,7 +10,10 @@ from safetensors.torch import load_file
 
 import fxquant
 from fxquant import Calibrator, QuantConfig
+from fxquant.formats.ascend_modules import _AscendLinear
 from fxquant.kernels import decode_scale
+from fxquant.kernels.int8_decode import int8_decode_available
+from fxquant.kernels.weight_only import native_gemv_available
 from fxquant.passes import LowerToAscend, PassManager
 from fxquant.real_models import load_smollm2
 
@@ -47,6 +51,48 @@ def test_saved_checkpoint_reloads_and_reproduces_logits(calibrated, smollm2_wind
     print(f"{key}: max abs diff {(ref - out).abs().max().item():.3g}, top-1 agreement {agree:.4f}")
     assert agree >= 0.999
     assert (ref - out).abs().max() <= 1e-4
+
+
+def test_reloaded_layers_run_the_c_kernels_on_a_few_rows(calibrated, smollm2, tmp_path):
+    """Without torch_npu, reloaded linears keep their codes in the C kernels' layouts and run them on
+    float32 inputs of a few rows: W8A8 and W8A8_DYNAMIC give the reference ops' floats bit for bit,
+    W8A16 / W4A16 the same sums in another order; greedy decoding gives the ops' tokens."""
+    calibrated["mix"].save(str(tmp_path))
+    loaded = fxquant.load_ascend(load_smollm2()[0], tmp_path)
+    layers = {name: m for name, m in loaded.named_modules() if isinstance(m, _AscendLinear)}
+    assert {m.quant_type for m in layers.values()} == {"W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16"}
+    assert int8_decode_available() and native_gemv_available()  # the C compiler inductor needs builds them
+    up = layers["model.layers.3.mlp.up_proj"]  # W4A16: two codes per byte
+    assert up.codes_blocked and up.weight_blocked.numel() == 1536 * 576 // 2
+    torch.manual_seed(0)
+    for name, m in layers.items():
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, m.in_features) * 3
+            x[0, :5] = 40.0  # an outlier, as real activations have
+            assert m.row_kernel(x) is not None, (name, rows)
+            with torch.no_grad():
+                fast = m(x)
+                m.row_kernels = False
+                ref = m(x)
+                m.row_kernels = True
+            if m.quant_type.startswith("W8A8"):
+                assert torch.equal(fast, ref), (name, rows)
+            else:
+                # float32 sums of k terms in another order: error relative to the largest output
+                assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())), (name, rows)
+        assert m.row_kernel(torch.randn(9, m.in_features)) is None  # more rows: the ops
+        assert m.row_kernel(torch.randn(1, m.in_features, requires_grad=True)) is None
+    copied = copy.deepcopy(up)  # binds its own kernel to its own codes
+    x = torch.randn(2, up.in_features)
+    with torch.no_grad():
+        assert torch.equal(copied(x), up(x))
+    ids = smollm2[1]("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        fast = loaded.generate(ids, max_new_tokens=8, do_sample=False)
+        for m in layers.values():
+            m.row_kernels = False
+        ref = loaded.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(fast, ref)
 
 
 def test_description_lists_every_tensor_with_type_dtype_and_shape(calibrated, smollm2, tmp_path):
@@ -139,8 +185,6 @@ def test_failed_save_leaves_no_partial_files_and_keeps_existing_folder(calibrate
 
 
 def test_lowering_pass_runs_the_ascend_ops(calibrated, smollm2_windows):
-    import copy
-
     cal = calibrated["w8a8"]
     lowered = PassManager([LowerToAscend()])(copy.deepcopy(cal.model))
     kinds = {type(m).__name__ for m in lowered.modules()}

@@ -71,3 +71,28 @@ def test_npu_weight_quant_batchmatmul(group):
     full_s = scale.repeat_interleave(group, 0) if group else scale
     full_o = offset.repeat_interleave(group, 0) if group else offset
     assert torch.allclose(y, x @ ((w.float() + full_o) * full_s), atol=1e-5)
+
+
+@pytest.mark.parametrize("quant_type, groups, biased", [("W8A16", 1, True), ("W4A16", 4, False), ("W4A16", 1, True)])
+def test_weight_only_runtime_gemv_follows_the_saved_offsets(quant_type, groups, biased):
+    """Asymmetric saved weights ((Wq + offset) * scale, per channel or per group): the reloaded
+    layer's C GEMV gives the reference op's values, rows 1 to 8, and the op's beyond."""
+    from fxquant.formats.ascend_modules import AscendWeightOnlyLinear
+
+    torch.manual_seed(0)
+    n, k, (lo, hi) = 32, 128, ((-128, 128) if quant_type == "W8A16" else (-8, 8))
+    tensors = {"weight": torch.randint(lo, hi, (n, k), dtype=torch.int8),
+               "weight_scale": torch.rand(n, groups) / 50 + 1e-3,
+               "weight_offset": torch.randint(-5, 6, (n, groups)).float(),
+               "bias": torch.randn(n) if biased else None}
+    layer = AscendWeightOnlyLinear(tensors, reference_ops(), quant_type)
+    assert layer.codes_blocked and torch.equal(layer.weight_codes(), tensors["weight"])
+    for rows in (1, 5, 8, 9):
+        x = torch.randn(rows, k)
+        with torch.no_grad():
+            fast = layer(x)
+            layer.row_kernels = False
+            ref = layer(x)
+            layer.row_kernels = True
+        assert (layer.row_kernel(x) is not None) == (rows <= 8)
+        assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

@@ -1,8 +1,13 @@
 """Runtime modules for Ascend-format layers: they compute with the torch_npu ops vllm-ascend uses
 (or their exact references from fxquant.kernels when torch_npu is absent).
 
-Linear modules take x [..., k] and return [..., n] in x's dtype; weights are stored transposed
-[k, n] as the NPU matmuls expect. Convolution modules take x [b, c, *spatial].
+Linear modules take x [..., k] and return [..., n] in x's dtype. With torch_npu they keep the
+weight transposed, [k, n], as the NPU matmuls expect. With the reference ops (a CPU) they keep it
+in the layout of fxquant's C kernels instead, and float32 inputs of a few rows (decode), outside
+autograd and torch.compile, run those kernels: W8A8 and W8A8_DYNAMIC layers give the reference
+ops' floats bit for bit (csrc/int8_decode.c), W8A16 / W4A16 layers read their codes once in the
+GEMV layout (csrc/codes_gemv.c; the same sums in another order). Convolution modules take
+x [b, c, *spatial].
 """
 
 from __future__ import annotations
@@ -11,13 +16,34 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.kernels import AscendOps, ascend_ops, decode_scale
+from fxquant.kernels.int8_decode import (
+    INT8_DECODE_MAX_ROWS,
+    Int8DecodeLinear,
+    int8_decode_available,
+)
+from fxquant.kernels.layer_cache import BoundRowKernel
+from fxquant.kernels.weight_only import (
+    GEMV_MAX_ROWS,
+    bind_native_gemv,
+    from_gemv_layout,
+    gemv_block,
+    gemv_layout_ok,
+    gemv_offsets,
+    native_gemv_available,
+    pack_codes,
+    to_gemv_layout,
+    unpack_codes,
+)
 
 from ..conv_padding import padding_sides
 from ..errors import FxquantError
+from ..fake_quant import MIN_SCALE
 
 
 class _AscendLinear(torch.nn.Module):
     quant_type = ""
+    #: the most rows of an input that row_kernel() runs
+    max_kernel_rows = 0
 
     def __init__(self, tensors: dict[str, torch.Tensor], ops: AscendOps | None = None) -> None:
         super().__init__()
@@ -26,17 +52,60 @@ class _AscendLinear(torch.nn.Module):
         if weight.dtype != torch.int8 or weight.dim() != 2:
             raise FxquantError(f"{self.quant_type} weight must be int8 [n, k], got {weight.dtype} {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight_t", weight.t().contiguous())
+        #: the reference ops run here (a CPU): the weight is kept in the C kernels' layout
+        self.kernel_layout = self.ops.backend == "reference"
+        #: run the C kernels on the inputs they take (False: the ops alone)
+        self.row_kernels = True
         self.register_buffer("bias", tensors.get("bias"))
+        self._keep_weight(weight)
+
+    def _keep_weight(self, weight: torch.Tensor) -> None:
+        """Keep the int8 weight [n, k]: transposed for the NPU matmuls, in row order for the C kernels."""
+        if self.kernel_layout:
+            self.register_buffer("weight", weight.contiguous())
+        else:
+            self.register_buffer("weight_t", weight.t().contiguous())
+
+    def weight_codes(self) -> torch.Tensor:
+        """The weight's int8 codes [n, k] in row order (a view where they are kept so)."""
+        return self.weight if self.kernel_layout else self.weight_t.t()
+
+    def _weight_kn(self) -> torch.Tensor:
+        """The int8 weight as the ops take it, [k, n] (a view)."""
+        return self.weight_codes().t() if self.kernel_layout else self.weight_t
+
+    def row_kernel(self, x: torch.Tensor) -> BoundRowKernel | None:
+        """The C kernel bound to this layer's tensors where it takes this call (float32 CPU x of
+        at most max_kernel_rows rows, no gradient wanted, not traced), else None. The binding is
+        kept while the module's buffers stay the same tensors at the same versions."""
+        if (not (self.row_kernels and self.kernel_layout) or x.dtype != torch.float32 or x.device.type != "cpu"
+                or x.numel() > self.max_kernel_rows * self.in_features or x.numel() == 0
+                or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling()):
+            return None
+        state = [(name, None if t is None else (t.data_ptr(), t._version)) for name, t in self._buffers.items()]
+        cached = self.__dict__.get("_row_kernel")
+        if cached is None or cached[0] != state or cached[1] is None:
+            cached = self.__dict__["_row_kernel"] = (state, self._bind())
+        return cached[1]
+
+    def _bind(self) -> BoundRowKernel | None:
+        """The C kernel bound to the layer's tensors; None where it does not build or apply."""
+        return None
 
     def extra_repr(self) -> str:
         return f"{self.quant_type}, in={self.in_features}, out={self.out_features}, backend={self.ops.backend}"
+
+
+def _float32_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """t ([n], [n, 1] or one value) as a contiguous float32 [n]; None stays None."""
+    return None if t is None else t.detach().reshape(-1).to(torch.float32).expand(n).contiguous()
 
 
 class AscendW8A8Linear(_AscendLinear):
     """Static W8A8: xq = npu_quantize(x, input_scale, input_offset); y = (xq @ Wq + quant_bias) * deq_scale."""
 
     quant_type = "W8A8"
+    max_kernel_rows = INT8_DECODE_MAX_ROWS
 
     def __init__(self, tensors: dict[str, torch.Tensor], ops: AscendOps | None = None) -> None:
         super().__init__(tensors, ops)
@@ -46,46 +115,106 @@ class AscendW8A8Linear(_AscendLinear):
         self.register_buffer("deq_scale", tensors["deq_scale"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.row_kernel(x)
+        if kernel is not None:
+            return kernel(x)
         xq = self.ops.npu_quantize(x, self.input_scale, self.input_offset, torch.qint8, -1, True)
-        return self.ops.npu_quant_matmul(xq, self.weight_t, self.deq_scale, bias=self.quant_bias,
+        return self.ops.npu_quant_matmul(xq, self._weight_kn(), self.deq_scale, bias=self.quant_bias,
                                          output_dtype=x.dtype)
+
+    def _bind(self) -> BoundRowKernel | None:
+        if not int8_decode_available():
+            return None
+        n = self.out_features
+        qbias = self.quant_bias.reshape(-1).expand(n).contiguous()
+        # npu_quantize's codes: clamp(round(x / scale + offset)), half to even, uncentred
+        return Int8DecodeLinear.static(self.weight, _float32_rows(decode_scale(self.deq_scale), n), qbias,
+                                       float(self.input_scale), float(self.input_offset), -128, 127,
+                                       "half_even", True, 0)
 
 
 class AscendW8A8DynamicLinear(_AscendLinear):
     """Dynamic W8A8: xq, s = npu_dynamic_quant(x); y = (xq @ Wq) * weight_scale * s (+ bias)."""
 
     quant_type = "W8A8_DYNAMIC"
+    max_kernel_rows = INT8_DECODE_MAX_ROWS
 
     def __init__(self, tensors: dict[str, torch.Tensor], ops: AscendOps | None = None) -> None:
         super().__init__(tensors, ops)
         self.register_buffer("weight_scale", tensors["weight_scale"].float().reshape(-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.row_kernel(x)
+        if kernel is not None:
+            return kernel(x)
         lead = x.shape[:-1]
         xq, s = self.ops.npu_dynamic_quant(x.reshape(-1, x.shape[-1]))
-        y = self.ops.npu_quant_matmul(xq, self.weight_t, self.weight_scale, pertoken_scale=s,
+        y = self.ops.npu_quant_matmul(xq, self._weight_kn(), self.weight_scale, pertoken_scale=s,
                                       bias=self.bias, output_dtype=x.dtype)
         return y.reshape(*lead, self.out_features)
 
+    def _bind(self) -> BoundRowKernel | None:
+        if not int8_decode_available() or (self.bias is not None and not self.bias.is_floating_point()):
+            return None
+        n = self.out_features
+        # npu_dynamic_quant's codes: round(x / s), s = max(max|x| / 127, 1e-8), half to even
+        return Int8DecodeLinear.per_token(self.weight, _float32_rows(self.weight_scale, n),
+                                          _float32_rows(self.bias, n), -128, 127, MIN_SCALE, "half_even")
+
 
 class AscendWeightOnlyLinear(_AscendLinear):
-    """W8A16 / W4A16: y = x @ ((Wq + weight_offset) * weight_scale)^T (+ bias), per channel or group."""
+    """W8A16 / W4A16: y = x @ ((Wq + weight_offset) * weight_scale)^T (+ bias), per channel or group.
+
+    With the reference ops the codes are kept in the GEMV layout where it fits the weight
+    (`codes_blocked`: 4-bit codes two per byte, kernels/weight_only.py)."""
+
+    max_kernel_rows = GEMV_MAX_ROWS
 
     def __init__(self, tensors: dict[str, torch.Tensor], ops: AscendOps | None = None,
                  quant_type: str = "W8A16") -> None:
-        super().__init__(tensors, ops)
         self.quant_type = quant_type
+        self.bits = 4 if quant_type == "W4A16" else 8
         scale, offset = tensors["weight_scale"], tensors["weight_offset"]
         groups = scale.shape[1] if scale.dim() == 2 else 1
-        self.group_size = self.in_features // groups if groups > 1 else 0
+        n, k = tensors["weight"].shape
+        self.group_size = k // groups if groups > 1 else 0
+        self.codes_blocked = False
+        super().__init__(tensors, ops)
         self.register_buffer("antiquant_scale", scale.t().contiguous())   # [k/g, n] or [1, n]
         self.register_buffer("antiquant_offset", offset.t().contiguous())
 
+    def _keep_weight(self, weight: torch.Tensor) -> None:
+        block = gemv_block()
+        self.codes_blocked = (self.kernel_layout and native_gemv_available()
+                              and gemv_layout_ok(tuple(weight.shape), self.bits, self.group_size or None, block))
+        if self.codes_blocked:
+            self.register_buffer("weight_blocked", to_gemv_layout(pack_codes(weight, self.bits), block))
+        else:
+            super()._keep_weight(weight)
+
+    def weight_codes(self) -> torch.Tensor:
+        if self.codes_blocked:
+            return unpack_codes(from_gemv_layout(self.weight_blocked), self.bits, (self.out_features, self.in_features))
+        return super().weight_codes()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.row_kernel(x)
+        if kernel is not None:
+            return kernel(x)
         scale = self.antiquant_scale if self.group_size else self.antiquant_scale.reshape(-1)
         offset = self.antiquant_offset if self.group_size else self.antiquant_offset.reshape(-1)
-        return self.ops.npu_weight_quant_batchmatmul(x, self.weight_t, scale.to(x.dtype), offset.to(x.dtype),
+        return self.ops.npu_weight_quant_batchmatmul(x, self._weight_kn(), scale.to(x.dtype), offset.to(x.dtype),
                                                      bias=self.bias, antiquant_group_size=self.group_size)
+
+    def _bind(self) -> BoundRowKernel | None:
+        if not self.codes_blocked:
+            return None
+        n = self.out_features
+        scale = self.antiquant_scale.t().to(torch.float32).contiguous()  # [n, groups]
+        # (Wq + offset) * scale: the stored codes carry -offset above the real ones
+        zero = -self.antiquant_offset.t().to(torch.float32)
+        offset = gemv_offsets(self.bits, zero if zero.any() else None, n, scale.shape[1])
+        return bind_native_gemv(self.weight_blocked, self.bits, scale, offset, _float32_rows(self.bias, n))
 
 
 class AscendConv(torch.nn.Module):
