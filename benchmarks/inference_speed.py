@@ -248,7 +248,7 @@ def decode_table(model, tok, calib: list[torch.Tensor], new_tokens: int, configs
         rows.append(row(reloaded, f"{config} Ascend reload", f"{config} eager"))
         del reloaded
     table(f"SmolLM2 decode, KV cache, {new_tokens} new tokens (greedy), {repeat} rounds interleaved with fp32 eager",
-          ["model", "ms / token", "vs fp32 eager", "warm-up s", "compiled tokens = eager tokens"], rows)
+          ["model", "ms / token", "vs fp32 eager", "warm-up s", "tokens = eager tokens"], rows)
 
 
 def perplexity_table(model, tok, calib) -> None:

@@ -61,16 +61,26 @@ def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *,
     """int8 x1 [..., m, k] @ int8 x2 [k, n] accumulated in int32, plus an int32 bias, times `scale`
     [n] or [1] (float32, bfloat16, or int64 fp32 bits) and `pertoken_scale` [m...]; a float bias is
     added after scaling. output_dtype None / int8 requantizes with `offset`."""
-    lead = x1.shape[:-1]
     acc = int8_matmul(x1.reshape(-1, x1.shape[-1]), x2)
+    return scale_int32_sums(acc, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias,
+                            output_dtype=output_dtype).reshape(*x1.shape[:-1], x2.shape[-1])
+
+
+def scale_int32_sums(acc: torch.Tensor, scale: torch.Tensor, *, offset: torch.Tensor | None = None,
+                     pertoken_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                     output_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """npu_quant_matmul's steps after the product, for its int32 sums acc [m, n] (arguments as
+    there), which it consumes: [m, n] in output_dtype. The steps run in place on acc and on one
+    float32 copy (a fresh [m, n] tensor per step cost more in page faults than the product of a
+    512-row layer)."""
     if bias is not None and bias.dtype == torch.int32:
-        acc = acc + bias.reshape(-1)
-    y = acc.float() * decode_scale(scale).reshape(-1)
+        acc.add_(bias.reshape(-1))
+    y = acc.float().mul_(decode_scale(scale).reshape(-1))
+    del acc
     if pertoken_scale is not None:
-        y = y * pertoken_scale.float().reshape(-1, 1)
+        y.mul_(pertoken_scale.float().reshape(-1, 1))
     if bias is not None and bias.dtype != torch.int32:
-        y = y + bias.float().reshape(-1)
-    y = y.reshape(*lead, x2.shape[-1])
+        y.add_(bias.float().reshape(-1))
     if output_dtype in (None, torch.int8):
         if offset is not None:
             y = y + offset.float()

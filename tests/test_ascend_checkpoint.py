@@ -1,6 +1,7 @@
 """Ascend-ready save / load_ascend round trips on SmolLM2 and the exact on-disk format."""
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -10,8 +11,9 @@ from safetensors.torch import load_file
 
 import fxquant
 from fxquant import Calibrator, QuantConfig
-from fxquant.formats.ascend_modules import _AscendLinear
-from fxquant.kernels import decode_scale
+from fxquant.formats.ascend_modules import _AscendLinear, build_ascend_linear
+from fxquant.formats.safetensors_io import read_safetensors_folder
+from fxquant.kernels import decode_scale, reference_ops
 from fxquant.kernels.int8_decode import int8_decode_available
 from fxquant.kernels.weight_only import native_gemv_available
 from fxquant.passes import LowerToAscend, PassManager
@@ -53,9 +55,10 @@ def test_saved_checkpoint_reloads_and_reproduces_logits(calibrated, smollm2_wind
     assert (ref - out).abs().max() <= 1e-4
 
 
-def test_reloaded_layers_run_the_c_kernels_on_a_few_rows(calibrated, smollm2, tmp_path):
-    """Without torch_npu, reloaded linears keep their codes in the C kernels' layouts and run them on
-    float32 inputs of a few rows: W8A8 and W8A8_DYNAMIC give the reference ops' floats bit for bit,
+def test_reloaded_layers_run_fxquants_cpu_kernels(calibrated, smollm2, tmp_path):
+    """Without torch_npu, reloaded linears keep their codes in the layouts of fxquant's CPU kernels:
+    the C kernels on float32 inputs of a few rows, the CPU's integer GEMM (its packed operands kept)
+    on more. W8A8 and W8A8_DYNAMIC give the reference ops' floats bit for bit at every row count,
     W8A16 / W4A16 the same sums in another order; greedy decoding gives the ops' tokens."""
     calibrated["mix"].save(str(tmp_path))
     loaded = fxquant.load_ascend(load_smollm2()[0], tmp_path)
@@ -64,23 +67,23 @@ def test_reloaded_layers_run_the_c_kernels_on_a_few_rows(calibrated, smollm2, tm
     assert int8_decode_available() and native_gemv_available()  # the C compiler inductor needs builds them
     up = layers["model.layers.3.mlp.up_proj"]  # W4A16: two codes per byte
     assert up.codes_blocked and up.weight_blocked.numel() == 1536 * 576 // 2
+    tensors = read_safetensors_folder(tmp_path)
+    as_given = dataclasses.replace(reference_ops(), backend="the reference ops as given")  # no CPU kernels
     torch.manual_seed(0)
     for name, m in layers.items():
-        for rows in (1, 3, 8):
+        plain = build_ascend_linear(m.quant_type, {k[len(name) + 1:]: t for k, t in tensors.items()
+                                           if k.rsplit(".", 1)[0] == name}, as_given)
+        assert not plain.kernel_layout and torch.equal(plain.weight_codes(), m.weight_codes())
+        for rows in (1, 3, 8, 9, 40):
             x = torch.randn(rows, m.in_features) * 3
             x[0, :5] = 40.0  # an outlier, as real activations have
-            assert m.row_kernel(x) is not None, (name, rows)
+            assert (m.row_kernel(x) is not None) == (rows <= 8), (name, rows)
             with torch.no_grad():
-                fast = m(x)
-                m.row_kernels = False
-                ref = m(x)
-                m.row_kernels = True
+                fast, ref = m(x), plain(x)
             if m.quant_type.startswith("W8A8"):
                 assert torch.equal(fast, ref), (name, rows)
-            else:
-                # float32 sums of k terms in another order: error relative to the largest output
+            else:  # float32 sums of k terms in another order: error relative to the largest output
                 assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())), (name, rows)
-        assert m.row_kernel(torch.randn(9, m.in_features)) is None  # more rows: the ops
         assert m.row_kernel(torch.randn(1, m.in_features, requires_grad=True)) is None
     copied = copy.deepcopy(up)  # binds its own kernel to its own codes
     x = torch.randn(2, up.in_features)

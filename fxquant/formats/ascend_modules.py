@@ -3,11 +3,11 @@
 
 Linear modules take x [..., k] and return [..., n] in x's dtype. With torch_npu they keep the
 weight transposed, [k, n], as the NPU matmuls expect. With the reference ops (a CPU) they keep it
-in the layout of fxquant's C kernels instead, and float32 inputs of a few rows (decode), outside
-autograd and torch.compile, run those kernels: W8A8 and W8A8_DYNAMIC layers give the reference
-ops' floats bit for bit (csrc/int8_decode.c), W8A16 / W4A16 layers read their codes once in the
-GEMV layout (csrc/codes_gemv.c; the same sums in another order). Convolution modules take
-x [b, c, *spatial].
+in the layouts of fxquant's CPU kernels instead: float32 inputs of a few rows (decode), outside
+autograd and torch.compile, run the C kernels (W8A8 and W8A8_DYNAMIC: csrc/int8_decode.c, the
+reference ops' floats bit for bit; W8A16 / W4A16: csrc/codes_gemv.c over codes in the GEMV layout,
+the same sums in another order), and W8A8 products of more rows run on the CPU's integer GEMM with
+the layer's packed operands (the same integer sums). Convolution modules take x [b, c, *spatial].
 """
 
 from __future__ import annotations
@@ -15,13 +15,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxquant.kernels import AscendOps, ascend_ops, decode_scale
+from fxquant.kernels import (
+    AscendOps,
+    ascend_ops,
+    code_row_sums,
+    codes_matmul,
+    decode_scale,
+    default_kernel,
+)
 from fxquant.kernels.int8_decode import (
     INT8_DECODE_MAX_ROWS,
     Int8DecodeLinear,
     int8_decode_available,
 )
 from fxquant.kernels.layer_cache import BoundRowKernel
+from fxquant.kernels.npu_reference import scale_int32_sums
+from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
     bind_native_gemv,
@@ -74,6 +83,22 @@ class _AscendLinear(torch.nn.Module):
         """The int8 weight as the ops take it, [k, n] (a view)."""
         return self.weight_codes().t() if self.kernel_layout else self.weight_t
 
+    def _int32_sums(self, xq: torch.Tensor, zero: int = 0) -> torch.Tensor:
+        """xq int8 [..., k] @ the weight's codes^T: the exact int32 sums [m, n] (m: xq's rows) by
+        this CPU's integer kernel. onednn_split runs on the layer's packed operands (kept while the
+        codes stay the same; npu_quant_matmul would pack them per call) and splits the codes around
+        `zero`, the codes' zero point, as a QLinear does (fewer large codes)."""
+        xq, kernel = xq.reshape(-1, self.in_features), default_kernel(xq.device)
+        if kernel != "onednn_split":
+            return codes_matmul(xq, self.weight, kernel).to(torch.int32)
+        packed = self.__dict__.get("_packed")
+        if not torch.compiler.is_compiling() and (packed is None or not packed.matches(self.weight)):
+            packed = self.__dict__["_packed"] = SplitPackedWeight(self.weight)
+        sums = codes_matmul(xq, self.weight, kernel, packed=packed, zero=zero).to(torch.int32)  # (xq - zero) @ W^T
+        if zero:
+            sums.add_(zero * (code_row_sums(self.weight) if packed is None else packed.row_sums).to(torch.int32))
+        return sums
+
     def row_kernel(self, x: torch.Tensor) -> BoundRowKernel | None:
         """The C kernel bound to this layer's tensors where it takes this call (float32 CPU x of
         at most max_kernel_rows rows, no gradient wanted, not traced), else None. The binding is
@@ -119,6 +144,10 @@ class AscendW8A8Linear(_AscendLinear):
         if kernel is not None:
             return kernel(x)
         xq = self.ops.npu_quantize(x, self.input_scale, self.input_offset, torch.qint8, -1, True)
+        if self.kernel_layout:  # the reference npu_quant_matmul, its product by _int32_sums
+            sums = self._int32_sums(xq, int(self.input_offset))
+            y = scale_int32_sums(sums, self.deq_scale, bias=self.quant_bias, output_dtype=x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
         return self.ops.npu_quant_matmul(xq, self._weight_kn(), self.deq_scale, bias=self.quant_bias,
                                          output_dtype=x.dtype)
 
@@ -149,8 +178,12 @@ class AscendW8A8DynamicLinear(_AscendLinear):
             return kernel(x)
         lead = x.shape[:-1]
         xq, s = self.ops.npu_dynamic_quant(x.reshape(-1, x.shape[-1]))
-        y = self.ops.npu_quant_matmul(xq, self._weight_kn(), self.weight_scale, pertoken_scale=s,
-                                      bias=self.bias, output_dtype=x.dtype)
+        if self.kernel_layout:  # the reference npu_quant_matmul, its product by _int32_sums
+            y = scale_int32_sums(self._int32_sums(xq), self.weight_scale, pertoken_scale=s, bias=self.bias,
+                                 output_dtype=x.dtype)
+        else:
+            y = self.ops.npu_quant_matmul(xq, self._weight_kn(), self.weight_scale, pertoken_scale=s,
+                                          bias=self.bias, output_dtype=x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def _bind(self) -> BoundRowKernel | None:
