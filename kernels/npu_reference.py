@@ -100,16 +100,13 @@ def npu_weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor, antiquan
     """
     if quant_scale is not None or quant_offset is not None:
         raise NotImplementedError("reference npu_weight_quant_batchmatmul has no output quantization")
-    w = weight.float()
-    scale = antiquant_scale.float()
-    off = antiquant_offset.float() if antiquant_offset is not None else None
-    if antiquant_group_size:
-        scale = scale.repeat_interleave(antiquant_group_size, dim=0)
-        off = off.repeat_interleave(antiquant_group_size, dim=0) if off is not None else None
-    else:
-        scale = scale.reshape(1, -1)
-        off = off.reshape(1, -1) if off is not None else None
-    w = ((w + off) if off is not None else w) * scale
+    k, n = weight.shape
+    # one float copy of the weight, dequantized in place: [k / g, g, n] against [k / g, 1, n] per group
+    g = antiquant_group_size or k
+    w = weight.float().reshape(k // g, g, n)
+    if antiquant_offset is not None:
+        w.add_(antiquant_offset.float().reshape(-1, 1, n))
+    w = w.mul_(antiquant_scale.float().reshape(-1, 1, n)).reshape(k, n)
     y = x.float() @ w
     if bias is not None:
         y = y + bias.float()
