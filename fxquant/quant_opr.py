@@ -32,6 +32,7 @@ from fxquant.kernels.int_conv import (
     onednn_code_conv,
     split_conv_pays,
 )
+from fxquant.kernels.layer_cache import float32_rows
 from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
@@ -521,7 +522,7 @@ class QLinear(_QWeighted):
         w_scale, n = wq._buffers["scale"], self.out_features
         if type(aq) is DynamicQuantizer and not aq.spec.pow2_scale:
             def per_token() -> Int8DecodeLinear:
-                return Int8DecodeLinear.per_token(codes, _float32_rows(w_scale, n), _float32_rows(bias, n),
+                return Int8DecodeLinear.per_token(codes, float32_rows(w_scale, n), float32_rows(bias, n),
                                                   aq.qmin, aq.qmax, MIN_SCALE, aq.spec.rounding)
 
             return self._derived("_int8_decode_operands", (codes, w_scale, bias), per_token, key=aq.spec)
@@ -533,7 +534,7 @@ class QLinear(_QWeighted):
             deq, qbias = self._static_output_scaling(a_scale, w_scale.reshape(-1))
             centre = self._static_input_zero(aq, a_zero) + (0 if aq.spec.signed else 128)  # what the codes are less
             return Int8DecodeLinear.static(
-                codes, _float32_rows(deq, n),
+                codes, float32_rows(deq, n),
                 None if qbias is None else qbias.detach().reshape(-1).to(torch.int32).contiguous(),
                 float(a_scale), float(a_zero), aq.qmin, aq.qmax, aq.spec.rounding, aq.spec.offset_in_rounding,
                 centre)
@@ -548,7 +549,7 @@ class QLinear(_QWeighted):
         spec, n = self.weight_quantizer.spec, self.out_features
         scale = scale.detach().reshape(n, -1).to(torch.float32).contiguous()
         offset = gemv_offsets(spec.bits, None if spec.symmetric else zero, n, scale.shape[1])
-        return bind_native_gemv(codes, spec.bits, scale, offset, _float32_rows(bias, n))
+        return bind_native_gemv(codes, spec.bits, scale, offset, float32_rows(bias, n))
 
     def _gemv_layout_fits(self, block: int) -> bool:
         """Weight-only layers with int8 codes per output channel or int4 / int8 codes per group,
@@ -594,12 +595,6 @@ class QLinear(_QWeighted):
 #: layer kernels whose eager decode of W8A8 rows runs the int8 decode C kernel (the exact fp64
 #: reference does not)
 INT8_DECODE_KERNELS = ("int_mm", "onednn_split", "fp32_split")
-
-
-def _float32_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """A per-row operand of a C kernel: float32 [n], contiguous, detached (one value per tensor
-    broadcast to the n rows); None stays None."""
-    return None if t is None else t.detach().reshape(-1).expand(n).to(torch.float32).contiguous()
 
 
 def _scaled(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

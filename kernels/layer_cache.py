@@ -52,3 +52,9 @@ class BoundRowKernel(WeightCodesCache):
         if status:
             raise ValueError(f"{self.name} refused x {tuple(x.shape)} for [{self.n}, {self.k}] (status {status})")
         return y
+
+
+def float32_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """A per-row operand of a C kernel: float32 [n], contiguous, detached (one value per tensor
+    broadcast to the n rows); None stays None."""
+    return None if t is None else t.detach().reshape(-1).expand(n).to(torch.float32).contiguous()

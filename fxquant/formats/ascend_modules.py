@@ -28,7 +28,7 @@ from fxquant.kernels.int8_decode import (
     Int8DecodeLinear,
     int8_decode_available,
 )
-from fxquant.kernels.layer_cache import BoundRowKernel
+from fxquant.kernels.layer_cache import BoundRowKernel, float32_rows
 from fxquant.kernels.npu_reference import scale_int32_sums
 from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
@@ -79,10 +79,6 @@ class _AscendLinear(torch.nn.Module):
         """The weight's int8 codes [n, k] in row order (a view where they are kept so)."""
         return self.weight if self.kernel_layout else self.weight_t.t()
 
-    def _weight_kn(self) -> torch.Tensor:
-        """The int8 weight as the ops take it, [k, n] (a view)."""
-        return self.weight_codes().t() if self.kernel_layout else self.weight_t
-
     def _int32_sums(self, xq: torch.Tensor, zero: int = 0) -> torch.Tensor:
         """xq int8 [..., k] @ the weight's codes^T: the exact int32 sums [m, n] (m: xq's rows) by
         this CPU's integer kernel. onednn_split runs on the layer's packed operands (kept while the
@@ -121,11 +117,6 @@ class _AscendLinear(torch.nn.Module):
         return f"{self.quant_type}, in={self.in_features}, out={self.out_features}, backend={self.ops.backend}"
 
 
-def _float32_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """t ([n], [n, 1] or one value) as a contiguous float32 [n]; None stays None."""
-    return None if t is None else t.detach().reshape(-1).to(torch.float32).expand(n).contiguous()
-
-
 class AscendW8A8Linear(_AscendLinear):
     """Static W8A8: xq = npu_quantize(x, input_scale, input_offset); y = (xq @ Wq + quant_bias) * deq_scale."""
 
@@ -148,7 +139,7 @@ class AscendW8A8Linear(_AscendLinear):
             sums = self._int32_sums(xq, int(self.input_offset))
             y = scale_int32_sums(sums, self.deq_scale, bias=self.quant_bias, output_dtype=x.dtype)
             return y.reshape(*x.shape[:-1], self.out_features)
-        return self.ops.npu_quant_matmul(xq, self._weight_kn(), self.deq_scale, bias=self.quant_bias,
+        return self.ops.npu_quant_matmul(xq, self.weight_t, self.deq_scale, bias=self.quant_bias,
                                          output_dtype=x.dtype)
 
     def _bind(self) -> BoundRowKernel | None:
@@ -157,7 +148,7 @@ class AscendW8A8Linear(_AscendLinear):
         n = self.out_features
         qbias = self.quant_bias.reshape(-1).expand(n).contiguous()
         # npu_quantize's codes: clamp(round(x / scale + offset)), half to even, uncentred
-        return Int8DecodeLinear.static(self.weight, _float32_rows(decode_scale(self.deq_scale), n), qbias,
+        return Int8DecodeLinear.static(self.weight, float32_rows(decode_scale(self.deq_scale), n), qbias,
                                        float(self.input_scale), float(self.input_offset), -128, 127,
                                        "half_even", True, 0)
 
@@ -182,7 +173,7 @@ class AscendW8A8DynamicLinear(_AscendLinear):
             y = scale_int32_sums(self._int32_sums(xq), self.weight_scale, pertoken_scale=s, bias=self.bias,
                                  output_dtype=x.dtype)
         else:
-            y = self.ops.npu_quant_matmul(xq, self._weight_kn(), self.weight_scale, pertoken_scale=s,
+            y = self.ops.npu_quant_matmul(xq, self.weight_t, self.weight_scale, pertoken_scale=s,
                                           bias=self.bias, output_dtype=x.dtype)
         return y.reshape(*lead, self.out_features)
 
@@ -191,8 +182,8 @@ class AscendW8A8DynamicLinear(_AscendLinear):
             return None
         n = self.out_features
         # npu_dynamic_quant's codes: round(x / s), s = max(max|x| / 127, 1e-8), half to even
-        return Int8DecodeLinear.per_token(self.weight, _float32_rows(self.weight_scale, n),
-                                          _float32_rows(self.bias, n), -128, 127, MIN_SCALE, "half_even")
+        return Int8DecodeLinear.per_token(self.weight, float32_rows(self.weight_scale, n),
+                                          float32_rows(self.bias, n), -128, 127, MIN_SCALE, "half_even")
 
 
 class AscendWeightOnlyLinear(_AscendLinear):
@@ -239,7 +230,7 @@ class AscendWeightOnlyLinear(_AscendLinear):
             return F.linear(x.float(), self._dequantized_weight(), bias).to(x.dtype)
         scale = self.antiquant_scale if self.group_size else self.antiquant_scale.reshape(-1)
         offset = self.antiquant_offset if self.group_size else self.antiquant_offset.reshape(-1)
-        return self.ops.npu_weight_quant_batchmatmul(x, self._weight_kn(), scale.to(x.dtype), offset.to(x.dtype),
+        return self.ops.npu_weight_quant_batchmatmul(x, self.weight_t, scale.to(x.dtype), offset.to(x.dtype),
                                                      bias=self.bias, antiquant_group_size=self.group_size)
 
     def _dequantized_weight(self) -> torch.Tensor:
@@ -258,7 +249,7 @@ class AscendWeightOnlyLinear(_AscendLinear):
         # (Wq + offset) * scale: the stored codes carry -offset above the real ones
         zero = -self.antiquant_offset.t().to(torch.float32)
         offset = gemv_offsets(self.bits, zero if zero.any() else None, n, scale.shape[1])
-        return bind_native_gemv(self.weight_blocked, self.bits, scale, offset, _float32_rows(self.bias, n))
+        return bind_native_gemv(self.weight_blocked, self.bits, scale, offset, float32_rows(self.bias, n))
 
 
 class AscendConv(torch.nn.Module):
