@@ -5,7 +5,8 @@ Prints the CPU capability and the kernel each scheme runs, then:
      M = 1, 32, 512, 2048 rows, per scheme, eager and compiled (backend="fxquant"), against fp32
      F.linear;
   2. SmolLM2-135M prefill (1 x 512, 8 x 128): fp32 eager / inductor, each W8A8 scheme (lm_head
-     float, and quantized: "+lm_head") eager and compiled with backend="fxquant", with its perplexity;
+     float, and quantized: "+lm_head") eager, compiled with backend="fxquant" and reloaded from its
+     Ascend checkpoint (eager), with its perplexity;
   3. SmolLM2 decode with a KV cache (greedy, 128 new tokens): fp32 eager and inductor, w8a16 /
      w4a16 / w8a16 with an int8 lm_head by default (any scheme with --decode: w8a8_dynamic, w8a8
      calibrated as in 2.), eager and compiled, compiled also with
@@ -116,6 +117,14 @@ def quantize_smollm2(model, tok, scheme: str, calib: list[torch.Tensor], lm_head
                             disable_last_layer=not lm_head, inplace=inplace)
 
 
+def ascend_reload(model, quantized, scheme: str) -> torch.nn.Module:
+    """`quantized` (a GraphModule) saved as an Ascend checkpoint and reloaded into a copy of the float
+    `model` (fxquant.load_ascend: without torch_npu, fxquant's CPU kernels)."""
+    with tempfile.TemporaryDirectory() as folder:
+        fxquant.save_ascend(quantized, model, folder, scheme)
+        return fxquant.load_ascend(copy.deepcopy(model), folder)
+
+
 def quantizing_backend_for(scheme: str, calib: list[torch.Tensor]) -> fxquant.compiler.QuantizingBackend:
     """fxquant.quantizing_backend with quantize_smollm2's settings (calibration as the model is called)."""
     data = [{"input_ids": w, "use_cache": False} for w in calib]
@@ -174,7 +183,8 @@ def prefill_table(model, tok, calib, repeat: int, configs: list[str]) -> dict[st
     for config in configs:
         scheme, _, head = config.partition("+")
         models[config] = quantize_smollm2(model, tok, scheme, calib, lm_head=head == "lm_head")
-    ppl = {name: perplexity(m, windows) for name, m in models.items()}
+    reloaded = {f"{config} Ascend": ascend_reload(model, models[config], config.partition("+")[0]) for config in configs}
+    ppl = {name: perplexity(m, windows) for name, m in {**models, **reloaded}.items()}
     rows = []
     for shape, ids in shapes.items():
         def run(m, ids=ids):
@@ -184,6 +194,7 @@ def prefill_table(model, tok, calib, repeat: int, configs: list[str]) -> dict[st
         for name in configs:
             fns[f"{name} eager"] = run(models[name])
             fns[f"{name} fxquant"] = run(compiled(models[name]))
+            fns[f"{name} Ascend reload"] = run(reloaded[f"{name} Ascend"])
         timed = interleaved(fns, repeat)
         inductor_ratio = timed["fp32 inductor"][1]
         for name, (t, ratio) in timed.items():
@@ -241,10 +252,7 @@ def decode_table(model, tok, calib: list[torch.Tensor], new_tokens: int, configs
                 compile_forward(small, "fxquant", fxquant.skip_frozen_layer_guards if mode == FILTERED else None)
             rows.append(row(small, f"{config} {mode}", None if mode == "eager" else f"{config} eager"))
             del small
-        with tempfile.TemporaryDirectory() as folder:  # its Ascend checkpoint, reloaded (the C kernels)
-            fxquant.save_ascend(quantize_smollm2(model, tok, scheme, calib, lm_head=head == "lm_head"), model, folder,
-                                scheme)
-            reloaded = fxquant.load_ascend(copy.deepcopy(model), folder)
+        reloaded = ascend_reload(model, quantize_smollm2(model, tok, scheme, calib, lm_head=head == "lm_head"), scheme)
         rows.append(row(reloaded, f"{config} Ascend reload", f"{config} eager"))
         del reloaded
     table(f"SmolLM2 decode, KV cache, {new_tokens} new tokens (greedy), {repeat} rounds interleaved with fp32 eager",
