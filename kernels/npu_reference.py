@@ -103,7 +103,7 @@ def npu_weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor, antiquan
     k, n = weight.shape
     # one float copy of the weight, dequantized in place: [k / g, g, n] against [k / g, 1, n] per group
     g = antiquant_group_size or k
-    w = weight.float().reshape(k // g, g, n)
+    w = weight.to(torch.float32, copy=True).reshape(k // g, g, n)
     if antiquant_offset is not None:
         w.add_(antiquant_offset.float().reshape(-1, 1, n))
     w = w.mul_(antiquant_scale.float().reshape(-1, 1, n)).reshape(k, n)
