@@ -101,13 +101,22 @@ def npu_weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor, antiquan
     if quant_scale is not None or quant_offset is not None:
         raise NotImplementedError("reference npu_weight_quant_batchmatmul has no output quantization")
     k, n = weight.shape
-    # one float copy of the weight, dequantized in place: [k / g, g, n] against [k / g, 1, n] per group
-    g = antiquant_group_size or k
-    w = weight.to(torch.float32, copy=True).reshape(k // g, g, n)
-    if antiquant_offset is not None:
-        w.add_(antiquant_offset.float().reshape(-1, 1, n))
-    w = w.mul_(antiquant_scale.float().reshape(-1, 1, n)).reshape(k, n)
+    groups = k // antiquant_group_size if antiquant_group_size else 1
+    offset = None if antiquant_offset is None else antiquant_offset.reshape(groups, n).t()
+    w = dequantize_rows(weight.t(), antiquant_scale.reshape(groups, n).t(), offset).t()  # [k, n]
     y = x.float() @ w
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """(codes + offset) * scale as float32 [n, k] for integer codes [n, k] and scale / offset
+    [n, groups] (each group: k / groups consecutive columns of a row), computed in place on one
+    float copy of the codes (a fresh weight-sized tensor per step costs page faults)."""
+    n, k = codes.shape
+    groups = scale.shape[-1]
+    w = codes.to(torch.float32, copy=True).reshape(n, groups, k // groups)
+    if offset is not None:
+        w.add_(offset.float().reshape(n, groups, 1))
+    return w.mul_(scale.float().reshape(n, groups, 1)).reshape(n, k)

@@ -29,7 +29,7 @@ from fxquant.kernels.int8_decode import (
     int8_decode_available,
 )
 from fxquant.kernels.layer_cache import BoundRowKernel, float32_rows
-from fxquant.kernels.npu_reference import scale_int32_sums
+from fxquant.kernels.npu_reference import dequantize_rows, scale_int32_sums
 from fxquant.kernels.onednn_split import SplitPackedWeight
 from fxquant.kernels.weight_only import (
     GEMV_MAX_ROWS,
@@ -227,19 +227,12 @@ class AscendWeightOnlyLinear(_AscendLinear):
             return kernel(x)
         if self.kernel_layout:  # the reference op's arithmetic on the codes in row order: no transposes
             bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self._dequantized_weight(), bias).to(x.dtype)
+            weight = dequantize_rows(self.weight_codes(), self.antiquant_scale.t(), self.antiquant_offset.t())
+            return F.linear(x.float(), weight, bias).to(x.dtype)
         scale = self.antiquant_scale if self.group_size else self.antiquant_scale.reshape(-1)
         offset = self.antiquant_offset if self.group_size else self.antiquant_offset.reshape(-1)
         return self.ops.npu_weight_quant_batchmatmul(x, self.weight_t, scale.to(x.dtype), offset.to(x.dtype),
                                                      bias=self.bias, antiquant_group_size=self.group_size)
-
-    def _dequantized_weight(self) -> torch.Tensor:
-        """(Wq + weight_offset) * weight_scale as float32 [n, k]: one float copy, dequantized in place."""
-        n, k = self.out_features, self.in_features
-        groups = self.antiquant_scale.shape[0]
-        w = self.weight_codes().float().reshape(n, groups, k // groups)
-        w.add_(self.antiquant_offset.t().float().reshape(n, groups, 1))
-        return w.mul_(self.antiquant_scale.t().float().reshape(n, groups, 1)).reshape(n, k)
 
     def _bind(self) -> BoundRowKernel | None:
         if not self.codes_blocked:
