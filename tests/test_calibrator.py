@@ -45,12 +45,14 @@ def test_seed_000_worked_example_on_smollm2(smollm2, calib):
     assert type(cal.model.get_submodule(rolled[0])) is torch.nn.Linear
 
 
-def test_data_free_weight_only_and_dynamic(smollm2, smollm2_windows):
+def test_data_free_weight_only_and_dynamic(smollm2, smollm2_graph, smollm2_windows):
     model, _ = smollm2
     ids = smollm2_windows[1][0][:, :64]
     ref = model(input_ids=ids, use_cache=False).logits
-    for cfg in (QuantConfig(a_bit=16, mm_tensor=False), QuantConfig(is_dynamic=True, mm_tensor=False)):
-        cal = Calibrator(model, cfg)
+    # the model object (an example input synthesized for its capture) and an already captured graph
+    for source, cfg in ((model, QuantConfig(a_bit=16, mm_tensor=False)),
+                        (smollm2_graph, QuantConfig(is_dynamic=True, mm_tensor=False))):
+        cal = Calibrator(source, cfg)
         cal.run()
         with torch.no_grad():
             out = cal.model(ids).logits
@@ -83,8 +85,8 @@ def test_malformed_disable_level(smollm2, level, match):
         Calibrator(smollm2[0], QuantConfig(a_bit=16), disable_level=level)
 
 
-def test_disable_level_larger_than_layer_count(smollm2):
-    cal = Calibrator(smollm2[0], QuantConfig(a_bit=16), disable_level="L500")
+def test_disable_level_larger_than_layer_count(smollm2_graph):
+    cal = Calibrator(smollm2_graph, QuantConfig(a_bit=16), disable_level="L500")
     with pytest.raises(ConfigError, match="roll back 500 layers but the model has 210 quantized layers"):
         cal.run()
 

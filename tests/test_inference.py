@@ -25,10 +25,10 @@ def truncated_smollm2(model: torch.nn.Module, layers: int = 2) -> torch.nn.Modul
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["w8a8_dynamic", "w8a16", "w4a16"])
-def test_frozen_smollm2_holds_codes_not_float_weights(smollm2, smollm2_windows, scheme):
+def test_frozen_smollm2_holds_codes_not_float_weights(smollm2, smollm2_graph, smollm2_windows, scheme):
     model, _ = smollm2
     x = smollm2_windows[1][0]  # held-out text, 256 tokens
-    q = fxquant.quantize(model, scheme=scheme, example_inputs=[x], progress=False,
+    q = fxquant.quantize(smollm2_graph, scheme=scheme, example_inputs=[x], progress=False,
                          options=fxquant.SchemeOptions(group_size=64))  # 128 does not divide 576
     ratio = storage_bytes(q) / storage_bytes(model)
     # every Linear but the tied lm_head holds 1 byte (4-bit: half a byte) per weight

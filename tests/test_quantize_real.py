@@ -25,10 +25,10 @@ def fp32_ppl(smollm2, smollm2_windows):
 @pytest.mark.parametrize("scheme,max_increase", [
     ("w8a16", 0.01), ("w8a8_dynamic", 0.06), ("w4a16", 0.6), ("w8a8", 1.5),
 ])
-def test_smollm2_schemes(smollm2, smollm2_windows, fp32_ppl, scheme, max_increase):
+def test_smollm2_schemes(smollm2, smollm2_graph, smollm2_windows, fp32_ppl, scheme, max_increase):
     model, _ = smollm2
     calib, evals = smollm2_windows
-    q = fxquant.quantize(model, [{"input_ids": w, "use_cache": False} for w in calib], scheme=scheme,
+    q = fxquant.quantize(smollm2_graph, [{"input_ids": w, "use_cache": False} for w in calib], scheme=scheme,
                          options=fxquant.SchemeOptions(group_size=64), progress=False)
     with torch.no_grad():
         out = q(evals[0], use_cache=False)

@@ -60,7 +60,7 @@ def test_graph_breaks_quantize_as_fxquant_quantize_does(scheme):
 
 
 @pytest.mark.slow
-def test_smollm2_compiled_with_the_quantizing_backend_matches_quantize(smollm2, smollm2_windows):
+def test_smollm2_compiled_with_the_quantizing_backend_matches_quantize(smollm2, smollm2_graph, smollm2_windows):
     scheme = "w8a8_dynamic"  # static w8a8 through graph breaks and recompiles: the BrokenGraph test
     model, _ = smollm2
     calib_windows, eval_windows = smollm2_windows
@@ -68,7 +68,7 @@ def test_smollm2_compiled_with_the_quantizing_backend_matches_quantize(smollm2, 
     # layers named as in the model (transformers' forward runs in a wrapper(*args): Dynamo's paths
     # start at L['args'][0])
     names = {"mix_cfg": {"model.layers.3.mlp.down_proj": "w8a16"}, "disable_names": ["model.layers.0.mlp.gate_proj"]}
-    ref = fxquant.quantize(model, calib, scheme=scheme, progress=False, **names)
+    ref = fxquant.quantize(smollm2_graph, calib, scheme=scheme, progress=False, **names)  # the graph of `model`
     torch._dynamo.reset()
     backend = fxquant.quantizing_backend(scheme, calib_data=calib, inner="eager", **names)  # inductor: the benchmark
     compiled = torch.compile(model, backend=backend)

@@ -27,10 +27,9 @@ def reference_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 @pytest.mark.slow
-def test_every_qlinear_of_smollm2_computes_the_per_token_formula(smollm2, smollm2_windows):
-    model, _ = smollm2
+def test_every_qlinear_of_smollm2_computes_the_per_token_formula(smollm2_graph, smollm2_windows):
     calib, evals = smollm2_windows
-    q = fxquant.quantize(model, [[w[:, :64]] for w in calib[:2]], "w8a8_dynamic", progress=False)
+    q = fxquant.quantize(smollm2_graph, [[w[:, :64]] for w in calib[:2]], "w8a8_dynamic", progress=False)
     layers = {n: m for n, m in q.named_modules() if isinstance(m, fxquant.QLinear)}
     assert len(layers) == 210  # every Linear of the 30 blocks; lm_head stays float
     inputs: dict[str, torch.Tensor] = {}
