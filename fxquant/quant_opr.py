@@ -232,6 +232,7 @@ class _QWeighted(QuantOpr):
         wq = self.weight_quantizer
         if not (isinstance(wq, StaticQuantizer) and wq.calibrated):
             return
+        self._round_scales_to_model_dtype()
         if self.weight_codes is None or (not self.codes_fixed and not self.float_weight_released):
             with torch.no_grad():
                 codes = wq.quantize(self.weight)[0].reshape(self.weight_shape)
@@ -248,6 +249,23 @@ class _QWeighted(QuantOpr):
             self._non_persistent_buffers_set.discard("weight_codes")
         with torch.no_grad():
             self._packed_weight()  # built now, so that torch.compile finds it
+
+    def _round_scales_to_model_dtype(self) -> None:
+        """For a float16 / bfloat16 layer, round the scales a deployed checkpoint keeps in the
+        model's dtype to that dtype (static activation scales, every timestep's; the weight scales
+        of weight-only layers): the frozen layer then computes with the scales the deployed model
+        reads (the Ascend format, docs/formats.md). Scales stay float32 tensors; float32 layers
+        are left alone."""
+        dtype = self.weight_dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            return
+        rounded = [q for aq in self.input_quantizers for q in aq.modules()
+                   if isinstance(q, StaticQuantizer) and q.calibrated]
+        if isinstance(self.input_quantizer, IdentityQuantizer):
+            rounded.append(self.weight_quantizer)
+        smallest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
+        for q in rounded:
+            q.scale = q.scale.clamp(min=smallest).to(dtype).to(q.scale.dtype)
 
     #: the kernels that run on oneDNN's packed copy of the codes (_pack)
     packed_kernels = ("onednn_split",)

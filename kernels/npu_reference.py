@@ -7,6 +7,7 @@ that Ascend lowering and Ascend checkpoints can be run and tested where torch_np
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .int_matmul import int8_matmul
 
@@ -94,7 +95,9 @@ def npu_weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor, antiquan
                                  quant_offset: torch.Tensor | None = None,
                                  bias: torch.Tensor | None = None,
                                  antiquant_group_size: int = 0) -> torch.Tensor:
-    """x [..., k] @ ((weight [k, n] + antiquant_offset) * antiquant_scale) (+ bias), in x's dtype.
+    """x [..., k] @ ((weight [k, n] + antiquant_offset) * antiquant_scale) (+ bias), in x's dtype:
+    the dequantized weight is rounded to x's dtype (exact float32 products of codes and scales
+    given in x's dtype) and multiplied there, as the NPU op dequantizes into x's dtype.
 
     antiquant_scale / offset: [n] or [1, n] per channel, or [k / group, n] per group.
     """
@@ -103,11 +106,8 @@ def npu_weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor, antiquan
     k, n = weight.shape
     groups = k // antiquant_group_size if antiquant_group_size else 1
     offset = None if antiquant_offset is None else antiquant_offset.reshape(groups, n).t()
-    w = dequantize_rows(weight.t(), antiquant_scale.reshape(groups, n).t(), offset).t()  # [k, n]
-    y = x.float() @ w
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    w = dequantize_rows(weight.t(), antiquant_scale.reshape(groups, n).t(), offset)  # [n, k]
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:

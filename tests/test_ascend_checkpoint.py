@@ -218,3 +218,29 @@ def test_saving_onnx_rounded_static_layers_warns_that_the_reload_differs(smollm2
     else:
         assert len(warned) == 1 and "3 layers (e.g. model.layers.0.mlp.gate_proj" in warned[0]
         assert "offset_in_rounding=True" in warned[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoint_reloads_bit_for_bit(smollm2, smollm2_windows, tmp_path, dtype):
+    """A bfloat16 / float16 model keeps its static input scales and weight-only scales in its own
+    dtype on disk: the frozen layers compute with those rounded scales, and the weight-only reference
+    dequantizes into the input's dtype, so the reload gives the in-process logits bit for bit."""
+    model, _ = smollm2
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:4]
+    small.config.num_hidden_layers = 4
+    small = small.to(dtype)
+    calib = [[w[:, :64]] for w in smollm2_windows[0][:2]]
+    mix = {"*down_proj": "w8a16", "*up_proj": "w4a16", "*k_proj": "w8a8_dynamic"}
+    cal = Calibrator(small, QuantConfig(mm_tensor=False, group_size=64), calib_data=calib, mix_cfg=mix)
+    cal.run()
+    layer = cal.model.get_submodule("model.layers.2.self_attn.q_proj")
+    assert layer.scheme == "w8a8" and float(layer.input_quantizer.scale.to(dtype)) == float(layer.input_quantizer.scale)
+    cal.save(str(tmp_path))
+    loaded = fxquant.load_ascend(type(small)(small.config).to(dtype), tmp_path)
+    ids = smollm2_windows[1][0][:, :48]
+    with torch.no_grad():
+        ref = cal.model(ids).logits
+        out = loaded(input_ids=ids, use_cache=False).logits
+    assert ref.dtype == dtype and torch.isfinite(ref).all()
+    assert torch.equal(ref, out)

@@ -72,11 +72,15 @@ def test_digits_cnn_w8a8_within_one_point(digits, cls):
 
 
 def test_smollm2_calibration_memory_bound():
-    """64 windows x 256 tokens of static w8a8 calibration by the layerwise runner peak below 2.5 GB
-    RSS (whole process), with no more live values than the graph's live set."""
+    """Static w8a8 calibration by the layerwise runner on 16 windows x 256 tokens holds no more live
+    values than the graph's live set and peaks below 2 GB RSS (whole process: about 0.6 GB of
+    anonymous memory, the mapped weights file, 0.1 to 0.54 GB of it resident depending on the page
+    cache, and oneDNN's packed weights on AVX2): keeping every node's value would take many gigabytes
+    (one [16, 256, 576] float32 value is 9.4 MB; the graph has 2170 nodes).
+    `benchmarks/calib_memory.py` without --windows measures the 64-window figure."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calib_memory.py"), "--layerwise",
-                          "--threads", str(torch.get_num_threads())],
+                          "--windows", "16", "--threads", str(torch.get_num_threads())],
                          capture_output=True, text=True, check=True, timeout=1200)
     stats = json.loads(out.stdout.strip().splitlines()[-1])
-    assert stats["peak_rss_mb"] < 2500
     assert stats["peak_live_values"] <= stats["live_set_bound"] < stats["graph_nodes"] / 10
+    assert stats["peak_rss_mb"] < 2000, stats

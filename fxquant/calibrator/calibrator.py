@@ -83,12 +83,12 @@ class Calibrator:
             check_fits_signature(model, self.batches)
         self.calib_data = calib_data
         self.all_tensors = _normalise_all_tensors(all_tensors)
+        self.device = cfg.torch_device()
         if (self.batches is None and not self.all_tensors and not self.mix_cfg
                 and make_scheme(cfg.scheme, cfg.options).needs_calibration_data):  # decided before capture
             raise CalibrationDataError(f"scheme {cfg.scheme!r} quantizes activations statically and needs "
                                        "calibration data: pass calib_data (or input_shape with quant_mode=0 for "
                                        "synthetic inputs), or use a weight-only or dynamic scheme")
-        self.device = cfg.torch_device()
         self._model: fx.GraphModule | None = None
         self.sensitivity: dict[str, float] = {}
         self.amp_layers: list[str] = []

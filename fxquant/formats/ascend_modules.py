@@ -226,9 +226,9 @@ class AscendWeightOnlyLinear(_AscendLinear):
         if kernel is not None:
             return kernel(x)
         if self.kernel_layout:  # the reference op's arithmetic on the codes in row order: no transposes
-            bias = None if self.bias is None else self.bias.float()
+            bias = None if self.bias is None else self.bias.to(x.dtype)
             weight = dequantize_rows(self.weight_codes(), self.antiquant_scale.t(), self.antiquant_offset.t())
-            return F.linear(x.float(), weight, bias).to(x.dtype)
+            return F.linear(x, weight.to(x.dtype), bias)
         scale = self.antiquant_scale if self.group_size else self.antiquant_scale.reshape(-1)
         offset = self.antiquant_offset if self.group_size else self.antiquant_offset.reshape(-1)
         return self.ops.npu_weight_quant_batchmatmul(x, self.weight_t, scale.to(x.dtype), offset.to(x.dtype),
