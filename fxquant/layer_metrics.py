@@ -118,6 +118,14 @@ def output_sample(out: Any, max_elements: int = 1 << 20) -> list[torch.Tensor | 
     return picked
 
 
+def precision_tolerance(output: Any, tolerance: float, ulps: float = 8.0) -> float:
+    """`tolerance` for an output_change check of a float-preserving rewrite, raised to `ulps`
+    machine epsilons of the output's least precise floating dtype: re-rounding every weight of a
+    bfloat16 model (eps 2^-8) moves its output by ~1e-3 relative where float32's moves by ~1e-6."""
+    eps = [torch.finfo(t.dtype).eps for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return max([tolerance] + [ulps * e for e in eps])
+
+
 def output_change(before: Any, after: Any) -> float:
     """max over the floating tensors of two equally structured outputs of ||after - before|| / ||before||
     (computed in the outputs' own precision, no float64 copies: logits are large)."""

@@ -38,7 +38,7 @@ from fxquant.errors import ConfigError, FxquantError
 from fxquant.graph_patterns import attention_values
 from fxquant.ir import fxq_meta, get_attr_path, linear_from, module_of, mutable_storages, set_tensor
 from fxquant.layer_major import run_layer_major
-from fxquant.layer_metrics import TensorStats, output_change, output_sample
+from fxquant.layer_metrics import TensorStats, output_change, output_sample, precision_tolerance
 from fxquant.partial_forward import forward_until
 from fxquant.resources import release_freed_memory
 
@@ -386,7 +386,7 @@ class SmoothQuant:
 
     def _check_unchanged(self, before: Any, after: Any) -> None:
         err = output_change(before, after)
-        if err > self.check_tolerance:
+        if err > precision_tolerance(before, self.check_tolerance):
             raise FxquantError(
                 f"smoothing changed the float model's output (relative error {err:.2e}); a fold "
                 f"is wrong for this graph: folds used {sorted(set(self.folded.values()))}; pass "
@@ -394,10 +394,11 @@ class SmoothQuant:
 
 
 def _divided(t: torch.Tensor, s: torch.Tensor, mutable: set[int]) -> torch.Tensor:
-    """t / s: in place when t's storage is in `mutable`, else a new tensor."""
-    t = t.detach()
+    """t / s in t's dtype (s rounded to it): in place when t's storage is in `mutable`, else a new
+    tensor."""
+    t, s = t.detach(), s.to(t.dtype)
     with torch.no_grad():
-        return t.div_(s.to(t.dtype)) if t.data_ptr() in mutable else t / s
+        return t.div_(s) if t.data_ptr() in mutable else t / s
 
 
 def _scale_rows(gm: fx.GraphModule, node: fx.Node, rows: torch.Tensor, mutable: set[int]) -> None:
