@@ -5,8 +5,13 @@ tokens by default), perplexity on the disjoint "eval" split (32 windows x 512 to
 scheme runs in its own process so that peak RSS is its own.
 
     python benchmarks/llm_ppl.py [--schemes w8a16 w8a8_dynamic w8a8@0.85 ...] [--calib 16] [--eval 32]
+                                 [--dtype bfloat16] [--reload]
 
 A scheme written `name@alpha` first folds SmoothQuant scales with that alpha (SmoothQuant pass).
+--dtype quantizes the model in that dtype (the "fp32" row is then the float model in it).
+--reload also saves each quantized model in the Ascend format, reloads it into a fresh model
+(fxquant.load_ascend) and reports that model's perplexity; static layers then round their inputs
+as Ascend does (offset_in_rounding).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 
 from _rss import peak_rss_mb
@@ -23,16 +29,17 @@ ALL = ["fp32", "w8a16", "w8a8_dynamic", "w8a8", "w4a16", "w8a8_dynamic@0.4", "w8
 
 
 def run_one(scheme: str, n_calib: int, calib_len: int, n_eval: int, act_method: str,
-            group_size: int) -> dict:
+            group_size: int, dtype: str = "float32", reload: bool = False) -> dict:
     import torch
 
     import fxquant
     from fxquant.real_models import load_smollm2, perplexity, text_corpus, token_windows
 
     torch.manual_seed(0)
-    model, tok = load_smollm2()
+    float_model, tok = load_smollm2(getattr(torch, dtype))
+    model = float_model
     evals = token_windows(tok, text_corpus("eval"), n_eval, 512)
-    calib_s = 0.0
+    calib_s, reload_ppl = 0.0, None
     if scheme != "fp32":
         calib = [{"input_ids": w, "use_cache": False}
                  for w in token_windows(tok, text_corpus("calib"), n_calib, calib_len)]
@@ -40,11 +47,16 @@ def run_one(scheme: str, n_calib: int, calib_len: int, n_eval: int, act_method: 
         start = time.perf_counter()
         model = fxquant.quantize(model, calib, scheme=name, progress=False,
                                  smooth_alpha=float(alpha) if alpha else None,
-                                 options=fxquant.SchemeOptions(act_method=act_method, group_size=group_size))
+                                 options=fxquant.SchemeOptions(act_method=act_method, group_size=group_size,
+                                                               offset_in_rounding=reload))
         calib_s = time.perf_counter() - start
     ppl = perplexity(model, evals)
     rss = peak_rss_mb()
-    return {"scheme": scheme, "ppl": ppl, "calib_s": calib_s, "peak_rss_mb": rss}
+    if reload and scheme != "fp32":
+        with tempfile.TemporaryDirectory() as folder:
+            fxquant.save_ascend(model, float_model, folder, default_scheme=scheme.partition("@")[0])
+            reload_ppl = perplexity(fxquant.load_ascend(load_smollm2(getattr(torch, dtype))[0], folder), evals)
+    return {"scheme": scheme, "ppl": ppl, "calib_s": calib_s, "peak_rss_mb": rss, "reload_ppl": reload_ppl}
 
 
 def main() -> None:
@@ -55,28 +67,32 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=32, help="evaluation windows of 512 tokens")
     ap.add_argument("--act-method", default="minmax")
     ap.add_argument("--group-size", type=int, default=64, help="w4a16 group (SmolLM2's 576 is not a multiple of 128)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--reload", action="store_true", help="also the Ascend checkpoint reloaded")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.calib, args.calib_len, args.eval, args.act_method,
-                                    args.group_size)))
+                                    args.group_size, args.dtype, args.reload)))
         return
     rows = []
     for scheme in (["fp32"] + [s for s in args.schemes if s != "fp32"]):
         cmd = [sys.executable, __file__, "--one", scheme, "--calib", str(args.calib), "--calib-len",
                str(args.calib_len), "--eval", str(args.eval), "--act-method", args.act_method,
-               "--group-size", str(args.group_size)]
+               "--group-size", str(args.group_size), "--dtype", args.dtype] + (["--reload"] if args.reload else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"  done {scheme}", file=sys.stderr)
     base = rows[0]["ppl"]
-    print(f"SmolLM2-135M, calib {args.calib} x {args.calib_len} tokens, eval {args.eval} x 512 tokens, "
+    print(f"SmolLM2-135M {args.dtype}, calib {args.calib} x {args.calib_len} tokens, eval {args.eval} x 512 tokens, "
           f"act_method={args.act_method}, w4a16 group {args.group_size}")
-    print("| scheme | perplexity | vs fp32 | calibration s | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    print("| scheme | perplexity | vs float | Ascend reload | calibration s | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         delta = 100.0 * (r["ppl"] / base - 1.0)
-        print(f"| {r['scheme']} | {r['ppl']:.3f} | {delta:+.2f}% | {r['calib_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+        reloaded = "" if r.get("reload_ppl") is None else f"{r['reload_ppl']:.3f}"
+        print(f"| {r['scheme']} | {r['ppl']:.3f} | {delta:+.2f}% | {reloaded} | {r['calib_s']:.1f} | "
+              f"{r['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":
