@@ -241,11 +241,12 @@ class HadamardRotation:
     randomised Hadamard matrices folded into the weights (see module docstring).
 
     check_data: calibration samples; the first one checks that the float outputs did not change
-    (relative error <= check_tolerance, raised to 8 machine epsilons of a half-precision output). seed: picks the random signs. online: fnmatch patterns of
-    Linear layers (e.g. "*down_proj") whose input is also rotated at run time, by the OnlineHadamard
-    pass run at the end of this one (fxquant.quantize runs it after the suppression pass instead,
-    so that smoothing folds into the gated product first). Runs before smoothing and QuantOpr
-    insertion; layers resolved float are rotated too (they must be, to read the stream).
+    (relative error <= check_tolerance, raised to 8 machine epsilons of a half-precision output).
+    seed: picks the random signs. online: fnmatch patterns of Linear layers (e.g. "*down_proj")
+    whose input is also rotated at run time, by the OnlineHadamard pass run at the end of this one
+    (fxquant.quantize runs it after the suppression pass instead, so that smoothing folds into the
+    gated product first). Runs before smoothing and QuantOpr insertion; layers resolved float are
+    rotated too (they must be, to read the stream).
     Records in node.meta["fxquant"]["rotation"] what was folded into each layer ("stream_in",
     "stream_out", "head_values", "head_outputs", "online_input") and gm.meta["fxquant_rotation"] =
     {"dim", "seed", "value_heads", "layers", "online"}.
