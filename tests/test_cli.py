@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fxquant
-from fxquant.real_models import license_text, perplexity, text_corpus, token_windows
+from fxquant.formats.safetensors_io import read_safetensors_folder
+from fxquant.real_models import license_text, load_smollm2, perplexity, text_corpus, token_windows
 
 
 def fxq(*args, timeout=900):
@@ -138,3 +140,28 @@ def test_model_may_be_a_gguf_file_or_a_hugging_face_folder(smollm2, texts, tmp_p
         figures.append(float(re.search(r"perplexity ([\d.]+)", run.stdout).group(1)))
     expected = perplexity(model, token_windows(tok, license_text("GPL-3"), 1, 64))
     assert figures == pytest.approx([expected, expected], rel=1e-4)
+
+
+def test_bfloat16_checkpoint_evaluates_as_the_in_process_model(texts, smollm2, tmp_path):
+    """--dtype bfloat16 quantizes the model in bf16; eval rebuilds the checkpoint in the dtype it was
+    made in (fxquant_source.json) and gives the in-process bf16 model's perplexity."""
+    calib, evals = texts
+    out = tmp_path / "bf16"
+    run = fxq("--quiet", "quantize", "smollm2", "--scheme", "w8a16", "--dtype", "bfloat16", "--calib", calib,
+              "--samples", 1, "--seq-len", 64, "--out", out)
+    assert run.returncode == 0, run.stderr
+    weights = read_safetensors_folder(out)
+    assert weights["model.layers.0.mlp.down_proj.weight_scale"].dtype == torch.bfloat16
+    assert weights["model.norm.weight"].dtype == torch.bfloat16
+    run = fxq("--quiet", "eval", out, "--ppl", evals, "--samples", 1, "--seq-len", 128)
+    assert run.returncode == 0, run.stderr
+    cli_ppl = float(re.search(r"perplexity ([\d.]+)", run.stdout).group(1))
+    _, tok = smollm2
+    model = load_smollm2(torch.bfloat16)[0]
+    ids = token_windows(tok, text_corpus("calib"), 1, 64)[0]
+    q = fxquant.quantize(model, [{"input_ids": ids, "use_cache": False}], "w8a16",  # weight-only: data-independent
+                         options=fxquant.SchemeOptions(group_size=64, offset_in_rounding=True), progress=False)
+    assert cli_ppl == pytest.approx(perplexity(q, token_windows(tok, license_text("GPL-3"), 1, 128)), rel=1e-4)
+    bad = fxq("quantize", "smollm2", "--dtype", "bfloat16", "--format", "onnx", "--scheme", "w8a8", "--calib", calib,
+              "--out", tmp_path / "onnx")
+    assert bad.returncode != 0 and "--format onnx exports float32 models" in bad.stderr

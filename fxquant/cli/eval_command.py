@@ -7,7 +7,7 @@ import logging
 import time
 
 from .calib_text import TEXT_FORMATS, text_windows
-from .model_source import is_checkpoint, load_checkpoint, resolve_model
+from .model_source import DTYPES, is_checkpoint, load_checkpoint, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,14 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--text-format", choices=TEXT_FORMATS, default="windows")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype of a float MODEL (a checkpoint is rebuilt in the dtype it was made in)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from fxquant.real_models import perplexity
 
     start = time.perf_counter()
@@ -32,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         model, tok, info = load_checkpoint(args.model)
         what = f"checkpoint {args.model} ({info.get('scheme', 'quantized')})"
     else:
-        model, tok = resolve_model(args.model).load()
-        what = f"{args.model} (float)"
+        model, tok = resolve_model(args.model).load(getattr(torch, args.dtype))
+        what = f"{args.model} ({args.dtype})"
     windows = text_windows(tok, args.ppl, args.seq_len, args.samples, args.text_format)
     ppl = perplexity(model, windows)
     log.info("evaluated in %.1f s", time.perf_counter() - start)

@@ -60,6 +60,10 @@ def resolve_model(spec: str) -> ModelSource:
                      f"or a shipped model name: {', '.join(SHIPPED_MODELS)}")
 
 
+#: --dtype choices: the dtype a model is loaded (and quantized) in
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def write_source(folder: Path, source: ModelSource, extra: dict[str, Any]) -> None:
     """Record where the checkpoint's float model came from (and how it was made), atomically."""
     with written_atomically(folder / SOURCE_FILE) as tmp:
@@ -92,7 +96,8 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any, di
         raise UsageError(f"checkpoint {str(p)!r} has no config.json: cannot rebuild its architecture")
     info = json.loads((p / SOURCE_FILE).read_text()) if (p / SOURCE_FILE).is_file() else {}
     config = AutoConfig.from_pretrained(p, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    dtype = getattr(torch, info.get("dtype", "float32"))  # the dtype the checkpoint was made in
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     try:
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError):

@@ -15,7 +15,7 @@ import yaml
 
 from .calib_text import TEXT_FORMATS, text_windows
 from .errors import UsageError
-from .model_source import resolve_model, save_tokenizer, write_source
+from .model_source import DTYPES, resolve_model, save_tokenizer, write_source
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
                    help="roll back the n layers whose quantization hurts most (msModelSlim's disable_level)")
     p.add_argument("--session", metavar="YAML", help="a quantization session (seed 002 processors) in YAML")
     p.add_argument("--group-size", type=int, default=64, help="group size of w4a16 (default 64)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="load and quantize the model in this dtype; the Ascend checkpoint keeps its float "
+                        "tensors and scales in it (default float32)")
     p.add_argument("--report", metavar="HTML", help="also write the HTML report of the result")
     p.set_defaults(run=run)
 
@@ -109,6 +112,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError("--session sets the processors itself: leave out --mix-cfg and --disable-level")
     if args.format == "onnx" and args.session:
         raise UsageError("--session writes the Ascend format; leave out --format onnx")
+    if args.format == "onnx" and args.dtype != "float32":
+        raise UsageError(f"--format onnx exports float32 models; leave out --dtype {args.dtype}, or use --format ascend")
     if args.format == "onnx" and args.scheme not in ONNX_SCHEMES:
         raise UsageError(f"--format onnx writes QDQ ONNX, which holds static activations or weight-only int8: "
                          f"use --scheme {' or '.join(ONNX_SCHEMES)}, or --format ascend for {args.scheme}")
@@ -124,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         writable_folder(str(Path(args.report).resolve().parent))
     start = time.perf_counter()
-    model, tok = source.load()
+    model, tok = source.load(getattr(torch, args.dtype))
     windows = text_windows(tok, args.calib, args.seq_len, args.samples, args.calib_format)
     calib = [{"input_ids": w, "use_cache": False} for w in windows]
     log.info("loaded %s in %.1f s; %d calibration windows", args.model, time.perf_counter() - start, len(calib))
@@ -132,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     gm, scheme, measured = _quantize(fxquant, model, calib, args, mix_cfg, session)
     seconds = time.perf_counter() - start
     files = _write(gm, model, tok, out, args, scheme, calib)
-    write_source(out, source, {"scheme": scheme, "format": args.format, "calib": str(Path(args.calib).resolve()),
-                               "seq_len": args.seq_len, "samples": len(calib)})
+    write_source(out, source, {"scheme": scheme, "format": args.format, "dtype": args.dtype,
+                               "calib": str(Path(args.calib).resolve()), "seq_len": args.seq_len,
+                               "samples": len(calib)})
     if args.report:
         fxquant.report(gm, None if measured else calib, args.report, title=f"fxquant: {args.model} {scheme}")
     n_q = sum(isinstance(m, fxquant.QuantOpr) for m in gm.modules())
