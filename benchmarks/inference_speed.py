@@ -31,7 +31,6 @@ import copy
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _ascend import ascend_reload
 
 import fxquant
 from fxquant.kernels import default_kernel
@@ -115,14 +115,6 @@ def quantize_smollm2(model, tok, scheme: str, calib: list[torch.Tensor], lm_head
                                 options=ASCEND_ROUNDING, disable_last_layer=not lm_head, inplace=inplace)
     return fxquant.quantize(model, scheme=scheme, example_inputs=[calib[0]], progress=False, options=GROUP,
                             disable_last_layer=not lm_head, inplace=inplace)
-
-
-def ascend_reload(model, quantized, scheme: str) -> torch.nn.Module:
-    """`quantized` (a GraphModule) saved as an Ascend checkpoint and reloaded into a copy of the float
-    `model` (fxquant.load_ascend: without torch_npu, fxquant's CPU kernels)."""
-    with tempfile.TemporaryDirectory() as folder:
-        fxquant.save_ascend(quantized, model, folder, scheme)
-        return fxquant.load_ascend(copy.deepcopy(model), folder)
 
 
 def quantizing_backend_for(scheme: str, calib: list[torch.Tensor]) -> fxquant.compiler.QuantizingBackend:
@@ -269,10 +261,7 @@ def perplexity_table(model, tok, calib) -> None:
         grad = perplexity(q, windows, grad=True)
         torch._dynamo.reset()
         comp = perplexity(compiled(q), windows)
-        with tempfile.TemporaryDirectory() as d:
-            fxquant.save_ascend(q, model, d, default_scheme=scheme)
-            reloaded = fxquant.load_ascend(copy.deepcopy(model), d)
-            ascend = perplexity(reloaded, windows)
+        ascend = perplexity(ascend_reload(model, q, scheme), windows)
         torch._dynamo.reset()
         backend = quantizing_backend_for(scheme, calib)
         by_backend = perplexity(torch.compile(model, backend=backend), windows)

@@ -20,9 +20,9 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 
+from _ascend import ascend_reload
 from _rss import peak_rss_mb
 
 ALL = ["fp32", "w8a16", "w8a8_dynamic", "w8a8", "w4a16", "w8a8_dynamic@0.4", "w8a8@0.85"]
@@ -53,9 +53,7 @@ def run_one(scheme: str, n_calib: int, calib_len: int, n_eval: int, act_method: 
     ppl = perplexity(model, evals)
     rss = peak_rss_mb()
     if reload and scheme != "fp32":
-        with tempfile.TemporaryDirectory() as folder:
-            fxquant.save_ascend(model, float_model, folder, default_scheme=scheme.partition("@")[0])
-            reload_ppl = perplexity(fxquant.load_ascend(load_smollm2(getattr(torch, dtype))[0], folder), evals)
+        reload_ppl = perplexity(ascend_reload(float_model, model, scheme.partition("@")[0]), evals)
     return {"scheme": scheme, "ppl": ppl, "calib_s": calib_s, "peak_rss_mb": rss, "reload_ppl": reload_ppl}
 
 

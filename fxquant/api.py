@@ -33,7 +33,7 @@ from .errors import CalibrationDataError, ConfigError
 from .install import apply
 from .ir import scheme_decisions
 from .resources import peak_rss_bytes, release_freed_memory, release_unused_memory, storage_bytes
-from .schemes import SchemeOptions, make_scheme
+from .schemes import SchemeOptions, refuse_static_without_data
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,7 @@ def quantize(
     fxquant_float_bytes (the float model's parameters and buffers) and fxquant_peak_rss_bytes.
     Raises ConfigError, CalibrationDataError or CaptureError with the reason.
     """
-    default = make_scheme(scheme, options)
-    if calib_data is None and default.needs_calibration_data and not mix_cfg:  # decided before capture
-        raise CalibrationDataError(f"scheme {scheme!r} quantizes activations statically and needs calibration "
-                                   "data: pass calib_data, or use a weight-only or dynamic scheme")
+    refuse_static_without_data(scheme, options, calib_data is not None, mix_cfg)
     resolve = ResolveSchemes(default=scheme, mix_cfg=mix_cfg, disable_names=disable_names or [],
                              rollback_names=rollback_names, disable_last_layer=disable_last_layer,
                              disable_first_layer=disable_first_layer, small_op_scheme=small_op_scheme)

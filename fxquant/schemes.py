@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import CalibrationDataError, ConfigError
 from .fake_quant import ROUNDING_MODES
 from .observers import build_observer
 from .quantizer import QuantSpec
@@ -82,6 +82,18 @@ def check_scheme_name(name: str) -> str:
     if name not in SCHEME_NAMES:
         raise ConfigError(f"unknown quantization scheme {name!r}; valid: {', '.join(SCHEME_NAMES)}")
     return name
+
+
+def refuse_static_without_data(name: str, opts: SchemeOptions | None, has_data: bool, mix_cfg: object,
+                               how: str = "pass calib_data") -> None:
+    """Raise CalibrationDataError, before capture, when the default scheme `name` quantizes
+    activations statically, no calibration data is given, and no mix_cfg may move the layers to
+    other schemes (with one, the Calibrate pass decides once the graph shows a static layer).
+    how: what the caller's user passes to give data. An unknown `name` is a ConfigError."""
+    static = make_scheme(name, opts).needs_calibration_data
+    if static and not has_data and not mix_cfg:
+        raise CalibrationDataError(f"scheme {name!r} quantizes activations statically and needs calibration "
+                                   f"data: {how}, or use a weight-only or dynamic scheme")
 
 
 def make_scheme(name: str, opts: SchemeOptions | None = None) -> Scheme:

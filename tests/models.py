@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -152,3 +154,12 @@ class TinyLlama(nn.Module):
             n = b.n2(x)
             x = x + b.down(nn.functional.silu(b.gate(n)) * b.up(n))
         return self.head(self.norm(x))
+
+
+def truncated_smollm2(model: nn.Module, layers: int = 2, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of SmolLM2 with its real weights but only its first `layers` decoder layers (fast to
+    quantize and compile), in `dtype` if given."""
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:layers]
+    small.config.num_hidden_layers = layers
+    return small if dtype is None else small.to(dtype)

@@ -19,6 +19,8 @@ from fxquant.kernels.weight_only import native_gemv_available
 from fxquant.passes import LowerToAscend, PassManager
 from fxquant.real_models import load_smollm2
 
+from models import truncated_smollm2
+
 CASES = {
     "w8a8": (dict(), None),
     "w8a8_dynamic": (dict(is_dynamic=True), None),
@@ -225,11 +227,7 @@ def test_half_precision_checkpoint_reloads_bit_for_bit(smollm2, smollm2_windows,
     """A bfloat16 / float16 model keeps its static input scales and weight-only scales in its own
     dtype on disk: the frozen layers compute with those rounded scales, and the weight-only reference
     dequantizes into the input's dtype, so the reload gives the in-process logits bit for bit."""
-    model, _ = smollm2
-    small = copy.deepcopy(model)
-    small.model.layers = small.model.layers[:4]
-    small.config.num_hidden_layers = 4
-    small = small.to(dtype)
+    small = truncated_smollm2(smollm2[0], 4, dtype)
     calib = [[w[:, :64]] for w in smollm2_windows[0][:2]]
     mix = {"*down_proj": "w8a16", "*up_proj": "w4a16", "*k_proj": "w8a8_dynamic"}
     cal = Calibrator(small, QuantConfig(mm_tensor=False, group_size=64), calib_data=calib, mix_cfg=mix)

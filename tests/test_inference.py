@@ -14,13 +14,7 @@ from fxquant.errors import ConfigError
 from fxquant.kernels import default_kernel
 from fxquant.resources import storage_bytes
 
-
-def truncated_smollm2(model: torch.nn.Module, layers: int = 2) -> torch.nn.Module:
-    """SmolLM2 with its real weights but only its first `layers` decoder layers (fast to compile)."""
-    small = copy.deepcopy(model)
-    small.model.layers = small.model.layers[:layers]
-    small.config.num_hidden_layers = layers
-    return small
+from models import truncated_smollm2
 
 
 @pytest.mark.slow

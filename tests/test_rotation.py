@@ -17,7 +17,7 @@ from fxquant.formats.safetensors_io import read_safetensors_folder
 from fxquant.hadamard import HadamardTransform, KroneckerRotation, hadamard_matrix, random_rotation
 from fxquant.passes import HadamardRotation, lower_to_qdq
 
-from models import RMSNorm, TinyLlama
+from models import RMSNorm, TinyLlama, truncated_smollm2
 
 
 @pytest.mark.parametrize("n", [12, 20, 28, 36, 48, 64, 72, 576, 1536])
@@ -232,11 +232,7 @@ def test_bfloat16_model_smooths_and_rotates_in_its_dtype(smollm2, smollm2_window
     """Folds into a bfloat16 model keep its dtype (a float32 scale divided into a bf16 norm weight
     made float32 weights that the next Linear refused), and the float-output check of rotation
     allows bf16's rounding of the rotated weights (about 1e-2 relative on SmolLM2's 30 layers)."""
-    model, _ = smollm2
-    small = copy.deepcopy(model)
-    small.model.layers = small.model.layers[:4]
-    small.config.num_hidden_layers = 4
-    small = small.to(torch.bfloat16)
+    small = truncated_smollm2(smollm2[0], 4, torch.bfloat16)
     calib, evals = smollm2_windows
     q = fxquant.quantize(small, [[w[:, :64]] for w in calib[:2]], progress=False, **kw)
     assert {t.dtype for t in q.parameters() if t.is_floating_point()} == {torch.bfloat16}

@@ -38,7 +38,7 @@ from ..ir import scheme_decisions
 from ..keep_acc import AdaRound, ADMMWeights, EasyQuantScales, weight_rounding
 from ..quant_opr import QuantOpr, _QWeighted
 from ..quantizer import StaticQuantizer
-from ..schemes import make_scheme
+from ..schemes import refuse_static_without_data
 from .amp import select_amp_rollback
 from .quant_config import QuantConfig, parse_disable_level
 
@@ -84,11 +84,8 @@ class Calibrator:
         self.calib_data = calib_data
         self.all_tensors = _normalise_all_tensors(all_tensors)
         self.device = cfg.torch_device()
-        if (self.batches is None and not self.all_tensors and not self.mix_cfg
-                and make_scheme(cfg.scheme, cfg.options).needs_calibration_data):  # decided before capture
-            raise CalibrationDataError(f"scheme {cfg.scheme!r} quantizes activations statically and needs "
-                                       "calibration data: pass calib_data (or input_shape with quant_mode=0 for "
-                                       "synthetic inputs), or use a weight-only or dynamic scheme")
+        refuse_static_without_data(cfg.scheme, cfg.options, self.batches is not None or bool(self.all_tensors),
+                                   self.mix_cfg, "pass calib_data (or input_shape with quant_mode=0 for synthetic inputs)")
         self._model: fx.GraphModule | None = None
         self.sensitivity: dict[str, float] = {}
         self.amp_layers: list[str] = []
