@@ -4,6 +4,7 @@ from .api import quantize
 from .calibration import CalibrationRunner
 from .calibrator import Calibrator, QuantConfig
 from .capture import capture
+from .captured_module import CapturedGraphModule
 from .compiler import compile_backend, quantizing_backend, skip_frozen_layer_guards
 from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantError
 from .formats.ascend_checkpoint import load_ascend, save_ascend
@@ -16,7 +17,7 @@ from .timestep import set_timestep
 
 __all__ = [
     "SCHEME_NAMES", "CalibrationDataError", "apply", "compile_backend", "CalibrationRunner", "Calibrator", "QuantConfig",
-    "load_ascend", "save_ascend", "CaptureError", "ConfigError",
+    "load_ascend", "save_ascend", "CaptureError", "CapturedGraphModule", "ConfigError",
     "DynamicQuantizer", "FxquantError", "IdentityQuantizer", "QAdd", "QBMM", "QConv1d", "QConv2d",
     "QLinear", "QMatMul", "QuantOpr", "QuantSpec", "Scheme", "SchemeOptions", "StaticQuantizer",
     "capture", "compare", "draw_graph", "inspect", "report", "make_scheme", "quantize", "quantizing_backend", "set_timestep",

@@ -13,7 +13,6 @@ import copy
 import inspect
 import logging
 import threading
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +20,10 @@ import torch
 from torch import fx
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 from . import guards
+from .captured_module import CapturedGraphModule, quiet_treespec_copies
 from .errors import CaptureError, ConfigError
 from .ir import bind_inputs, get_attr_path
 from .quant_opr import QuantOpr
@@ -39,6 +40,7 @@ _ATEN_LAYER_OPS = {
 
 
 _PASSTHROUGH_ATTRS = ("config", "generation_config", "main_input_name")
+_SHAPE_GUARDS = "input_shape_guards"  # the submodule that checks torch.export's shape conditions
 
 
 class QuantLeafTracer(fx.Tracer):
@@ -97,11 +99,11 @@ def capture(
         raise ConfigError(f"{type(model).__name__} is already quantized ({len(quantized)} QuantOprs, e.g. "
                           f"{quantized[0]!r}); quantize the float model instead")
     if isinstance(model, fx.GraphModule) and model.meta.get("fxquant_capture"):
-        with warnings.catch_warnings():  # torch's own pytree spec warns when it is copied
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        with quiet_treespec_copies():
             graph = copy.deepcopy(model.graph)
-        gm = fx.GraphModule(model, graph, type(model).__name__)
+        gm = CapturedGraphModule(model, graph, type(model).__name__)
         gm.meta.update(model.meta)
+        _pass_through_attributes(model, gm)
         return gm.eval()  # a new graph and module tree: passes never mutate the caller's graph
     was_training = model.training
     with TRACE_LOCK:  # torch's tracers are not thread-safe
@@ -110,6 +112,14 @@ def capture(
             return _capture_with_front_ends(model, example_inputs, example_kwargs)
         finally:
             model.train(was_training)
+
+
+def _pass_through_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+    """Give gm the model's attributes that callers read (config, ...): HF wrappers such as
+    sentence-transformers, and generation utilities, look them up."""
+    for attr in _PASSTHROUGH_ATTRS:
+        if hasattr(model, attr) and not hasattr(gm, attr):
+            setattr(gm, attr, getattr(model, attr))
 
 
 def _capture_with_front_ends(model: torch.nn.Module, example_inputs: tuple,
@@ -125,9 +135,7 @@ def _capture_with_front_ends(model: torch.nn.Module, example_inputs: tuple,
             continue
         gm.meta["fxquant_capture"] = front_end.__name__.strip("_").replace("_capture", "")
         gm.meta["fxquant_state_names"] = _state_names(model, gm)
-        for attr in _PASSTHROUGH_ATTRS:  # HF wrappers (sentence-transformers...) read these
-            if hasattr(model, attr) and not hasattr(gm, attr):
-                setattr(gm, attr, getattr(model, attr))
+        _pass_through_attributes(model, gm)
         log.info("captured %s with %s (%d nodes)", type(model).__name__,
                  gm.meta["fxquant_capture"], len(gm.graph.nodes))
         return gm.eval()
@@ -153,7 +161,7 @@ def _symbolic_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any
         raise CaptureError(f"non-tensor inputs {constants} need specialisation; left to torch.export")
     tracer = QuantLeafTracer()
     graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = CapturedGraphModule(tracer.root, graph, type(model).__name__)
     if args or kwargs:
         with torch.no_grad():
             ShapeProp(gm).propagate(*bind_inputs(gm, args, kwargs).values())
@@ -207,14 +215,40 @@ def _export_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
                 raise
             log.debug("export with the batch repeated to 2 failed; exporting the example as given", exc_info=True)
             ep = torch.export.export(model, (), bound, dynamic_shapes=dynamic, strict=False)
-    return _normalise_exported(ep.module(), model, sig, bound, forced)
+    src = ep.module(check_guards=False)  # torch's guard module does not pickle: ShapeGuards replaces it
+    return _normalise_exported(src, model, sig, bound, forced, _export_shape_guards(ep, src))
+
+
+def _export_shape_guards(ep: torch.export.ExportedProgram, src: fx.GraphModule) -> guards.ShapeGuards | None:
+    """The shape conditions `ep.module()` would check (specialised and related dimensions, ranges,
+    the tracer's guards), as a ShapeGuards over src's placeholders; None if there are none."""
+    from torch.export import _unlift  # where ExportedProgram.module() writes the same conditions
+
+    placeholders = src.graph.find_nodes(op="placeholder")
+    if not placeholders or not ep.example_inputs:
+        return None
+    sig = inspect.signature(src.forward)
+    paths = _unlift._get_input_paths(ep.example_inputs, sig)
+    code = _unlift._get_input_guards_for_graph(placeholders, ep.range_constraints, paths)
+    code += _unlift._force_gm_signature_match(_unlift._force_ep_signature_match(ep._guards_code, paths), sig)
+    conditions = []
+    for condition in code:
+        actual = readable = condition
+        for i, path in enumerate(paths):
+            source = "L" + pytree.keystr(path)
+            actual = actual.replace(source, f"args[{i}]")
+            readable = readable.replace(source, path[0].key + pytree.keystr(path[1:]))
+        conditions.append((actual, " ".join(readable.split())))
+    return guards.ShapeGuards(conditions) if conditions else None
 
 
 def _normalise_exported(src: fx.GraphModule, model: torch.nn.Module, sig: inspect.Signature,
-                        bound: dict[str, Any], forced: dict[str, Any]) -> fx.GraphModule:
+                        bound: dict[str, Any], forced: dict[str, Any],
+                        shape_guards: guards.ShapeGuards | None) -> fx.GraphModule:
     """Rebuild an exported module in the IR: signature placeholders, guards, call_module layers.
 
     forced: inputs fxquant specialised on its own (use_cache=False); they become the defaults.
+    shape_guards: called on src's placeholders, in their order, before anything else runs.
     """
     graph = fx.Graph()
     src_phs = [n for n in src.graph.nodes if n.op == "placeholder"]
@@ -250,12 +284,15 @@ def _normalise_exported(src: fx.GraphModule, model: torch.nn.Module, sig: inspec
     if var_keyword is not None:
         extra = graph.placeholder(f"**{var_keyword}")
         graph.call_function(guards.expect_no_tensors, (extra, var_keyword))
+    root: dict[str, Any] = {}
+    if shape_guards is not None:
+        graph.call_module(_SHAPE_GUARDS, tuple(val_map[ph] for ph in src_phs))
+        root[_SHAPE_GUARDS] = shape_guards
     out = graph.graph_copy(src.graph, val_map)
     graph.output(out)
     out_spec = getattr(src, "_out_spec", None)
     graph.set_codegen(_SignatureCodeGen(_PyTreeInfo(names, None, out_spec)))
 
-    root: dict[str, Any] = {}
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _ATEN_LAYER_OPS:
             _layer_to_call_module(graph, node, model, src, root)
@@ -271,7 +308,7 @@ def _normalise_exported(src: fx.GraphModule, model: torch.nn.Module, sig: inspec
             except AttributeError:
                 root[node.target] = get_attr_path(src, node.target)
     graph.lint()
-    return fx.GraphModule(root, graph, type(model).__name__)
+    return CapturedGraphModule(root, graph, type(model).__name__)
 
 
 def _layer_to_call_module(graph: fx.Graph, node: fx.Node, model: torch.nn.Module,

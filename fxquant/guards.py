@@ -6,6 +6,7 @@ A captured graph is specialised to the inputs seen at capture: tensors stay inpu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,3 +63,48 @@ def expect_no_tensors(extra: dict[str, Any], name: str) -> None:
         raise CapturedInputError(
             f"tensor inputs {tensors} arrive through **{name}, which the captured graph ignores; "
             "capture with them to use them")
+
+
+class ShapeGuards(torch.nn.Module):
+    """The input-shape conditions torch.export assumed when it captured the graph, checked on each call.
+
+    conditions: (Python expression over `args`, the same over the inputs' names), one per condition;
+    `args` are the graph's tensor and scalar inputs in placeholder order (e.g. `args[0].size()[1]
+    == 3`). Pickled as source text and compiled when built or loaded, never while torch.compile or
+    torch.export traces the module (Dynamo cannot trace `eval`).
+    """
+
+    _is_impure = True  # called for its check alone: dead-code elimination keeps it
+
+    def __init__(self, conditions: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.conditions = list(conditions)
+        self._compile()
+
+    def _compile(self) -> None:
+        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP  # Min, Max, FloorDiv, ...
+
+        namespace = {**SYMPY_INTERP, "math": math, "inf": math.inf}
+        self.__dict__["_checks"] = [(eval(f"lambda *args: {code}", namespace), readable)  # noqa: S307
+                                    for code, readable in self.conditions]  # text that torch.export wrote
+
+    def forward(self, *args: Any) -> None:
+        for holds, readable in self._checks:
+            if not holds(*args):
+                shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else repr(a) for a in args)
+                raise CapturedInputError(
+                    f"the captured graph requires {readable}: torch.export specialised it to that when "
+                    f"the model was captured; got inputs of shapes {shapes}. Capture with an example "
+                    f"of the shapes you need.")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_checks"]  # functions made by eval do not pickle
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compile()
+
+    def extra_repr(self) -> str:
+        return "; ".join(readable for _, readable in self.conditions)

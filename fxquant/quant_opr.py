@@ -321,6 +321,13 @@ class _QWeighted(QuantOpr):
         self.__dict__[name] = (sources, versions, key, value)
         return value
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _QWeighted:
+        """`.to(dtype)`, `.half()`, `.bfloat16()`...: the layer then computes in the new float dtype
+        (its dequantized weight, bias and scales); the integer codes stay as they are."""
+        out = super()._apply(fn, recurse)
+        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        return out
+
     def __setstate__(self, state: dict) -> None:
         """A copy or an unpickled layer takes this CPU's GEMV layout and rebuilds its own packed
         operands (not copied)."""
