@@ -10,7 +10,9 @@ from .errors import CalibrationDataError, CaptureError, ConfigError, FxquantErro
 from .formats.ascend_checkpoint import load_ascend, save_ascend
 from .inspection import compare, draw_graph, inspect, report, to_networkx
 from .install import apply
-from .quant_opr import QBMM, QAdd, QConv1d, QConv2d, QLinear, QMatMul, QuantOpr
+from .quant_conv import QConv1d, QConv2d
+from .quant_linear import QLinear
+from .quant_opr import QBMM, QAdd, QMatMul, QuantOpr
 from .quantizer import DynamicQuantizer, IdentityQuantizer, QuantSpec, StaticQuantizer
 from .schemes import SCHEME_NAMES, Scheme, SchemeOptions, make_scheme
 from .timestep import set_timestep

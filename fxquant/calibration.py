@@ -20,16 +20,17 @@ from .errors import FxquantError
 from .ir import fxq_meta, get_attr_path
 from .layer_major import ancestors, bound_inputs, run_node
 from .layer_metrics import ErrorStats, TensorStats
-from .quant_opr import QuantOpr, _QWeighted
+from .quant_opr import QuantOpr
 from .quantizer import StaticQuantizer
 from .resources import file_mapped_ranges, page_out_file_pages, release_freed_memory
 from .storage import ActivationStorage
 from .timestep import TimestepQuantizer, step_indices
+from .weighted_quant_opr import WeightedQuantOpr
 
 log = logging.getLogger(__name__)
 
 #: f(layer, its calibration inputs, its float outputs), e.g. fxquant.keep_acc.AdaRound()
-WeightOptimizer = Callable[[_QWeighted, list[torch.Tensor], list[torch.Tensor]], None]
+WeightOptimizer = Callable[[WeightedQuantOpr, list[torch.Tensor], list[torch.Tensor]], None]
 
 
 class OutputsOfInputs(list):
@@ -129,12 +130,12 @@ class CalibrationRunner:
                     module.set_quant(False, False)
                     self._calibrate_inputs(node, module, self.qstorage if asym else self.storage,
                                            first_call)
-                    if isinstance(module, _QWeighted) and first_call:
+                    if isinstance(module, WeightedQuantOpr) and first_call:
                         module.calibrate_weight()
                     if first_call:
                         self._calibrate_internal(node, module, self.qstorage if asym else self.storage)
                 outs = [self._run(node, self.storage, b, device) for b in range(n_batches)]
-                if isinstance(module, _QWeighted) and self.weight_optimizers and first_call:
+                if isinstance(module, WeightedQuantOpr) and self.weight_optimizers and first_call:
                     self._optimize_weight(node, module, self.qstorage if asym else self.storage, outs)
                 if isinstance(module, QuantOpr) and self.measure_layers:
                     self._measure(node, module, self.qstorage if asym else self.storage, outs, device)
@@ -146,7 +147,7 @@ class CalibrationRunner:
                 if store is not None:
                     store.finish_node(node)
             if node.op == "call_module" and isinstance(module, QuantOpr):
-                if (isinstance(module, _QWeighted) and last_calls[node.target] is node and file_ranges
+                if (isinstance(module, WeightedQuantOpr) and last_calls[node.target] is node and file_ranges
                         and not module.float_weight_released):
                     # calibration has read this float weight for the last time: its file pages
                     # (mmap loading) need not stay resident while the later layers run
@@ -176,7 +177,7 @@ class CalibrationRunner:
         if first is not None and first.op != "get_attr":
             module.calibrate_from_inputs(list(store.get(first)))
 
-    def _optimize_weight(self, node: fx.Node, module: _QWeighted, store: ActivationStorage,
+    def _optimize_weight(self, node: fx.Node, module: WeightedQuantOpr, store: ActivationStorage,
                          outs: list[Any]) -> None:
         """Run the weight optimizers on the layer's stored inputs and its float outputs."""
         arg = next(a for a in node.args if isinstance(a, fx.Node))

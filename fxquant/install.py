@@ -18,8 +18,9 @@ from torch import fx
 from .errors import ConfigError
 from .hadamard import RotatedInput, online_rotations
 from .ir import get_attr_path
-from .quant_opr import QuantOpr, _QWeighted
+from .quant_opr import QuantOpr
 from .resources import release_unused_memory
+from .weighted_quant_opr import WeightedQuantOpr
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _stateless(module: torch.nn.Module) -> bool:
 
 def _can_replace(old: torch.nn.Module, new: torch.nn.Module) -> bool:
     """A quantized layer for its float layer, or a module of the same type (e.g. rescaled)."""
-    if isinstance(new, _QWeighted):
+    if isinstance(new, WeightedQuantOpr):
         return isinstance(old, new.float_type) and tuple(old.weight.shape) == new.weight_shape
     if isinstance(new, QuantOpr):
         return False  # small ops and attention inputs are graph nodes, not model attributes

@@ -11,7 +11,7 @@ from fxquant.kernels import default_conv_kernel, default_kernel
 from .quantizer import DynamicQuantizer, Quantizer, StaticQuantizer
 
 if TYPE_CHECKING:
-    from .quant_opr import _QWeighted
+    from .weighted_quant_opr import WeightedQuantOpr
 
 #: what the integer GEMM kernels of linear layers run for up to 8 rows (decode), eager on CPU
 _DECODE = "; linear, up to 8 rows (decode) eager: input codes, int32 sums and scaling in one C call"
@@ -44,7 +44,7 @@ def is_int8_pair(wq: Quantizer, aq: Quantizer) -> bool:
             and isinstance(aq, (StaticQuantizer, DynamicQuantizer)))
 
 
-def layer_kernel(layer: _QWeighted, device: torch.device) -> str:
+def layer_kernel(layer: WeightedQuantOpr, device: torch.device) -> str:
     """The KERNEL_DESCRIPTIONS name of what a frozen `layer` runs on `device`."""
     wq, aq = layer.weight_quantizer, layer.active_input_quantizer()
     if not wq.enabled:

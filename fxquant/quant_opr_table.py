@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .quant_opr import QBMM, QAdd, QConv1d, QConv2d, QLinear, QMatMul, QuantOpr
+from .quant_conv import QConv1d, QConv2d
+from .quant_linear import QLinear
+from .quant_opr import QBMM, QAdd, QMatMul, QuantOpr
 from .quant_rnn import QGRU, QLSTM
 from .schemes import Scheme
 from .small_ops import BMM, Add, MatMul

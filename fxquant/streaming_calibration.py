@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from .calib_data import check_finite, normalise_calib_data
 from .layer_major import bind_sample
 from .partial_forward import forward_until
-from .quant_opr import QuantOpr, _QWeighted
+from .quant_opr import QuantOpr
 from .quantizer import StaticQuantizer
 from .resources import release_freed_memory
 from .timestep import TimestepQuantizer
+from .weighted_quant_opr import WeightedQuantOpr
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def streaming_calibration(gm: fx.GraphModule, calib_data: Any, progress: bool = 
         for q in m.input_quantizers:
             if isinstance(q, StaticQuantizer):
                 q.calc_qparams()
-        if isinstance(m, _QWeighted):
+        if isinstance(m, WeightedQuantOpr):
             m.calibrate_weight()
     log.info("calibrated %d QuantOprs in %d forward passes", len(oprs), len(batches))
 

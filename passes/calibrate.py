@@ -13,11 +13,12 @@ from torch import fx
 from fxquant.calib_data import check_finite
 from fxquant.calibration import CalibrationRunner, WeightOptimizer
 from fxquant.errors import CalibrationDataError, ConfigError, FxquantError
-from fxquant.quant_opr import QuantOpr, _QWeighted
+from fxquant.quant_opr import QuantOpr
 from fxquant.quantizer import StaticQuantizer
 from fxquant.storage import graph_live_set_size
 from fxquant.streaming_calibration import can_stream, streaming_calibration
 from fxquant.timestep import TimestepQuantizer
+from fxquant.weighted_quant_opr import WeightedQuantOpr
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class Calibrate:
                 gm.meta["fxquant_live_set"] = graph_live_set_size(gm.graph, runner.nodes_to_run())
         else:
             for m in gm.modules():
-                if isinstance(m, _QWeighted):
+                if isinstance(m, WeightedQuantOpr):
                     m.calibrate_weight()
         for m in gm.modules():
             if isinstance(m, QuantOpr):
@@ -119,7 +120,7 @@ class Calibrate:
     def _calibrate_from_overrides(self, gm: fx.GraphModule) -> None:
         """Data-free: weights from themselves, static inputs from input_overrides only."""
         for name, m in gm.named_modules():
-            if isinstance(m, _QWeighted):
+            if isinstance(m, WeightedQuantOpr):
                 m.calibrate_weight()
             if isinstance(m, QuantOpr) and isinstance(m.input_quantizer, StaticQuantizer):
                 q = m.input_quantizer

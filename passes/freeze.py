@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from fxquant.quant_opr import QuantOpr, _QWeighted
+from fxquant.quant_opr import QuantOpr
 from fxquant.resources import file_mapped_ranges, page_out_file_pages, release_freed_memory
+from fxquant.weighted_quant_opr import WeightedQuantOpr
 
 
 @dataclass
@@ -23,7 +24,7 @@ class Freeze:
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         file_ranges = file_mapped_ranges()
         for m in gm.modules():
-            if isinstance(m, _QWeighted):
+            if isinstance(m, WeightedQuantOpr):
                 float_weight = None if m.float_weight_released else m.weight
                 m.freeze(keep_float_weight=self.keep_float_weight)
                 if float_weight is not None and m.float_weight_released and file_ranges:
@@ -34,7 +35,7 @@ class Freeze:
             if isinstance(m, QuantOpr):
                 m.set_quant(True, True)
         for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), _QWeighted):
+            if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), WeightedQuantOpr):
                 node.meta["fxquant_kernel"] = module.kernel
         return gm
 

@@ -196,7 +196,7 @@ def test_codes_gemv_is_the_linear_of_the_dequantized_weight(bits, group, asym, b
 
 def test_compiled_w8a16_decode_takes_the_fused_gemv_and_matches_eager(monkeypatch):
     import fxquant
-    from fxquant.quant_opr import QLinear
+    from fxquant.quant_linear import QLinear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)

@@ -12,7 +12,7 @@ from fxquant.capture import _export_capture
 from fxquant.captured_module import CapturedGraphModule
 from fxquant.errors import ConfigError
 from fxquant.guards import CapturedInputError
-from fxquant.quant_opr import QLinear
+from fxquant.quant_linear import QLinear
 
 from models import ResNetStyle, truncated_smollm2
 

@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from ..calib_data import CalibBatch
-from ..quant_opr import QuantOpr, _QWeighted
+from ..quant_opr import QuantOpr
+from ..weighted_quant_opr import WeightedQuantOpr
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def select_amp_rollback(gm: fx.GraphModule, batches: Sequence[CalibBatch], count
     the order chosen. The model's quantizers are left enabled as they were."""
     modules = dict(gm.named_modules())
     oprs = {n: m for n, m in modules.items() if isinstance(m, QuantOpr)}
-    candidates = [n for n, m in oprs.items() if isinstance(m, _QWeighted) and n not in already_float]
+    candidates = [n for n, m in oprs.items() if isinstance(m, WeightedQuantOpr) and n not in already_float]
     for m in oprs.values():
         m.set_quant(False, False)
     reference = [_output_tensors(gm(*args, **kwargs)) for args, kwargs in batches]

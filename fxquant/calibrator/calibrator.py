@@ -36,9 +36,10 @@ from ..errors import CalibrationDataError, ConfigError
 from ..formats.onnx_export import ONNX_TARGETS, to_onnx_model, write_onnx
 from ..ir import scheme_decisions
 from ..keep_acc import AdaRound, ADMMWeights, EasyQuantScales, weight_rounding
-from ..quant_opr import QuantOpr, _QWeighted
+from ..quant_opr import QuantOpr
 from ..quantizer import StaticQuantizer
 from ..schemes import refuse_static_without_data
+from ..weighted_quant_opr import WeightedQuantOpr
 from .amp import select_amp_rollback
 from .quant_config import QuantConfig, parse_disable_level
 
@@ -109,7 +110,7 @@ class Calibrator:
                                  disable_last_layer=cfg.disable_last_linear or keep_ends,
                                  small_op_scheme=cfg.scheme if cfg.quant_small_ops else "float")
         gm = PassManager([fold_batchnorm, functional_to_modules, resolve, InsertQuantOprs(cfg.options)])(gm)
-        layers = [n for n, m in gm.named_modules() if isinstance(m, _QWeighted)]
+        layers = [n for n, m in gm.named_modules() if isinstance(m, WeightedQuantOpr)]
         self._check_all_tensors(gm)
         n = self.rollback_count
         if n > len(layers):
@@ -230,7 +231,7 @@ def _sensitivities(gm: fx.GraphModule) -> dict[str, float]:
     out: dict[str, float] = {}
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(module, _QWeighted):
+        if not isinstance(module, WeightedQuantOpr):
             continue
         s = node.meta.get("fxquant", {}).get("sensitivity")
         if s is None:

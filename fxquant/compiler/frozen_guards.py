@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..quant_opr import _QWeighted
+from ..weighted_quant_opr import WeightedQuantOpr
 
 #: guard types kept inside a frozen layer
 KEPT_GUARD_TYPES = frozenset({"TENSOR_MATCH", "NO_TENSOR_ALIASING"})
@@ -42,7 +42,7 @@ def skip_frozen_layer_guards(entries: Sequence[Any]) -> list[bool]:
 
 
 def _is_frozen_layer(value: object) -> bool:
-    return isinstance(value, _QWeighted) and value.float_weight_released
+    return isinstance(value, WeightedQuantOpr) and value.float_weight_released
 
 
 def _owning_layer(name: str, layers: set[str]) -> str | None:

@@ -36,8 +36,9 @@ from fxquant.passes import (
 )
 from fxquant.passes.calibrate import needs_activation_data
 from fxquant.passes.replay_smoothing import smoothing_of
-from fxquant.quant_opr import QuantOpr, _QWeighted
+from fxquant.quant_opr import QuantOpr
 from fxquant.schemes import SchemeOptions, make_scheme
+from fxquant.weighted_quant_opr import WeightedQuantOpr
 
 from .backend import CompileBackend, compile_backend
 from .dynamo_graph import LiftedGraph, lift_dynamo_graph
@@ -192,7 +193,7 @@ class QuantizingBackend:
                 "calibration samples that run through them (same shapes and arguments as the calls)")
         for name, module in gm.named_modules():
             if isinstance(module, QuantOpr) and name not in self.layers:
-                if isinstance(module, _QWeighted):
+                if isinstance(module, WeightedQuantOpr):
                     module.calibrate_weight()
                 module.set_quant(True, True)
         self._install(graph, PassManager([Freeze()])(gm))

@@ -23,7 +23,10 @@ import torch
 from fxquant.kernels import code_row_sums, encode_scale_int64
 
 from ..errors import ConfigError
-from ..quant_opr import QAttentionInput, QLinear, QuantOpr, _QConvNd, _QWeighted
+from ..quant_conv import QConvNd
+from ..quant_linear import QLinear
+from ..quant_opr import QAttentionInput, QuantOpr
+from ..weighted_quant_opr import WeightedQuantOpr
 
 QUANT_TYPES = {"float": "FLOAT", "w8a8": "W8A8", "w8a8_dynamic": "W8A8_DYNAMIC", "w8a16": "W8A16",
                "w4a16": "W4A16", "w8a8_timestep": "W8A8_TIMESTEP"}
@@ -41,7 +44,7 @@ def deq_scale_dtype(model_dtype: torch.dtype) -> str:
 
 #: schemes each layer kind can be saved as (others are saved FLOAT, with a warning)
 SAVABLE_SCHEMES = {QLinear: ("w8a8", "w8a8_dynamic", "w8a16", "w4a16", "w8a8_timestep"),
-                   _QConvNd: ("w8a8", "w8a16")}
+                   QConvNd: ("w8a8", "w8a16")}
 
 
 def savable(qopr: QuantOpr) -> bool:
@@ -58,9 +61,9 @@ def _per_row(t: torch.Tensor, n: int) -> torch.Tensor:
 def layer_tensors(qopr: QuantOpr, model_dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
     """(type, {suffix: tensor}) of a quantized linear or convolution layer, suffixes relative to
     its name."""
-    if not isinstance(qopr, _QWeighted) or not savable(qopr):
+    if not isinstance(qopr, WeightedQuantOpr) or not savable(qopr):
         raise ConfigError(f"{type(qopr).__name__} with scheme {qopr.scheme!r} has no Ascend weight format; "
-                          f"valid: Linear {SAVABLE_SCHEMES[QLinear]}, Conv {SAVABLE_SCHEMES[_QConvNd]}")
+                          f"valid: Linear {SAVABLE_SCHEMES[QLinear]}, Conv {SAVABLE_SCHEMES[QConvNd]}")
     wq = qopr.weight_quantizer
     codes = qopr.weight_int8()
     n = codes.shape[0]

@@ -14,9 +14,12 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..quant_opr import QAttentionInput, QLinear, QuantOpr, _QBinary, _QConvNd, _QWeighted
+from ..quant_conv import QConvNd
+from ..quant_linear import QLinear
+from ..quant_opr import QAttentionInput, QuantOpr, _QBinary
 from ..quant_rnn import _QRecurrent, run_recurrent
 from ..quantizer import IdentityQuantizer, Quantizer, StaticQuantizer
+from ..weighted_quant_opr import WeightedQuantOpr
 
 _qd = torch.ops.quantized_decomposed
 
@@ -62,7 +65,7 @@ def _input_qdq(q: Quantizer, where: str) -> torch.nn.Module:
 class _QDQWeighted(torch.nn.Module):
     """Input QDQ, then the float op with an int8 weight dequantized per channel (or per tensor)."""
 
-    def __init__(self, qopr: _QWeighted, name: str) -> None:
+    def __init__(self, qopr: WeightedQuantOpr, name: str) -> None:
         super().__init__()
         self.input_qdq = _input_qdq(qopr.input_quantizer, name)
         wq = qopr.weight_quantizer
@@ -109,7 +112,7 @@ class QDQLinear(_QDQWeighted):
 class QDQConv(_QDQWeighted):
     """Convolution through QDQ(x) and int8 weight [n, c/groups, *kernel]."""
 
-    def __init__(self, qopr: _QConvNd, name: str) -> None:
+    def __init__(self, qopr: QConvNd, name: str) -> None:
         super().__init__(qopr, name)
         self.conv_fn = qopr.conv_fn
         self.stride, self.padding, self.dilation, self.groups = (qopr.stride, qopr.padding, qopr.dilation,
@@ -174,7 +177,7 @@ def to_qdq_module(qopr: QuantOpr, name: str) -> torch.nn.Module:
         return QDQRecurrent(qopr, name)
     if isinstance(qopr, QLinear):
         return QDQLinear(qopr, name)
-    if isinstance(qopr, _QConvNd):
+    if isinstance(qopr, QConvNd):
         return QDQConv(qopr, name)
     if isinstance(qopr, _QBinary):
         return QDQBinary(qopr, name)

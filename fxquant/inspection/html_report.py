@@ -17,8 +17,9 @@ from torch import fx
 from fxquant.atomic_files import written_atomically
 from fxquant.calib_data import normalise_calib_data
 from fxquant.layer_metrics import ErrorStats, TensorStats
-from fxquant.quant_opr import QuantOpr, _QWeighted
+from fxquant.quant_opr import QuantOpr
 from fxquant.resources import storage_bytes
+from fxquant.weighted_quant_opr import WeightedQuantOpr
 
 from .graph_drawing import depth_for, draw_graph
 from .layer_table import LayerTable, inspect, require_graph
@@ -106,7 +107,7 @@ def measure_missing(qmodel: fx.GraphModule, table: LayerTable, calib_data: Any) 
         return ""
     stats = {n: TensorStats() for n in modules}
     errors = {n: ErrorStats() for n, m in modules.items()
-              if isinstance(m, _QWeighted) and not m.float_weight_released and targets[n].sqnr_db is None}
+              if isinstance(m, WeightedQuantOpr) and not m.float_weight_released and targets[n].sqnr_db is None}
     handles = []
     for name, module in modules.items():
         def hook(mod, args, out, name=name):

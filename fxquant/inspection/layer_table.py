@@ -12,9 +12,10 @@ from torch import fx
 
 from fxquant.errors import ConfigError
 from fxquant.ir import META_KEY, module_of
-from fxquant.quant_opr import QuantOpr, _QWeighted
+from fxquant.quant_opr import QuantOpr
 from fxquant.quantizer import DynamicQuantizer, IdentityQuantizer, Quantizer, StaticQuantizer
 from fxquant.timestep import TimestepQuantizer
+from fxquant.weighted_quant_opr import WeightedQuantOpr
 
 from .text_table import text_table
 
@@ -133,7 +134,7 @@ def _row(name: str, module: torch.nn.Module | None, meta: dict[str, Any]) -> Lay
     row = LayerRow(name=str(name), op=op, scheme=scheme, reason=fxq.get("reason", "-"), activation="float")
     if isinstance(module, QuantOpr):
         _fill_activation(row, module)
-        if isinstance(module, _QWeighted):
+        if isinstance(module, WeightedQuantOpr):
             _fill_weight(row, module.weight_quantizer)
             row.kernel = meta.get("fxquant_kernel", module.kernel)
     if "smooth" in fxq:
@@ -155,7 +156,7 @@ def _row(name: str, module: torch.nn.Module | None, meta: dict[str, Any]) -> Lay
 def _op_name(module: torch.nn.Module | None) -> str:
     if module is None:
         return "-"
-    if isinstance(module, QuantOpr) and isinstance(module, _QWeighted):
+    if isinstance(module, QuantOpr) and isinstance(module, WeightedQuantOpr):
         return type(module.__dict__["_float_module"]).__name__
     name = type(module).__name__
     return name[1:] if isinstance(module, QuantOpr) and name.startswith("Q") else name

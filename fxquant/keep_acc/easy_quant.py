@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fxquant.quant_opr import _QWeighted
 from fxquant.quantizer import StaticQuantizer
+from fxquant.weighted_quant_opr import WeightedQuantOpr
 
 from .layer_problem import LayerProblem, supports
 
@@ -34,7 +34,7 @@ class EasyQuantScales:
     low: float = 0.5
     high: float = 1.2
 
-    def __call__(self, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    def __call__(self, module: WeightedQuantOpr, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
         if not supports(module):
             return
         prob = LayerProblem.gather(module, inputs, targets)

@@ -8,7 +8,7 @@ import torch
 
 from fxquant.gram import error_through_gram, gram
 from fxquant.kernels.gptq_block import native_gptq_block
-from fxquant.quant_opr import QLinear
+from fxquant.quant_linear import QLinear
 
 from .layer_problem import CodeKeeper, LayerProblem, input_columns
 

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from fxquant.calibration import OutputsOfInputs
 from fxquant.fake_quant import dequantize_codes, quantize_codes
-from fxquant.quant_opr import QLinear, _QConvNd, _QWeighted
+from fxquant.quant_conv import QConvNd
+from fxquant.quant_linear import QLinear
 from fxquant.quantizer import StaticQuantizer
+from fxquant.weighted_quant_opr import WeightedQuantOpr
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ class LayerProblem:
     as GPTQ scoring through H, never builds it). y_of_x: y is the float layer's output on x itself
     (not on other, float inputs)."""
 
-    module: _QWeighted
+    module: WeightedQuantOpr
     x: torch.Tensor
     targets: torch.Tensor | list[torch.Tensor]
     y_of_x: bool = False
@@ -38,7 +40,7 @@ class LayerProblem:
         return self.targets
 
     @classmethod
-    def gather(cls, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+    def gather(cls, module: WeightedQuantOpr, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                max_rows: int = 4096, max_images: int = 256, seed: int = 0) -> LayerProblem:
         """Concatenate the batches and keep at most max_rows rows (Linear) or max_images images;
         y_of_x when the targets come as calibration.OutputsOfInputs."""
@@ -78,7 +80,7 @@ class LayerProblem:
         m = self.module
         if isinstance(m, QLinear):
             return F.linear(x, weight, m.bias)
-        assert isinstance(m, _QConvNd)
+        assert isinstance(m, QConvNd)
         return m._conv(x, weight, m.bias)
 
     def weight_scale(self) -> torch.Tensor:
@@ -188,7 +190,7 @@ def supports(module: torch.nn.Module, groups: bool = False) -> bool:
     """True for layers the keepers handle: Linear/Conv with static symmetric per-tensor/channel
     weights, and with `groups` (keepers that handle them, e.g. GPTQ) Linear with per-group weights
     of either symmetry."""
-    if not isinstance(module, (QLinear, _QConvNd)):
+    if not isinstance(module, (QLinear, QConvNd)):
         return False
     wq = module.weight_quantizer
     if not (isinstance(wq, StaticQuantizer) and wq.calibrated and wq.spec.signed):
@@ -215,7 +217,7 @@ class CodeKeeper:
         """(codes, the weight's shape; new scale in the weight quantizer's shape, or None)."""
         raise NotImplementedError
 
-    def __call__(self, module: _QWeighted, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    def __call__(self, module: WeightedQuantOpr, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
         if not supports(module, groups=self.handles_groups):
             return
         prob = LayerProblem.gather(module, inputs, targets, max_rows=self.max_rows, seed=self.seed)
