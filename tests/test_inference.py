@@ -287,7 +287,7 @@ def test_gemv_codes_take_the_loading_cpus_block_size(monkeypatch, scheme, rows):
     """A layer frozen where the GEMV layout has blocks of 8 rows (AVX2), copied or loaded where it
     has 16 (AVX-512), is re-blocked (or kept in row order where 16 does not divide the rows) and
     computes the same; its state_dict loads into a layer frozen with the other block size."""
-    import fxquant.quant_opr as quant_opr
+    import fxquant.weighted_quant_opr as weighted_quant_opr
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, rows)).eval()
@@ -295,11 +295,11 @@ def test_gemv_codes_take_the_loading_cpus_block_size(monkeypatch, scheme, rows):
     options = fxquant.SchemeOptions(group_size=32)
 
     def frozen(block: int) -> torch.nn.Module:
-        monkeypatch.setattr(quant_opr, "gemv_block", lambda: block)
+        monkeypatch.setattr(weighted_quant_opr, "gemv_block", lambda: block)
         return fxquant.quantize(model, calib, scheme, options=options, disable_last_layer=False, progress=False)
 
     def layer(m: torch.nn.Module):
-        return next(x for x in m.modules() if isinstance(x, quant_opr.QLinear))
+        return next(x for x in m.modules() if isinstance(x, fxquant.QLinear))
 
     on_avx2, on_avx512 = frozen(8), frozen(16)
     assert layer(on_avx2).weight_codes.shape[-1] == 32  # 4 bytes x 8 rows
