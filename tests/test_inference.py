@@ -148,6 +148,47 @@ def test_backend_is_found_by_name_and_matches_eager():
             assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (scheme, rows)
 
 
+class _TanhGeluBlock(torch.nn.Module):
+    """LayerNorm, tanh-approximate GELU, softmax: kept ops with a keyword-only argument and several outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.up, self.down = torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.up(self.norm(x)), approximate="tanh")
+        return self.down(h).softmax(-1)
+
+
+def test_compiled_with_gradients_keeps_eagers_floats_and_gradients():
+    """With gradients on, Dynamo hands over the quantizers' rounding inside autograd functions: the
+    backend still keeps the float ops before them as ATen's kernels (the same outputs as eager, bit
+    for bit), and those kept ops differentiate as the ATen ops do."""
+    torch.manual_seed(0)
+    model = _TanhGeluBlock()
+    calib = [[torch.randn(16, 32)] for _ in range(4)]
+    q = fxquant.quantize(model, calib, scheme="w8a8", disable_last_layer=False, keep_float_weight=True,
+                         progress=False)
+    x = torch.randn(64, 32)
+
+    def outputs_and_gradients(m: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        q.zero_grad()
+        out = m(x)
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in q.parameters() if p.grad is not None]
+
+    eager, eager_grads = outputs_and_gradients(q)
+    torch._dynamo.reset()
+    backend = fxquant.compile_backend()
+    compiled, compiled_grads = outputs_and_gradients(torch.compile(q, backend=backend))
+    assert backend.graphs[0].meta["fxquant_eager_rounding"]["fxquant.eager_gelu.default"] == 1
+    assert torch.equal(compiled, eager)
+    assert len(compiled_grads) == len(eager_grads) == 6  # norm, up and down: weights and biases
+    for c, e in zip(compiled_grads, eager_grads):
+        assert torch.allclose(c, e, rtol=1e-4, atol=1e-6 * e.abs().max())
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compiled_static_model_computes_eagers_floats_bit_for_bit(smollm2, smollm2_windows):
     """Static w8a8 rounds activations at run time: one ulp of difference in a norm flips codes. With

@@ -120,9 +120,12 @@ _ROUNDING_TARGETS = (torch.round, aten.round.default)
 
 
 def rounds_activations(gm: fx.GraphModule) -> bool:
-    """True when the graph rounds tensors at run time (an activation quantizer is in it)."""
+    """True when the graph rounds tensors at run time (an activation quantizer is in it), also
+    inside the forward bodies of autograd functions (how Dynamo hands over a quantizer's
+    straight-through rounding when gradients are on)."""
     return any(n.op == "call_function" and n.target in _ROUNDING_TARGETS
-               or n.op == "call_method" and n.target == "round" for n in gm.graph.nodes)
+               or n.op == "call_method" and n.target == "round"
+               for m in gm.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes)
 
 
 @functools.cache
@@ -136,7 +139,35 @@ def eager_op(op: torch._ops.OpOverload) -> torch._ops.OpOverload:
     torch.library.define(qualname, schema[schema.index("("):])
     torch.library.impl(qualname, "CompositeExplicitAutograd")(op)
     torch.library.register_fake(qualname)(op)
-    return getattr(torch.ops.fxquant, name).default
+    eager = getattr(torch.ops.fxquant, name).default
+    torch.library.register_autograd(qualname, functools.partial(_backward, op), setup_context=_save_inputs)
+    return eager
+
+
+def _save_inputs(ctx: Any, inputs: tuple, output: Any, keyword_only_inputs: dict | None = None) -> None:
+    ctx.tensor_positions = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+    ctx.other_inputs = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+    ctx.keyword_inputs = dict(keyword_only_inputs or {})  # e.g. gelu's approximate
+    ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions))
+
+
+def _backward(op: torch._ops.OpOverload, ctx: Any, *grads: torch.Tensor | None) -> tuple:
+    """The gradient of an eager_op: that of `op` itself (torch.func.vjp), for every tensor input."""
+    def call(*tensors: torch.Tensor) -> Any:
+        args = list(ctx.other_inputs)
+        for i, t in zip(ctx.tensor_positions, tensors):
+            args[i] = t
+        return op(*args, **ctx.keyword_inputs)
+
+    outputs, vjp = torch.func.vjp(call, *ctx.saved_tensors)
+    if isinstance(outputs, tuple):  # e.g. native_layer_norm: outputs with no gradient get zeros
+        cotangents = tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs))
+    else:
+        cotangents = grads[0]
+    input_grads = [None] * len(ctx.other_inputs)
+    for i, g in zip(ctx.tensor_positions, vjp(cotangents)):
+        input_grads[i] = g
+    return tuple(input_grads)
 
 
 def keep_eager_rounding(gm: fx.GraphModule) -> fx.GraphModule:
