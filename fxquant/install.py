@@ -20,6 +20,7 @@ from .hadamard import RotatedInput, online_rotations
 from .ir import get_attr_path
 from .quant_opr import QuantOpr
 from .resources import release_unused_memory
+from .save_pretrained_guard import refuse_save_pretrained
 from .weighted_quant_opr import WeightedQuantOpr
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ def apply(model: torch.nn.Module, qmodel: fx.GraphModule) -> torch.nn.Module:
         _set(model, target, tensor)
     log.info("installed %d modules and %d tensors of the quantized graph into %s",
              len(modules), len(tensors), type(model).__name__)
+    refuse_save_pretrained(model, "Save it with torch.save(model) (reload with torch.load(..., weights_only=False), "
+                                  "same fxquant and torch versions), or save the quantized GraphModule as an Ascend "
+                                  "checkpoint before installing it (fxquant.save_ascend; fxquant.load_ascend reloads "
+                                  "it into the float model).")
     release_unused_memory(model)
     return model
 

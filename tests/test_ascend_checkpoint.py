@@ -55,6 +55,9 @@ def test_saved_checkpoint_reloads_and_reproduces_logits(calibrated, smollm2_wind
     print(f"{key}: max abs diff {(ref - out).abs().max().item():.3g}, top-1 agreement {agree:.4f}")
     assert agree >= 0.999
     assert (ref - out).abs().max() <= 1e-4
+    with pytest.raises(fxquant.ConfigError, match="save_pretrained would write.*checkpoint it was loaded from"):
+        loaded.save_pretrained(tmp_path / "hf")  # from_pretrained would load its layers at random
+    assert not (tmp_path / "hf").exists()
 
 
 def test_reloaded_layers_run_fxquants_cpu_kernels(calibrated, smollm2, tmp_path):

@@ -90,8 +90,11 @@ def test_shape_conditions_of_export_are_checked_and_pickled():
     assert torch.equal(compiled(x, bias), model(x, bias))
 
 
-def test_installed_model_casts_to_bfloat16_and_an_exported_graph_refuses(smollm2, smollm2_windows, smollm2_graph):
-    """Every scheme's layers compute in the dtype the model is cast to, prefill and decode rows."""
+def test_installed_model_casts_to_bfloat16_and_an_exported_graph_refuses(smollm2, smollm2_windows, smollm2_graph,
+                                                                          tmp_path):
+    """Every scheme's layers compute in the dtype the model is cast to, prefill and decode rows. The
+    installed model pickles, and refuses Hugging Face's save_pretrained, whose from_pretrained would
+    load its quantized layers at random."""
     calib, held_out = smollm2_windows
     model = truncated_smollm2(smollm2[0], layers=4)
     fxquant.quantize(model, [[w[:, :64]] for w in calib[:2]], scheme="w8a8", progress=False, inplace=True,
@@ -101,6 +104,11 @@ def test_installed_model_casts_to_bfloat16_and_an_exported_graph_refuses(smollm2
                                                                             "w8a8_dynamic"}
     ids = held_out[0][:, :64]
     expected = model(input_ids=ids).logits
+    for m in (model, _reloaded(model)):
+        assert torch.equal(m(input_ids=ids).logits, expected)
+        with pytest.raises(ConfigError, match="save_pretrained would write.*torch.save"):
+            m.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
     cast = copy.deepcopy(model).to(torch.bfloat16)
     for rows in (64, 1):  # the prefill kernels and the decode rows
         logits = cast(input_ids=ids[:, :rows]).logits

@@ -19,6 +19,7 @@ from ..ir import get_attr_path, set_tensor
 from ..quant_opr import QAttentionInput, QuantOpr
 from ..quantizer import StaticQuantizer
 from ..resources import release_unused_memory
+from ..save_pretrained_guard import refuse_save_pretrained
 from ..timestep import TimestepQuantizer
 from .ascend_format import attention_tensors, layer_tensors, quant_type, savable
 from .ascend_modules import ASCEND_MODULES, build_ascend_layer
@@ -314,6 +315,8 @@ def load_ascend(model: torch.nn.Module, path: str | os.PathLike, json_name: str 
     for name, transform in rotations.items():
         model.set_submodule(name, RotatedInput(transform, model.get_submodule(name)))
     release_unused_memory(model)  # the float layers just replaced may share a file mapping with what stays
+    refuse_save_pretrained(model, f"The checkpoint it was loaded from ({os.fspath(path)}) is its saved form; "
+                                  "torch.save(model) also keeps it.")
     return model.eval()
 
 
