@@ -27,8 +27,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from fxquant.real_models import perplexity
 
     start = time.perf_counter()
@@ -36,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         model, tok, info = load_checkpoint(args.model)
         what = f"checkpoint {args.model} ({info.get('scheme', 'quantized')})"
     else:
-        model, tok = resolve_model(args.model).load(getattr(torch, args.dtype))
+        model, tok = resolve_model(args.model).load(args.dtype)
         what = f"{args.model} ({args.dtype})"
     windows = text_windows(tok, args.ppl, args.seq_len, args.samples, args.text_format)
     ppl = perplexity(model, windows)

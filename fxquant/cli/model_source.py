@@ -27,10 +27,11 @@ class ModelSource:
     kind: str
     ref: str
 
-    def load(self, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
-        """(float causal LM in eval mode, tokenizer)."""
+    def load(self, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
+        """(float causal LM in eval mode, in `dtype`, one of DTYPES; tokenizer)."""
         from fxquant import real_models
 
+        dtype = getattr(torch, dtype)
         if self.kind == "shipped":
             return getattr(real_models, SHIPPED_MODELS[self.ref])(dtype)
         if self.kind == "gguf":

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         writable_folder(str(Path(args.report).resolve().parent))
     start = time.perf_counter()
-    model, tok = source.load(getattr(torch, args.dtype))
+    model, tok = source.load(args.dtype)
     windows = text_windows(tok, args.calib, args.seq_len, args.samples, args.calib_format)
     calib = [{"input_ids": w, "use_cache": False} for w in windows]
     log.info("loaded %s in %.1f s; %d calibration windows", args.model, time.perf_counter() - start, len(calib))
